@@ -1,0 +1,17 @@
+# The two commands of the README's quick start. Each creates .venv on first use.
+.PHONY: demo test lint clean
+
+demo:
+	@bash scripts/setup_venv.sh
+	.venv/bin/caopd demo
+
+test:
+	@bash scripts/setup_venv.sh dev
+	TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests
+
+lint:
+	@bash scripts/setup_venv.sh dev
+	.venv/bin/ruff check --line-length 120 --select E,F,I,W,B,UP --ignore B905 --target-version py310 caopd kernels tests benchmarks scripts
+
+clean:
+	rm -rf .venv runs build *.egg-info

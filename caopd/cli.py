@@ -1,0 +1,86 @@
+"""``caopd eval | demo``: parse arguments, call one function each, turn bad input into one line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from caopd.errors import InputError
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score completions for accuracy and calibration")
+    p.add_argument("--dataset", required=True, choices=["science", "tooluse"])
+    p.add_argument("--input", required=True, help="completions JSONL: {\"id\": int, \"completion\": str}")
+    p.add_argument("--data", help="dataset JSONL file or saved dataset dir "
+                   "(default: ../shared/data/caopd/<dataset>_eval.jsonl)")
+    p.add_argument("--split", help="split of a saved DatasetDict directory")
+    p.add_argument("--output", help="metrics JSON to write")
+    p.add_argument("--plot", help="reliability diagram PNG to write")
+    p.add_argument("--missing-confidence", choices=["exclude", "zero"], default="exclude",
+                   help="completions with no confidence: excluded (default) or counted as 0")
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    from caopd.data import load_examples
+    from caopd.evaluate import load_completions, report_rows, score_completions, summarize
+    from caopd.tables import format_table
+
+    data = args.data or f"../shared/data/caopd/{args.dataset}_eval.jsonl"
+    examples = load_examples(data, args.dataset, split=args.split)
+    scored = score_completions(examples, load_completions(args.input), args.dataset)
+    report = summarize(scored, args.dataset, args.missing_confidence)
+    print(format_table(["metric", "value"], report_rows(report)))
+    result = report.to_dict() | {"data": str(data), "input": str(args.input)}
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    if args.plot:
+        from caopd.plots import save_reliability_diagrams
+
+        save_reliability_diagrams({f"{args.dataset}: {Path(args.input).name}": report.metrics}, args.plot)
+        print(f"wrote {args.plot}")
+    return result
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: evaluate the shipped example (a simulated "
+                       "overconfident model on a generated arithmetic task)")
+    p.add_argument("--out", default="runs/demo", help="folder for metrics.json and reliability.png")
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    example = resources.files("caopd") / "examples"
+    out = Path(args.out)
+    return run_eval(argparse.Namespace(
+        dataset="science", data=str(example / "arith_mc.jsonl"), split=None,
+        input=str(example / "arith_mc_completions.jsonl"), output=str(out / "metrics.json"),
+        plot=str(out / "reliability.png"), missing_confidence="exclude"))
+
+
+COMMANDS = {"eval": (_eval_parser, run_eval), "demo": (_demo_parser, run_demo)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caopd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser, _ in COMMANDS.values():
+        add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command][1](args)
+    except InputError as e:
+        print(f"caopd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Score completions against a dataset: accuracy and calibration, as ``caopd eval`` reports them.
+
+Input rows are ``{"id": int, "completion": str}``; an id may repeat (one row per sample).
+Completions without a verbalized confidence are counted apart and either excluded from the
+calibration metrics (default, with a warning) or counted as confidence 0.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from caopd.confidence import parse_confidence
+from caopd.data import Example
+from caopd.errors import InputError
+from caopd.metrics import CalibrationMetrics, calibration_metrics
+from caopd.verifiers import get_task
+
+MISSING_POLICIES = ("exclude", "zero")
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: int
+    text: str
+    source: str
+
+
+@dataclass(frozen=True)
+class ScoredCompletion:
+    """confidence: the parsed, clipped value, or None when the completion states none."""
+
+    id: int
+    correct: bool
+    confidence: float | None
+    clipped: bool
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    dataset: str
+    n_completions: int
+    n_missing_confidence: int
+    n_clipped: int
+    format_adherence: float  # share of completions with a parseable confidence
+    accuracy_all: float  # over every completion, with or without a confidence
+    missing_confidence: str
+    metrics: CalibrationMetrics  # over the scored completions (see missing_confidence)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_completions(path: str | Path) -> list[Completion]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    completions = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for field, kind in (("id", int), ("completion", str)):
+                if field not in row:
+                    raise InputError(f"{where}: missing field {field!r}")
+                if not isinstance(row[field], kind) or isinstance(row[field], bool):
+                    raise InputError(f"{where}: field {field!r} must be {kind.__name__}, "
+                                     f"got {type(row[field]).__name__}")
+            completions.append(Completion(row["id"], row["completion"], where))
+    if not completions:
+        raise InputError(f"{path}: no completions")
+    return completions
+
+
+def score_completions(examples: list[Example], completions: list[Completion], dataset: str) -> list[ScoredCompletion]:
+    task = get_task(dataset)
+    by_id = {e.id: e for e in examples}
+    scored = []
+    for c in completions:
+        example = by_id.get(c.id)
+        if example is None:
+            raise InputError(f"{c.source}: id {c.id} is not in the dataset ({len(by_id)} examples)")
+        parsed = parse_confidence(c.text)
+        scored.append(ScoredCompletion(
+            c.id, task.verify(c.text, example.gold),
+            parsed.value if parsed else None, bool(parsed and parsed.clipped)))
+    return scored
+
+
+def summarize(scored: list[ScoredCompletion], dataset: str, missing_confidence: str = "exclude") -> EvalReport:
+    if missing_confidence not in MISSING_POLICIES:
+        raise InputError(f"--missing-confidence must be one of {MISSING_POLICIES}, got {missing_confidence!r}")
+    n_missing = sum(s.confidence is None for s in scored)
+    kept = [s for s in scored if s.confidence is not None or missing_confidence == "zero"]
+    if n_missing and missing_confidence == "exclude":
+        print(f"warning: {n_missing} of {len(scored)} completions state no confidence; excluded from "
+              "the calibration metrics (--missing-confidence zero counts them as 0)", file=sys.stderr)
+    metrics = calibration_metrics([s.correct for s in kept],
+                                  [0.0 if s.confidence is None else s.confidence for s in kept])
+    return EvalReport(
+        dataset=dataset,
+        n_completions=len(scored),
+        n_missing_confidence=n_missing,
+        n_clipped=sum(s.clipped for s in scored),
+        format_adherence=1.0 - n_missing / len(scored) if scored else 0.0,
+        accuracy_all=sum(s.correct for s in scored) / len(scored) if scored else 0.0,
+        missing_confidence=missing_confidence,
+        metrics=metrics,
+    )
+
+
+def report_rows(report: EvalReport) -> list[list]:
+    m = report.metrics
+    return [["completions", report.n_completions], ["accuracy (all)", report.accuracy_all],
+            ["missing confidence", report.n_missing_confidence], ["clipped confidence", report.n_clipped],
+            ["format adherence", report.format_adherence], ["scored", m.n], ["accuracy", m.accuracy],
+            ["mean confidence", m.mean_confidence], ["ECE (10 bins)", m.ece], ["Brier", m.brier],
+            ["SPR", m.spr], ["AUROC", m.auroc], ["OCG", m.ocg]]

@@ -1,0 +1,48 @@
+"""caopd: Calibration-Aware On-Policy Distillation with a fused linear-KL loss.
+
+Two import packages: ``caopd`` (the trainer) and ``caopd_kernels`` (the folder ``kernels/``:
+drop-in kernels that need torch and triton only). There is deliberately no top-level module
+called ``kernels``: that name belongs to a Hugging Face package that transformers imports.
+"""
+from setuptools import setup
+
+CORE = [
+    # torch is pinned loosely: a CPU machine installs the local 2.13.0 wheel first (see
+    # scripts/setup_venv.sh); a GPU machine keeps the CUDA build it already has.
+    "torch>=2.4",
+    "triton>=3.0",
+    "transformers>=4.51",  # Qwen3
+    "accelerate>=1.0",
+    "numpy>=1.24",
+    "matplotlib>=3.7",
+    "pyarrow>=14",  # reads the paper's saved Hugging Face dataset directories
+    "pyyaml>=6",
+    "tqdm>=4.60",
+]
+
+EXTRAS = {
+    "dev": [
+        "pytest>=8",
+        "pytest-benchmark>=4",
+        "liger-kernel>=0.5",  # a real peer for the kernel tests and benchmarks
+        "ruff>=0.6",
+        "datasets>=2.14",  # tests write real save_to_disk directories
+    ],
+    "gpu": ["vllm==0.32.0", "flash-attn", "liger-kernel>=0.5"],
+}
+
+setup(
+    name="caopd",
+    version="0.1.0",
+    description="Calibration-Aware On-Policy Distillation with a fused linear-KL loss",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["caopd", "caopd_kernels"],
+    package_dir={"caopd": "caopd", "caopd_kernels": "kernels"},
+    package_data={"caopd": ["examples/*.jsonl", "configs/*.yaml"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["caopd = caopd.cli:main"]},
+    license="Apache-2.0",
+)

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real data in ../shared/data/caopd (tests skip with a reason without it)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "caopd"
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (it lives in ../shared, beside the checkout)")
+    return path
+
+
+@pytest.fixture
+def science_path() -> Path:
+    return shared_file("science_eval.jsonl")
+
+
+@pytest.fixture
+def tooluse_path() -> Path:
+    return shared_file("tooluse_eval.jsonl")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path

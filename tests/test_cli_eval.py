@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from caopd.cli import main
+from caopd.data import load_examples
+from caopd.verifiers import TASKS
+from tests.conftest import write_jsonl
+
+
+def _gold_completions(path, dataset, confidence="Confidence: 0.80"):
+    task = TASKS[dataset]
+    return [{"id": e.id, "completion": task.render_answer(e.gold) + "\n" + confidence}
+            for e in load_examples(path, dataset)]
+
+
+@pytest.mark.parametrize("dataset", ["science", "tooluse"])
+def test_eval_gold_completions(tmp_path, dataset, request, capsys):
+    data = request.getfixturevalue(f"{dataset}_path")
+    rows = _gold_completions(data, dataset)
+    completions = write_jsonl(tmp_path / "c.jsonl", rows)
+    out, plot = tmp_path / "m.json", tmp_path / "r.png"
+    assert main(["eval", "--dataset", dataset, "--data", str(data), "--input", str(completions),
+                 "--output", str(out), "--plot", str(plot)]) == 0
+    report = json.loads(out.read_text())
+    assert report["accuracy_all"] == 1.0 and report["n_completions"] == len(rows)
+    assert report["metrics"]["ece"] == pytest.approx(0.2) and report["metrics"]["ocg"] == pytest.approx(-0.2)
+    assert report["metrics"]["bins"][8]["count"] == len(rows)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ECE (10 bins)" in capsys.readouterr().out
+
+
+def test_eval_repeated_ids_and_missing_confidence(tmp_path, science_path, capsys):
+    rows = [{"id": 0, "completion": "<answer>A</answer>\nConfidence: 0.9"},
+            {"id": 0, "completion": "<answer>B</answer>\nConfidence: 0.9"},
+            {"id": 1, "completion": "<answer>A</answer>"},
+            {"id": 2, "completion": "<answer>A</answer>\nConfidence: 140%"}]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "m.json"
+    assert main(["eval", "--dataset", "science", "--data", str(science_path), "--input", str(path),
+                 "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n_completions"] == 4 and report["n_missing_confidence"] == 1 and report["n_clipped"] == 1
+    assert report["metrics"]["n"] == 3 and report["format_adherence"] == 0.75
+    assert "1 of 4 completions state no confidence" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "science", "--data", str(science_path), "--input", str(path),
+                 "--output", str(out), "--missing-confidence", "zero"]) == 0
+    report = json.loads(out.read_text())
+    assert report["metrics"]["n"] == 4 and report["metrics"]["mean_confidence"] == pytest.approx(2.8 / 4)
+
+
+@pytest.mark.parametrize("rows, message", [
+    (None, "c.jsonl: no such file"),
+    (['{"id": 0, "completion": "x"', ], r"c.jsonl:1: malformed JSON"),
+    ([{"id": 0, "completion": "x"}, {"id": 99999, "completion": "x"}], "c.jsonl:2: id 99999 is not in the dataset"),
+    ([{"id": "0", "completion": "x"}], "c.jsonl:1: field 'id' must be int, got str"),
+    ([{"id": 0, "completion": ["x"]}], "c.jsonl:1: field 'completion' must be str, got list"),
+    ([{"id": 0}], "c.jsonl:1: missing field 'completion'"),
+])
+def test_eval_bad_input_is_one_line(tmp_path, science_path, capsys, rows, message):
+    path = tmp_path / "c.jsonl"
+    if rows is not None:
+        write_jsonl(path, rows)
+    assert main(["eval", "--dataset", "science", "--data", str(science_path), "--input", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("caopd eval: error:")
+
+
+def test_eval_missing_data_file_exits_without_traceback(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": 0, "completion": "x"}])
+    proc = subprocess.run([sys.executable, "-m", "caopd.cli", "eval", "--dataset", "tooluse", "--data",
+                           str(tmp_path / "none.jsonl"), "--input", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"caopd eval: error: {tmp_path / 'none.jsonl'}: no such file or directory"
+
+
+def test_demo_runs_the_shipped_example(tmp_path):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["n_completions"] == 480 and 0.4 < report["accuracy_all"] < 0.8
+    assert report["metrics"]["ocg"] > 0.15  # the simulated model is overconfident by construction
+    assert (tmp_path / "reliability.png").stat().st_size > 10_000
