@@ -1,1 +1,8 @@
-"""caopd_kernels: drop-in kernels for on-policy distillation (torch and triton only)."""
+"""caopd_kernels: drop-in kernels for on-policy distillation (torch and triton only).
+
+    from caopd_kernels import fused_linear_kl, FusedLinearKL
+"""
+from caopd_kernels.fused_linear_kl import FusedLinearKL, fused_linear_kl
+from caopd_kernels.reference import fused_linear_kl_reference
+
+__all__ = ["fused_linear_kl", "FusedLinearKL", "fused_linear_kl_reference"]

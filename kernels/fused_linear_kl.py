@@ -1,0 +1,227 @@
+"""fused_linear_kl: the distillation loss between a student's and a teacher's lm_head outputs,
+without materializing the [N, V] logits.
+
+Gradients are computed in the forward, chunk by chunk (kernels/torch_chunked.py), and stored;
+backward only scales them by grad_output (for reduction="none", whose grad_output is per token,
+backward recomputes the chunks with those weights instead). Only counted tokens (mask) enter the
+computation at all. The teacher side never receives a gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from caopd_kernels.reference import accumulation_dtype, fused_linear_kl_reference
+from caopd_kernels.torch_chunked import TORCH_BUFFERS, chunked_linear_kl, kl_rows_torch
+
+DIVERGENCES = ("reverse", "forward", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "triton", "torch", "reference")
+DEFAULT_MEMORY_BUDGET = 1 << 30
+MIN_CHUNK_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class KLOptions:
+    divergence: str
+    beta: float
+    temperature: float
+    reduction: str
+    impl: str  # "triton" or "torch" once resolved
+    chunk_tokens: int
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if impl == "triton" and device.type != "cuda":
+        from caopd_kernels.triton_kl import interpreting
+
+        if not interpreting():
+            raise ValueError("impl='triton' needs CUDA tensors; on CPU set TRITON_INTERPRET=1 before "
+                             "importing triton (tests only, slow) or use impl='torch'")
+    return impl
+
+
+def chunk_tokens_for_budget(vocab: int, hidden: int, impl: str, divergence: str,
+                            memory_budget: int, with_weight_grad: bool) -> int:
+    """Tokens per chunk so that the [C, V] fp32 buffers plus the fp32 weight-gradient accumulator
+    fit in ``memory_budget`` bytes; never below MIN_CHUNK_TOKENS (GEMM efficiency)."""
+    buffers = 2 if impl == "triton" else TORCH_BUFFERS[divergence]
+    available = memory_budget - (vocab * hidden * 4 if with_weight_grad else 0)
+    return max(MIN_CHUNK_TOKENS, available // (buffers * vocab * 4))
+
+
+def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias,
+                  teacher_bias, divergence, beta, temperature, reduction, chunk_tokens) -> None:
+    named = {"student_hidden": student_hidden, "student_weight": student_weight,
+             "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__} "
+                             "(flatten [B, T, H] to [B*T, H] first)")
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"{name} has dtype {t.dtype}; use float32, bfloat16 or float16")
+    n, h_s = student_hidden.shape
+    v, h_t = teacher_weight.shape
+    if teacher_hidden.shape[0] != n:
+        raise ValueError(f"student_hidden has {n} tokens but teacher_hidden has {teacher_hidden.shape[0]}")
+    if student_weight.shape != (v, h_s):
+        raise ValueError(f"student_weight {tuple(student_weight.shape)} does not match [V, H_s] = [{v}, {h_s}] "
+                         "(V from teacher_weight, H_s from student_hidden)")
+    if teacher_hidden.shape[1] != h_t:
+        raise ValueError(f"teacher_hidden has H_t = {teacher_hidden.shape[1]} but teacher_weight has {h_t}")
+    if student_hidden.dtype != student_weight.dtype:
+        raise ValueError(f"student_hidden is {student_hidden.dtype} but student_weight is {student_weight.dtype}")
+    if teacher_hidden.dtype != teacher_weight.dtype:
+        raise ValueError(f"teacher_hidden is {teacher_hidden.dtype} but teacher_weight is {teacher_weight.dtype}")
+    devices = {t.device for t in named.values()}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    for name, bias, rows in (("student_bias", student_bias, student_weight), ("teacher_bias", teacher_bias,
+                                                                               teacher_weight)):
+        if bias is not None and (bias.shape != (v,) or bias.dtype != rows.dtype):
+            raise ValueError(f"{name} must be [V] = [{v}] of dtype {rows.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if mask is not None and mask.shape != (n,):
+        raise ValueError(f"mask must have shape [N] = [{n}], got {tuple(mask.shape)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"divergence='jsd' needs 0 < beta < 1, got {beta}; at beta = 0 or 1 the JSD is 0: "
+                         "use divergence='forward' or 'reverse' for the KL endpoints")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+
+
+def _kl_rows(impl: str):
+    if impl == "triton":
+        from caopd_kernels.triton_kl import kl_rows_triton
+
+        return kl_rows_triton
+    return kl_rows_torch
+
+
+class FusedLinearKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                mask, options: KLOptions):
+        acc = accumulation_dtype(student_hidden.dtype)
+        counted = None if mask is None else mask.to(torch.bool).nonzero().squeeze(1)  # [n] token indices
+        student_rows = student_hidden if counted is None else student_hidden[counted]
+        teacher_rows = teacher_hidden if counted is None else teacher_hidden[counted]
+        n = student_rows.shape[0]
+        needs_grad = any(ctx.needs_input_grad[:3])
+        token_weight = None
+        if needs_grad and options.reduction != "none":
+            token_weight = torch.full((n,), 1.0 / max(n, 1) if options.reduction == "mean" else 1.0,
+                                      dtype=acc, device=student_hidden.device)
+        result = chunked_linear_kl(
+            student_rows, student_weight, student_bias, teacher_rows, teacher_weight, teacher_bias, token_weight,
+            divergence=options.divergence, beta=options.beta, temperature=options.temperature,
+            chunk_tokens=options.chunk_tokens, kl_rows=_kl_rows(options.impl), acc=acc)
+        ctx.options = options
+        if options.reduction == "none":
+            per_token = torch.zeros(student_hidden.shape[0], dtype=acc, device=student_hidden.device)
+            per_token[slice(None) if counted is None else counted] = result.loss
+            ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, counted)
+            return per_token
+        if needs_grad:
+            grad_hidden = result.grad_hidden
+            if counted is not None:
+                grad_hidden = torch.zeros_like(student_hidden).index_copy_(0, counted, grad_hidden)
+            ctx.grads = (grad_hidden, result.grad_weight.to(student_weight.dtype),
+                         None if result.grad_bias is None else result.grad_bias.to(student_bias.dtype))
+        total = result.loss.sum()
+        return total / n if options.reduction == "mean" and n else total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        options = ctx.options
+        if options.reduction == "none":
+            (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+             counted) = ctx.saved_tensors
+            rows = slice(None) if counted is None else counted
+            acc = accumulation_dtype(student_hidden.dtype)
+            result = chunked_linear_kl(
+                student_hidden[rows], student_weight, student_bias, teacher_hidden[rows], teacher_weight,
+                teacher_bias, grad_output[rows].to(acc), divergence=options.divergence, beta=options.beta,
+                temperature=options.temperature, chunk_tokens=options.chunk_tokens,
+                kl_rows=_kl_rows(options.impl), acc=acc)
+            grad_hidden = result.grad_hidden
+            if counted is not None:
+                grad_hidden = torch.zeros_like(student_hidden).index_copy_(0, counted, grad_hidden)
+            grads = (grad_hidden, result.grad_weight.to(student_weight.dtype),
+                     None if result.grad_bias is None else result.grad_bias.to(student_bias.dtype))
+        else:
+            grads = ctx.grads
+            del ctx.grads
+            if not torch.equal(grad_output, torch.ones_like(grad_output)):
+                grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
+        grad_hidden, grad_weight, grad_bias = grads
+        return (grad_hidden if ctx.needs_input_grad[0] else None, grad_weight if ctx.needs_input_grad[1] else None,
+                grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None, None)
+
+
+def fused_linear_kl(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+    mask: torch.Tensor | None = None, *, divergence: str = "reverse", beta: float = 0.5,
+    temperature: float = 1.0, student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+    reduction: str = "mean", impl: str = "auto", chunk_tokens: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    """Per-token divergence between softmax(W_s h_s / T) and softmax(W_t h_t / T), reduced.
+
+    student_hidden [N, H_s] and student_weight [V, H_s] (and student_bias [V]) get gradients;
+    teacher_hidden [N, H_t], teacher_weight [V, H_t] never do (teacher_weight may be the same
+    tensor as student_weight). mask [N]: tokens that count (None = all). divergence: "reverse"
+    KL(s||t), "forward" KL(t||s), "jsd" (0 < beta < 1). reduction: "mean" over counted tokens
+    (0 when none count), "sum", or "none" (per-token [N], 0 where masked). impl: "auto" (triton on
+    CUDA, torch elsewhere), "triton", "torch", "reference" (naive full logits, for tests).
+    chunk_tokens: tokens per chunk; None picks it from ``memory_budget`` bytes. Returns fp32
+    (fp64 for fp64 inputs).
+    """
+    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias, teacher_bias,
+                  divergence, beta, temperature, reduction, chunk_tokens)
+    if impl == "reference":
+        return fused_linear_kl_reference(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, mask, divergence=divergence, beta=beta,
+            temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction)
+    impl = resolve_impl(impl, student_hidden.device)
+    if impl == "triton" and student_hidden.dtype == torch.float64:
+        raise ValueError("impl='triton' takes float32, bfloat16 or float16; use impl='torch' for float64")
+    if chunk_tokens is None:
+        chunk_tokens = chunk_tokens_for_budget(student_weight.shape[0], student_weight.shape[1], impl, divergence,
+                                               memory_budget, student_weight.requires_grad)
+    options = KLOptions(divergence, float(beta), float(temperature), reduction, impl, int(chunk_tokens))
+    return FusedLinearKLFunction.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                                       teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+                                       mask, options)
+
+
+class FusedLinearKL(torch.nn.Module):
+    """``fused_linear_kl`` as a module: the options are fixed at construction."""
+
+    def __init__(self, divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
+                 reduction: str = "mean", impl: str = "auto", chunk_tokens: int | None = None,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        super().__init__()
+        self.options = dict(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
+                            impl=impl, chunk_tokens=chunk_tokens, memory_budget=memory_budget)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
+                student_bias=None, teacher_bias=None) -> torch.Tensor:
+        return fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                               student_bias=student_bias, teacher_bias=teacher_bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options.items() if v is not None)

@@ -1,0 +1,56 @@
+"""The naive full-logit linear-KL: what every other implementation is tested against.
+
+It materializes both [N, V] logit matrices in fp32 (fp64 for fp64 inputs) and lets autograd do
+the rest. Written plainly on purpose; use it only for tests and as the benchmarks' baseline.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str,
+                 beta: float) -> torch.Tensor:
+    """Per-row divergence between softmax(student_logits) and softmax(teacher_logits): [N]."""
+    student_logp = torch.log_softmax(student_logits, dim=-1)
+    teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
+    if divergence == "reverse":
+        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    if divergence == "forward":
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    mixture_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1 - beta))
+    return (beta * (teacher_logp.exp() * (teacher_logp - mixture_logp)).sum(-1)
+            + (1 - beta) * (student_logp.exp() * (student_logp - mixture_logp)).sum(-1))
+
+
+def fused_linear_kl_reference(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+    mask: torch.Tensor | None = None, *, divergence: str = "reverse", beta: float = 0.5,
+    temperature: float = 1.0, student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None, reduction: str = "mean",
+) -> torch.Tensor:
+    """Same contract as ``caopd_kernels.fused_linear_kl`` (no input checks, no chunking)."""
+    acc = accumulation_dtype(student_hidden.dtype)
+    student_logits = student_hidden @ student_weight.T  # [N, V] in the input dtype
+    if student_bias is not None:
+        student_logits = student_logits + student_bias
+    with torch.no_grad():
+        teacher_logits = teacher_hidden @ teacher_weight.T
+        if teacher_bias is not None:
+            teacher_logits = teacher_logits + teacher_bias
+    loss = kl_per_token(student_logits.to(acc) / temperature, teacher_logits.to(acc) / temperature,
+                        divergence, beta)
+    if mask is not None:
+        loss = loss * mask.to(acc)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    count = loss.numel() if mask is None else int(mask.to(torch.bool).sum())
+    return loss.sum() / max(count, 1)

@@ -1,0 +1,121 @@
+"""The chunked torch implementation: token chunks, both logits by one GEMM each, gradients in the forward.
+
+Per chunk of C counted tokens (the memory plan of docs/fused-kl.md):
+    Z = H_s[c] W_s^T / T,  U = H_t[c] W_t^T / T          [C, V], fp32
+    loss[c], dZ = divergence pass over (Z, U)             (in place: dZ reuses a logit buffer)
+    dH_s[c] = (w * dZ / T) W_s,   dW_s += (w * dZ / T)^T H_s[c],   db_s += sum_c (w * dZ / T)
+where w is each token's weight in the reduction. Live memory: a few [C, V] fp32 buffers plus the
+fp32 dW_s accumulator, whatever N is. Work: 8 N H V FLOPs, nothing recomputed.
+
+``kl_rows_torch`` is the divergence pass written as in-place torch ops; ``triton_kl.kl_rows_triton``
+is a drop-in for it (same contract). Gradient of each divergence w.r.t. the student logits z
+(p = softmax z, q = softmax u, m = beta q + (1 - beta) p):
+    reverse  L = sum p (log p - log q)                      dL/dz = p (log p - log q - L)
+    forward  L = sum q (log q - log p)                      dL/dz = p - q
+    jsd      L = beta KL(q||m) + (1 - beta) KL(p||m)        dL/dz = p (g - sum p g), g = (1 - beta)(log p - log m)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# [C, V] fp32 buffers live at once during the divergence pass, per divergence (sizes the chunks).
+TORCH_BUFFERS = {"reverse": 2, "forward": 3, "jsd": 5}
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[r, v] b[r, v] without a [C, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def kl_rows_torch(z: torch.Tensor, u: torch.Tensor, divergence: str, beta: float,
+                  compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row loss [C] of student logits z vs teacher logits u ([C, V], fp32, already / T).
+
+    Overwrites z and u. Returns (loss, dL/dz) where dL/dz is one of the two buffers (or None).
+    """
+    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # z = log p
+    u.sub_(torch.logsumexp(u, dim=-1, keepdim=True))  # u = log q
+    if divergence == "reverse":
+        torch.sub(z, u, out=u)  # u = log p - log q
+        p = z.exp_()
+        loss = _row_dot(p, u)
+        if not compute_grad:
+            return loss, None
+        return loss, u.sub_(loss.unsqueeze(1)).mul_(p)
+    if divergence == "forward":
+        teacher_minus_student = u - z
+        q = u.exp_()
+        loss = _row_dot(q, teacher_minus_student)
+        del teacher_minus_student
+        if not compute_grad:
+            return loss, None
+        return loss, z.exp_().sub_(q)
+    log_m = torch.logaddexp(u + math.log(beta), z + math.log(1 - beta))
+    teacher_term = _row_dot(u.exp(), u - log_m)
+    g = z - log_m  # log p - log m (the (1 - beta) factor is applied below)
+    del log_m
+    p = z.exp_()
+    student_term = _row_dot(p, g)
+    loss = beta * teacher_term + (1 - beta) * student_term
+    if not compute_grad:
+        return loss, None
+    return loss, g.sub_(student_term.unsqueeze(1)).mul_(p).mul_(1 - beta)
+
+
+KLRows = Callable[[torch.Tensor, torch.Tensor, str, float, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
+class ChunkResult:
+    """loss: [n] per counted token; grad_hidden: [n, H_s]; grad_weight: [V, H_s] fp32; grad_bias: [V] fp32."""
+
+    loss: torch.Tensor
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            temperature: float, acc: torch.dtype) -> torch.Tensor:
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # [C, V]
+    logits = logits.to(acc)
+    return logits.mul_(1.0 / temperature) if temperature != 1.0 else logits
+
+
+@torch.no_grad()
+def chunked_linear_kl(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
+    token_weight: torch.Tensor | None, *, divergence: str, beta: float, temperature: float,
+    chunk_tokens: int, kl_rows: KLRows = kl_rows_torch, acc: torch.dtype = torch.float32,
+) -> ChunkResult:
+    """Loss of every row and, when ``token_weight`` ([n], acc dtype) is given, the gradients of
+    sum_i token_weight[i] * loss[i] w.r.t. student hidden, weight and bias. Rows are counted tokens."""
+    n, hidden_size = student_hidden.shape
+    vocab = student_weight.shape[0]
+    compute_grad = token_weight is not None
+    loss = torch.empty(n, dtype=acc, device=student_hidden.device)
+    grad_hidden = torch.empty_like(student_hidden) if compute_grad else None
+    grad_weight = torch.zeros(vocab, hidden_size, dtype=acc, device=student_weight.device) if compute_grad else None
+    grad_bias = (torch.zeros(vocab, dtype=acc, device=student_weight.device)
+                 if compute_grad and student_bias is not None else None)
+    for start in range(0, n, chunk_tokens):
+        rows = slice(start, min(start + chunk_tokens, n))
+        h = student_hidden[rows]
+        z = _logits(h, student_weight, student_bias, temperature, acc)
+        u = _logits(teacher_hidden[rows], teacher_weight, teacher_bias, temperature, acc)
+        loss[rows], grad_z = kl_rows(z, u, divergence, beta, compute_grad)
+        del u
+        if not compute_grad:
+            continue
+        grad_z.mul_((token_weight[rows] / temperature).unsqueeze(1))  # d(weighted loss)/d(W h)
+        grad_hidden[rows] = grad_z.to(student_weight.dtype) @ student_weight
+        grad_weight.addmm_(grad_z.T, h.to(acc))
+        if grad_bias is not None:
+            grad_bias += grad_z.sum(0)
+        del z, grad_z
+    return ChunkResult(loss, grad_hidden, grad_weight, grad_bias)
