@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from caopd_kernels.reference import accumulation_dtype, fused_linear_kl_reference
 from caopd_kernels.torch_chunked import TORCH_BUFFERS, chunked_linear_kl, kl_rows_torch
 
@@ -162,8 +161,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
             grads = (grad_hidden, result.grad_weight.to(student_weight.dtype),
                      None if result.grad_bias is None else result.grad_bias.to(student_bias.dtype))
         else:
-            grads = ctx.grads
-            del ctx.grads
+            grads = ctx.grads  # freed with the graph; kept for a second backward (retain_graph)
             if not torch.equal(grad_output, torch.ones_like(grad_output)):
                 grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
         grad_hidden, grad_weight, grad_bias = grads

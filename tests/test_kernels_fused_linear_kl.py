@@ -1,0 +1,222 @@
+"""fused_linear_kl (torch and triton impls) against the naive full-logit reference.
+
+Rule for low precision: an implementation's error against an fp64 ground truth must be no worse
+than the reference's own error in the same dtype, plus a small tolerance.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from caopd_kernels import FusedLinearKL, fused_linear_kl
+from caopd_kernels.torch_chunked import kl_rows_torch
+from caopd_kernels.triton_kl import kl_rows_triton
+
+IMPLS = ["torch", "triton"]
+DIVERGENCES = ["reverse", "forward", "jsd"]
+TEMPERATURES = [1.0, 0.7, 2.0]
+# (N, H, V, chunk_tokens): N = 1, N not a multiple of the chunk, V not a multiple of any block.
+SHAPES = [(1, 16, 1000, 4), (37, 24, 1000, 8), (19, 8, 50257, 5)]
+DTYPES = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-3, 2e-2)]  # (dtype, atol, rtol)
+
+
+def make_inputs(n, h, v, dtype, seed=0, bias=False, masked=0.3, tied=False):
+    g = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(n, h, generator=g).to(dtype)
+    student_weight = (torch.randn(v, h, generator=g) / h**0.5).to(dtype)
+    teacher_hidden = torch.randn(n, h, generator=g).to(dtype)
+    teacher_weight = student_weight if tied else (torch.randn(v, h, generator=g) / h**0.5 * 1.5).to(dtype)
+    mask = torch.rand(n, generator=g) >= masked
+    mask[0] = True
+    student_bias = torch.randn(v, generator=g).to(dtype) if bias else None
+    return student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias
+
+
+def run(impl, inputs, grad_output=1.7, **kw):
+    """Loss and gradients of (student hidden, weight[, bias]) for one implementation."""
+    hs, ws, ht, wt, mask, bs = (None if t is None else t.detach().clone() for t in inputs)
+    leaves = [t.requires_grad_() for t in (hs, ws, bs) if t is not None]
+    tied = inputs[3] is inputs[1]
+    loss = fused_linear_kl(hs, ws, ht, ws if tied else wt, mask, student_bias=bs, impl=impl, **kw)
+    weights = grad_output if loss.dim() == 0 else torch.linspace(-1, 2, loss.numel(), dtype=loss.dtype)
+    (loss * weights).sum().backward()
+    return [loss.detach().double()] + [t.grad.double() for t in leaves]
+
+
+def worst(a, b) -> str:
+    diff = (a - b).abs().flatten()
+    i = int(diff.argmax())
+    a_i, b_i = float(a.flatten()[i]), float(b.flatten()[i])
+    return f"max |diff| {float(diff[i]):.3e} at flat index {i}: {a_i:.6e} vs {b_i:.6e}"
+
+
+def assert_close(actual, expected, atol, rtol, what):
+    for name, a, e in zip(["loss", "d student_hidden", "d student_weight", "d student_bias"], actual, expected):
+        assert torch.isfinite(a).all(), f"{what}: {name} is not finite"
+        assert torch.allclose(a, e, atol=atol, rtol=rtol), f"{what}: {name}: {worst(a, e)}"
+
+
+def upcast(inputs):
+    return [t.double() if t is not None and t.is_floating_point() else t for t in inputs]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("n, h, v, chunk", SHAPES)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_error_no_worse_than_torch_in_the_same_dtype(impl, divergence, temperature, n, h, v, chunk, dtype, atol,
+                                                     rtol):
+    inputs = make_inputs(n, h, v, dtype, bias=True)
+    kw = dict(divergence=divergence, temperature=temperature, beta=0.3)
+    truth = run("reference", upcast(inputs), **kw)
+    torch_same_dtype = run("reference", inputs, **kw)
+    ours = run(impl, inputs, chunk_tokens=chunk, **kw)
+    for name, o, r, t in zip(["loss", "d hidden", "d weight", "d bias"], ours, torch_same_dtype, truth):
+        assert torch.isfinite(o).all(), f"{impl} {name} is not finite"
+        our_err, ref_err = (o - t).abs().max(), (r - t).abs().max()
+        assert our_err <= ref_err + atol + rtol * t.abs().max(), \
+            f"{impl} {name}: ours {our_err:.3e} vs torch {ref_err:.3e} ({worst(o, t)})"
+    if dtype == torch.float32:  # and plainly close to the reference
+        assert_close(ours, torch_same_dtype, 1e-4, 1e-3, f"{impl} {divergence} T={temperature}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_all_masked_gives_zero_loss_and_zero_grads(impl, divergence, dtype, atol, rtol):
+    hs, ws, ht, wt, mask, bs = make_inputs(9, 8, 1000, dtype)
+    hs.requires_grad_(), ws.requires_grad_()
+    loss = fused_linear_kl(hs, ws, ht, wt, torch.zeros(9, dtype=torch.bool), divergence=divergence, impl=impl)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(hs.grad) == 0 and torch.count_nonzero(ws.grad) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_tokens_get_no_gradient_and_do_not_change_the_loss(impl):
+    inputs = make_inputs(23, 16, 1000, torch.float32)
+    hs, mask = inputs[0], inputs[4]
+    loss, grad_hidden, _ = run(impl, inputs, chunk_tokens=4)
+    assert torch.count_nonzero(grad_hidden[~mask]) == 0 and torch.count_nonzero(grad_hidden[mask]) > 0
+    changed = list(inputs)
+    changed[0] = hs.clone()
+    changed[0][~mask] = 1e4  # masked tokens' values must not matter
+    assert torch.equal(run(impl, changed, chunk_tokens=4)[0], loss)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_tied_weights(impl, divergence):
+    inputs = make_inputs(17, 16, 1000, torch.float32, tied=True)
+    assert inputs[3] is inputs[1]
+    assert_close(run(impl, inputs, chunk_tokens=5, divergence=divergence),
+                 run("reference", inputs, divergence=divergence), 1e-5, 1e-4, f"tied {impl}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(impl, reduction):
+    inputs = make_inputs(21, 12, 1000, torch.float32, bias=True)
+    kw = dict(reduction=reduction, divergence="jsd", temperature=0.7)
+    ours = run(impl, inputs, chunk_tokens=6, **kw)
+    assert_close(ours, run("reference", inputs, **kw), 1e-5, 1e-4, f"{impl} {reduction}")
+    if reduction == "none":
+        assert ours[0].shape == (21,) and torch.all(ours[0][~inputs[4]] == 0)
+
+
+def test_chunk_size_from_memory_budget_matches_one_chunk():
+    inputs = make_inputs(40, 16, 1000, torch.float32)
+    small = run("torch", inputs, memory_budget=1)  # floor: MIN_CHUNK_TOKENS
+    assert_close(small, run("torch", inputs, chunk_tokens=3), 1e-5, 1e-4, "budget")
+
+
+def test_no_grad_and_module_form():
+    hs, ws, ht, wt, mask, _ = make_inputs(11, 8, 1000, torch.float32)
+    module = FusedLinearKL(divergence="forward", temperature=2.0, impl="torch", chunk_tokens=4)
+    assert "divergence=forward" in repr(module)
+    with torch.no_grad():
+        loss = module(hs, ws, ht, wt, mask)
+    expected = fused_linear_kl(hs, ws, ht, wt, mask, divergence="forward", temperature=2.0, impl="reference")
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_teacher_gets_no_gradient():
+    hs, ws, ht, wt, mask, _ = make_inputs(7, 8, 1000, torch.float32)
+    ht.requires_grad_(), wt.requires_grad_(), ws.requires_grad_()
+    fused_linear_kl(hs, ws, ht, wt, mask, impl="torch").backward()
+    assert ht.grad is None and wt.grad is None and ws.grad is not None
+
+
+def test_float64_gradcheck_of_the_torch_path():
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    ws = torch.randn(11, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    bs = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
+    ht, wt = torch.randn(5, 4, dtype=torch.float64, generator=g), torch.randn(11, 4, dtype=torch.float64, generator=g)
+    mask = torch.tensor([1, 0, 1, 1, 1], dtype=torch.bool)
+    for divergence in DIVERGENCES:
+        for reduction in ["mean", "none"]:
+            def f(h, w, b, divergence=divergence, reduction=reduction):
+                return fused_linear_kl(h, w, ht, wt, mask, student_bias=b, divergence=divergence, impl="torch",
+                                       temperature=0.7, chunk_tokens=2, reduction=reduction)
+            assert torch.autograd.gradcheck(f, (hs, ws, bs)), (divergence, reduction)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_triton_pass_matches_torch_pass_on_extreme_logits(divergence):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 3001, generator=g) * 40
+    u = torch.randn(6, 3001, generator=g) * 40
+    z[0, :] = 0.0  # uniform student row
+    u[1, 5] = 1e4  # one-hot teacher row
+    expected_loss, expected_grad = kl_rows_torch(z.clone(), u.clone(), divergence, 0.4, True)
+    loss, grad = kl_rows_triton(z.clone(), u.clone(), divergence, 0.4, True)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert torch.allclose(loss, expected_loss, rtol=1e-4, atol=1e-3), worst(loss, expected_loss)
+    assert torch.allclose(grad, expected_grad, atol=1e-5), worst(grad, expected_grad)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(divergence="kl"), "divergence must be one of"),
+    (dict(divergence="jsd", beta=1.0), "0 < beta < 1"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(reduction="avg"), "reduction must be one of"),
+    (dict(impl="cuda"), "impl must be one of"),
+    (dict(chunk_tokens=0), "chunk_tokens must be >= 1"),
+    (dict(mask=torch.ones(3, dtype=torch.bool)), r"mask must have shape \[N\] = \[5\]"),
+    (dict(student_bias=torch.zeros(7)), r"student_bias must be \[V\] = \[11\]"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    hs, ws, ht, wt = torch.randn(5, 4), torch.randn(11, 4), torch.randn(5, 4), torch.randn(11, 4)
+    mask = kwargs.pop("mask", None)
+    with pytest.raises(ValueError, match=message):
+        fused_linear_kl(hs, ws, ht, wt, mask, **kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.randn(2, 5, 4), torch.randn(11, 4), torch.randn(10, 4), torch.randn(11, 4)), "flatten"),
+    ((torch.randn(5, 4), torch.randn(11, 4), torch.randn(6, 4), torch.randn(11, 4)), "5 tokens but"),
+    ((torch.randn(5, 4), torch.randn(12, 4), torch.randn(5, 4), torch.randn(11, 4)), "does not match"),
+    ((torch.randn(5, 4), torch.randn(11, 4).double(), torch.randn(5, 4), torch.randn(11, 4)), "student_hidden is"),
+    ((torch.randn(5, 4).int(), torch.randn(11, 4), torch.randn(5, 4), torch.randn(11, 4)), "has dtype"),
+])
+def test_bad_shapes_and_dtypes_are_named(args, message):
+    with pytest.raises(ValueError, match=message):
+        fused_linear_kl(*args)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_reverse_kl_equals_liger_fused_linear_jsd_beta_1(temperature):
+    liger = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel is not installed (dev extra)")
+    hs, ws, ht, wt, mask, _ = make_inputs(24, 16, 1000, torch.float32)
+    labels = torch.where(mask, torch.zeros(24, dtype=torch.long), torch.full((24,), -100))
+    peer = liger.LigerFusedLinearJSDLoss(beta=1.0, weight_hard_loss=0.0, weight_soft_loss=1.0, compiled=False,
+                                         temperature=temperature, chunk_size=8)
+    hs_peer = hs.clone().requires_grad_()
+    peer_loss = peer(hs_peer, ws, ht, wt, labels)
+    peer_loss.backward()
+    hs_ours = hs.clone().requires_grad_()
+    ours = fused_linear_kl(hs_ours, ws, ht, wt, mask, temperature=temperature, impl="torch", chunk_tokens=7)
+    ours.backward()
+    assert torch.allclose(ours, peer_loss, rtol=1e-5, atol=1e-6), (float(ours), float(peer_loss))
+    assert torch.allclose(hs_ours.grad, hs_peer.grad, atol=1e-6)
