@@ -17,8 +17,8 @@ from caopd_kernels.torch_chunked import TORCH_BUFFERS, chunked_linear_kl, kl_row
 DIVERGENCES = ("reverse", "forward", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch", "reference")
-DEFAULT_MEMORY_BUDGET = 1 << 30
-MIN_CHUNK_TOKENS = 256
+DEFAULT_MEMORY_BUDGET = 768 << 20
+MIN_CHUNK_TOKENS = 1
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,14 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def chunk_tokens_for_budget(vocab: int, hidden: int, impl: str, divergence: str,
-                            memory_budget: int, with_weight_grad: bool) -> int:
-    """Tokens per chunk so that the [C, V] fp32 buffers plus the fp32 weight-gradient accumulator
-    fit in ``memory_budget`` bytes; never below MIN_CHUNK_TOKENS (GEMM efficiency)."""
+def chunk_tokens_for_budget(vocab: int, impl: str, divergence: str, memory_budget: int) -> int:
+    """Tokens per chunk so that the chunk's [C, V] fp32 buffers fit in ``memory_budget`` bytes.
+
+    The budget is the transient memory; the gradients returned (dW_s: V x H_s, the fp32
+    accumulator when the weight is not fp32) come on top, as they do for any implementation.
+    Larger chunks make faster GEMMs: raise the budget where memory allows."""
     buffers = 2 if impl == "triton" else TORCH_BUFFERS[divergence]
-    available = memory_budget - (vocab * hidden * 4 if with_weight_grad else 0)
-    return max(MIN_CHUNK_TOKENS, available // (buffers * vocab * 4))
+    return max(MIN_CHUNK_TOKENS, memory_budget // (buffers * vocab * 4))
 
 
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias,
@@ -185,7 +186,8 @@ def fused_linear_kl(
     KL(s||t), "forward" KL(t||s), "jsd" (0 < beta < 1). reduction: "mean" over counted tokens
     (0 when none count), "sum", or "none" (per-token [N], 0 where masked). impl: "auto" (triton on
     CUDA, torch elsewhere), "triton", "torch", "reference" (naive full logits, for tests).
-    chunk_tokens: tokens per chunk; None picks it from ``memory_budget`` bytes. Returns fp32
+    chunk_tokens: tokens per chunk; None picks it from ``memory_budget`` bytes (the chunk's
+    transient [C, V] buffers; default 768 MiB). Returns fp32
     (fp64 for fp64 inputs).
     """
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias, teacher_bias,
@@ -198,8 +200,7 @@ def fused_linear_kl(
     if impl == "triton" and student_hidden.dtype == torch.float64:
         raise ValueError("impl='triton' takes float32, bfloat16 or float16; use impl='torch' for float64")
     if chunk_tokens is None:
-        chunk_tokens = chunk_tokens_for_budget(student_weight.shape[0], student_weight.shape[1], impl, divergence,
-                                               memory_budget, student_weight.requires_grad)
+        chunk_tokens = chunk_tokens_for_budget(student_weight.shape[0], impl, divergence, memory_budget)
     options = KLOptions(divergence, float(beta), float(temperature), reduction, impl, int(chunk_tokens))
     return FusedLinearKLFunction.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
                                        teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),

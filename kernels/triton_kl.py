@@ -2,7 +2,7 @@
 
 One program per row, looping over the vocabulary in blocks (z = student logits / T,
 u = teacher logits / T, p = softmax z, q = softmax u):
-    pass 1  lse_z, lse_u by an online max / sum-exp
+    pass 1  max and sum-exp of z and u, online
     pass 2  reverse: L = sum p (lp - lq)
             forward: L = sum q (lq - lp), and (with COMPUTE_GRAD) dz = p - q written over z
             jsd:     log m = logaddexp(lq + log beta, lp + log(1 - beta)),
@@ -46,16 +46,18 @@ def _kl_rows_kernel(Z, U, LOSS, stride_z, stride_u, V, beta, log_beta, log_1m_be
         sum_u = sum_u * tl.exp(max_u - new_max_u) + tl.sum(tl.exp(u - new_max_u), axis=0)
         max_z = new_max_z
         max_u = new_max_u
-    lse_z = max_z + tl.log(sum_z)
-    lse_u = max_u + tl.log(sum_u)
+    # log p = (z - max) - log(sum), never z - (max + log(sum)): the latter rounds at the scale of
+    # the largest logit, and the shift makes sum p != 1 by that error.
+    log_sum_z = tl.log(sum_z)
+    log_sum_u = tl.log(sum_u)
 
     loss = 0.0
     student_term = 0.0
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         valid = offs < V
-        log_p = tl.load(z_row + offs, mask=valid, other=0.0).to(tl.float32) - lse_z
-        log_q = tl.load(u_row + offs, mask=valid, other=0.0).to(tl.float32) - lse_u
+        log_p = (tl.load(z_row + offs, mask=valid, other=0.0).to(tl.float32) - max_z) - log_sum_z
+        log_q = (tl.load(u_row + offs, mask=valid, other=0.0).to(tl.float32) - max_u) - log_sum_u
         p = tl.where(valid, tl.exp(log_p), 0.0)
         q = tl.where(valid, tl.exp(log_q), 0.0)
         if DIVERGENCE == 0:
@@ -78,8 +80,8 @@ def _kl_rows_kernel(Z, U, LOSS, stride_z, stride_u, V, beta, log_beta, log_1m_be
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             valid = offs < V
-            log_p = tl.load(z_row + offs, mask=valid, other=0.0).to(tl.float32) - lse_z
-            log_q = tl.load(u_row + offs, mask=valid, other=0.0).to(tl.float32) - lse_u
+            log_p = (tl.load(z_row + offs, mask=valid, other=0.0).to(tl.float32) - max_z) - log_sum_z
+            log_q = (tl.load(u_row + offs, mask=valid, other=0.0).to(tl.float32) - max_u) - log_sum_u
             p = tl.exp(log_p)
             if DIVERGENCE == 0:
                 grad = p * (log_p - log_q - loss)

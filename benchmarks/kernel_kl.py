@@ -1,0 +1,254 @@
+"""Benchmark fused_linear_kl forward+backward against the naive reference, Liger and the bare GEMMs.
+
+Each (implementation, N) runs in its own process; a warm-up call at a small N is excluded from
+the timing. Memory: on CPU the peak RSS sampled every 2 ms during the timed call, minus the RSS
+just before it ("peak extra", which includes the gradients the call returns: "grad" column);
+on GPU torch.cuda.max_memory_allocated minus the memory allocated before the call.
+
+    python benchmarks/kernel_kl.py                       # CPU: H=1024, fp32, N in 1024..16384
+    python benchmarks/kernel_kl.py --device cuda --dtype bfloat16 --hidden 4096
+Writes benchmarks/results/kernel_kl_<device>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IMPLS = ["gemm_floor", "torch", "triton", "reference", "liger"]
+GIB = 1 << 30
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; .peak is the high-water mark while active."""
+
+    def __init__(self, interval=0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def make_inputs(n, hidden, vocab, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    student_hidden = torch.randn(n, hidden, generator=g).to(device, dtype).requires_grad_()
+    student_weight = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(device, dtype).requires_grad_()
+    teacher_hidden = torch.randn(n, hidden, generator=g).to(device, dtype)
+    teacher_weight = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(device, dtype)
+    return student_hidden, student_weight, teacher_hidden, teacher_weight
+
+
+def gemm_floor(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk=1024):
+    """The four GEMMs the loss cannot avoid (two logits, dH, dW), chunked like the loss: the floor."""
+    grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
+    grad_hidden = torch.empty_like(student_hidden)
+    with torch.no_grad():
+        for s in range(0, student_hidden.shape[0], chunk):
+            h = student_hidden[s:s + chunk]
+            z = h @ student_weight.T
+            u = teacher_hidden[s:s + chunk] @ teacher_weight.T
+            grad_hidden[s:s + chunk] = u @ student_weight
+            grad_weight.addmm_(z.float().T, h.float())
+    return grad_hidden, grad_weight
+
+
+def step(impl, inputs):
+    from caopd_kernels import fused_linear_kl
+
+    if impl == "gemm_floor":
+        return gemm_floor(*inputs)
+    if impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        labels = torch.zeros(inputs[0].shape[0], dtype=torch.long, device=inputs[0].device)
+        loss_fn = LigerFusedLinearJSDLoss(beta=1.0, weight_hard_loss=0.0, weight_soft_loss=1.0,
+                                          compiled=inputs[0].is_cuda)
+        loss = loss_fn(*inputs, labels)
+    else:
+        loss = fused_linear_kl(*inputs, impl=impl)
+    loss.backward()
+    return loss
+
+
+def worker(args) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    step(args.impl, make_inputs(min(args.n, 128), args.hidden, args.vocab, dtype, device, seed=1))  # warm-up
+    inputs = make_inputs(args.n, args.hidden, args.vocab, dtype, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        step(args.impl, inputs)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak_extra = torch.cuda.max_memory_allocated() - before
+    else:
+        with PeakRSS() as peak:
+            before = rss_bytes()
+            start = time.perf_counter()
+            step(args.impl, inputs)
+            seconds = time.perf_counter() - start
+        peak_extra = peak.peak - before
+    grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in inputs[:2] if t.grad is not None)
+    flops = 8 * args.n * args.hidden * args.vocab
+    return {"impl": args.impl, "n": args.n, "seconds": seconds, "peak_extra_gib": peak_extra / GIB,
+            "grad_gib": grad_bytes / GIB, "tflops": flops / seconds / 1e12}
+
+
+def naive_gib(n, vocab):
+    """What the naive reference needs: about eight [N, V] fp32 matrices live at its peak."""
+    return 8 * n * vocab * 4 / GIB
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_all(args) -> list[dict]:
+    from tqdm import tqdm
+
+    impls = [i for i in args.impls if not (i == "triton" and args.device == "cpu")]
+    rows = []
+    jobs = [(impl, n) for n in args.ns for impl in impls]
+    for impl, n in tqdm(jobs, desc="kernel_kl", unit="run"):
+        if impl == "reference" and naive_gib(n, args.vocab) > args.memory_limit_gib:
+            rows.append({"impl": impl, "n": n, "skipped": f"needs ~{naive_gib(n, args.vocab):.0f} GiB"})
+            continue
+        if impl == "liger":
+            try:
+                import liger_kernel  # noqa: F401
+            except ImportError:
+                rows.append({"impl": impl, "n": n, "skipped": "liger-kernel not installed"})
+                continue
+        cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--n", str(n), "--hidden", str(args.hidden),
+               "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append({"impl": impl, "n": n, "skipped": f"failed (exit {proc.returncode}): "
+                         f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:120]}"})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        tqdm.write(json.dumps(rows[-1]))
+    return rows
+
+
+def ratios(rows) -> dict:
+    by = {(r["impl"], r["n"]): r for r in rows if "seconds" in r}
+    out = {}
+    for n in sorted({r["n"] for r in rows}):
+        ours = by.get(("torch", n)) or by.get(("triton", n))
+        if not ours:
+            continue
+        for other in ["gemm_floor", "reference", "liger"]:
+            if (other, n) in by:
+                out[f"time ours/{other} @N={n}"] = ours["seconds"] / by[(other, n)]["seconds"]
+                out[f"memory ours/{other} @N={n}"] = ours["peak_extra_gib"] / max(by[(other, n)]["peak_extra_gib"],
+                                                                                   1e-9)
+    return out
+
+
+def write_report(args, rows, stem: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from caopd.tables import format_table
+
+    meta = {"device": device_name(args.device), "git": git_sha(), "hidden": args.hidden, "vocab": args.vocab,
+            "dtype": args.dtype, "date": time.strftime("%Y-%m-%d")}
+    summary = ratios(rows)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": summary}, indent=2) + "\n")
+    table = format_table(
+        ["impl", "N", "seconds", "TFLOP/s", "peak extra GiB", "of which grads GiB"],
+        [[r["impl"], r["n"], r.get("seconds", r.get("skipped")), r.get("tflops", "-"),
+          r.get("peak_extra_gib", "-"), r.get("grad_gib", "-")] for r in rows], markdown=True)
+    ratio_table = format_table(["ratio", "value"], [[k, v] for k, v in summary.items()], markdown=True)
+    stem.with_suffix(".md").write_text(
+        f"# fused_linear_kl forward+backward\n\n{meta['device']}; H={args.hidden}, V={args.vocab}, {args.dtype}; "
+        f"git {meta['git']}, {meta['date']}. Warm-up excluded; one process per row.\n\n{table}\n\n{ratio_table}\n")
+    print(table + "\n\n" + ratio_table)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl in IMPLS:
+        done = [r for r in rows if r["impl"] == impl and "seconds" in r]
+        if done:
+            ns = [r["n"] for r in done]
+            ax_t.plot(ns, [r["seconds"] for r in done], "o-", label=impl)
+            if impl != "gemm_floor":
+                ax_m.plot(ns, [r["peak_extra_gib"] for r in done], "o-", label=impl)
+    for ax, label in ((ax_t, "seconds (fwd+bwd)"), (ax_m, "peak extra memory (GiB)")):
+        ax.set(xscale="log", xlabel="tokens N", ylabel=label)
+        ax.set_xticks(args.ns, [str(n) for n in args.ns])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"fused_linear_kl, {meta['device'][:60]}; H={args.hidden}, V={args.vocab}, {args.dtype}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="torch", choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--ns", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--memory-limit-gib", type=float, default=16.0, help="skip the naive reference above this")
+    p.add_argument("--out", default=None, help="results stem (default benchmarks/results/kernel_kl_<device>)")
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out) if args.out else RESULTS / f"kernel_kl_{args.device}"
+    write_report(args, run_all(args), stem)
+
+
+if __name__ == "__main__":
+    main()
