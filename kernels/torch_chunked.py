@@ -37,8 +37,14 @@ def log_softmax_(x: torch.Tensor) -> torch.Tensor:
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, block_rows: int = 32) -> torch.Tensor:
     """sum_v a[r, v] b[r, v] by torch.sum (cascade summation: a GEMM-based row dot loses accuracy
-    at V ~ 1e5) over blocks of rows, so that the temporary is [block_rows, V], not [C, V]."""
-    return torch.cat([(a[i:i + block_rows] * b[i:i + block_rows]).sum(-1) for i in range(0, a.shape[0], block_rows)])
+    at V ~ 1e5) over blocks of rows, in one reused [block_rows, V] scratch buffer: no [C, V]
+    temporary, and no stream of mid-size allocations for the C allocator to hold on to."""
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    scratch = torch.empty(min(block_rows, a.shape[0]), a.shape[1], dtype=a.dtype, device=a.device)
+    for i in range(0, a.shape[0], block_rows):
+        rows = min(block_rows, a.shape[0] - i)
+        torch.sum(torch.mul(a[i:i + rows], b[i:i + rows], out=scratch[:rows]), dim=-1, out=out[i:i + rows])
+    return out
 
 
 def kl_rows_torch(z: torch.Tensor, u: torch.Tensor, divergence: str, beta: float,

