@@ -1,4 +1,4 @@
-"""``caopd eval | demo``: parse arguments, call one function each, turn bad input into one line."""
+"""``caopd train | eval | demo``: parse arguments, call one function each, turn bad input into one line."""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +61,29 @@ def run_demo(args: argparse.Namespace) -> dict:
         plot=str(out / "reliability.png"), missing_confidence="exclude"))
 
 
-COMMANDS = {"eval": (_eval_parser, run_eval), "demo": (_demo_parser, run_demo)}
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="CaOPD (or plain OPD) training", allow_abbrev=False,
+                       description="Any config field can be overridden: --key value (e.g. --num-generations 4).")
+    p.add_argument("--config", default="tiny", help="a YAML file, or a packaged config name (tiny, "
+                   "science-qwen3-8b-h200, tooluse-qwen3-8b-h200)")
+    p.add_argument("--no-empirical-calibration", action="store_true",
+                   help="plain OPD/SDFT: no P_acc replacement, the teacher keeps Confidence: 1.00")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from caopd.config import load_config
+    from caopd.trainer import train
+
+    overrides = list(args.overrides)
+    if args.no_empirical_calibration:
+        overrides += ["--empirical-calibration", "false"]
+    if args.resume:
+        overrides += ["--resume", "true"]
+    return train(load_config(args.config, overrides))
+
+
+COMMANDS = {"train": (_train_parser, run_train), "eval": (_eval_parser, run_eval), "demo": (_demo_parser, run_demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.command != "train":
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         COMMANDS[args.command][1](args)
     except InputError as e:

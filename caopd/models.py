@@ -89,8 +89,7 @@ def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, att
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             config = tiny_qwen3_config(vocab, **tiny_sizes)
-            config._attn_implementation = attn_implementation
-            return AutoModelForCausalLM.from_config(config).to(dtype)
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).to(dtype)
     return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
 
 

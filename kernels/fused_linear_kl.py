@@ -88,6 +88,8 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
             raise ValueError(f"{name} must be [V] = [{v}] of dtype {rows.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     if mask is not None and mask.shape != (n,):
         raise ValueError(f"mask must have shape [N] = [{n}], got {tuple(mask.shape)}")
+    if mask is not None and mask.is_floating_point() and bool((mask < 0).any() or not torch.isfinite(mask).all()):
+        raise ValueError("a float mask holds per-token weights: they must be finite and >= 0")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if divergence == "jsd" and not 0.0 < beta < 1.0:
@@ -114,25 +116,30 @@ class FusedLinearKLFunction(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 mask, options: KLOptions):
         acc = accumulation_dtype(student_hidden.dtype)
-        counted = None if mask is None else mask.to(torch.bool).nonzero().squeeze(1)  # [n] token indices
+        counted = None if mask is None else mask.nonzero().squeeze(1)  # [n] indices of tokens that count
+        mask_weight = None if mask is None else mask[counted].to(acc)  # [n]: 1 for a bool mask
         student_rows = student_hidden if counted is None else student_hidden[counted]
         teacher_rows = teacher_hidden if counted is None else teacher_hidden[counted]
         n = student_rows.shape[0]
+        total_weight = float(n) if mask_weight is None else float(mask_weight.sum())
         needs_grad = any(ctx.needs_input_grad[:3])
         token_weight = None
         if needs_grad and options.reduction != "none":
-            token_weight = torch.full((n,), 1.0 / max(n, 1) if options.reduction == "mean" else 1.0,
-                                      dtype=acc, device=student_hidden.device)
+            token_weight = torch.ones(n, dtype=acc, device=student_hidden.device) if mask_weight is None \
+                else mask_weight.clone()
+            if options.reduction == "mean":
+                token_weight /= max(total_weight, 1e-30)
         result = chunked_linear_kl(
             student_rows, student_weight, student_bias, teacher_rows, teacher_weight, teacher_bias, token_weight,
             divergence=options.divergence, beta=options.beta, temperature=options.temperature,
             chunk_tokens=options.chunk_tokens, kl_rows=_kl_rows(options.impl), acc=acc)
+        weighted = result.loss if mask_weight is None else result.loss * mask_weight
         ctx.options = options
         if options.reduction == "none":
             per_token = torch.zeros(student_hidden.shape[0], dtype=acc, device=student_hidden.device)
-            per_token[slice(None) if counted is None else counted] = result.loss
+            per_token[slice(None) if counted is None else counted] = weighted
             ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                  teacher_bias, counted)
+                                  teacher_bias, counted, mask_weight)
             return per_token
         if needs_grad:
             grad_hidden = result.grad_hidden
@@ -140,20 +147,21 @@ class FusedLinearKLFunction(torch.autograd.Function):
                 grad_hidden = torch.zeros_like(student_hidden).index_copy_(0, counted, grad_hidden)
             ctx.grads = (grad_hidden, result.grad_weight.to(student_weight.dtype),
                          None if result.grad_bias is None else result.grad_bias.to(student_bias.dtype))
-        total = result.loss.sum()
-        return total / n if options.reduction == "mean" and n else total
+        total = weighted.sum()
+        return total / total_weight if options.reduction == "mean" and total_weight > 0 else total
 
     @staticmethod
     def backward(ctx, grad_output):
         options = ctx.options
         if options.reduction == "none":
             (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-             counted) = ctx.saved_tensors
+             counted, mask_weight) = ctx.saved_tensors
             rows = slice(None) if counted is None else counted
             acc = accumulation_dtype(student_hidden.dtype)
+            token_weight = grad_output[rows].to(acc) if mask_weight is None else grad_output[rows].to(acc) * mask_weight
             result = chunked_linear_kl(
                 student_hidden[rows], student_weight, student_bias, teacher_hidden[rows], teacher_weight,
-                teacher_bias, grad_output[rows].to(acc), divergence=options.divergence, beta=options.beta,
+                teacher_bias, token_weight, divergence=options.divergence, beta=options.beta,
                 temperature=options.temperature, chunk_tokens=options.chunk_tokens,
                 kl_rows=_kl_rows(options.impl), acc=acc)
             grad_hidden = result.grad_hidden
@@ -182,9 +190,10 @@ def fused_linear_kl(
 
     student_hidden [N, H_s] and student_weight [V, H_s] (and student_bias [V]) get gradients;
     teacher_hidden [N, H_t], teacher_weight [V, H_t] never do (teacher_weight may be the same
-    tensor as student_weight). mask [N]: tokens that count (None = all). divergence: "reverse"
-    KL(s||t), "forward" KL(t||s), "jsd" (0 < beta < 1). reduction: "mean" over counted tokens
-    (0 when none count), "sum", or "none" (per-token [N], 0 where masked). impl: "auto" (triton on
+    tensor as student_weight). mask [N]: bool/0-1, the tokens that count (None = all), or float
+    per-token weights w >= 0. divergence: "reverse" KL(s||t), "forward" KL(t||s), "jsd"
+    (0 < beta < 1). reduction: "mean" = sum w L / sum w (0 when nothing counts), "sum" = sum w L,
+    or "none" = w L per token [N] (0 where masked). impl: "auto" (triton on
     CUDA, torch elsewhere), "triton", "torch", "reference" (naive full logits, for tests).
     chunk_tokens: tokens per chunk; None picks it from ``memory_budget`` bytes (the chunk's
     transient [C, V] buffers; default 768 MiB). Returns fp32

@@ -52,5 +52,5 @@ def fused_linear_kl_reference(
         return loss
     if reduction == "sum":
         return loss.sum()
-    count = loss.numel() if mask is None else int(mask.to(torch.bool).sum())
-    return loss.sum() / max(count, 1)
+    total_weight = loss.numel() if mask is None else float(mask.to(acc).sum())
+    return loss.sum() / total_weight if total_weight > 0 else loss.sum()

@@ -124,6 +124,23 @@ def test_reductions(impl, reduction):
         assert ours[0].shape == (21,) and torch.all(ours[0][~inputs[4]] == 0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float_mask_weights_tokens(impl, reduction):
+    inputs = list(make_inputs(19, 12, 1000, torch.float32, bias=True))
+    weights = torch.rand(19, generator=torch.Generator().manual_seed(5))
+    weights[[2, 7]] = 0.0
+    inputs[4] = weights
+    kw = dict(reduction=reduction, temperature=1.3)
+    ours = run(impl, inputs, chunk_tokens=4, **kw)
+    assert_close(ours, run("reference", inputs, **kw), 1e-5, 1e-4, f"{impl} float mask {reduction}")
+    if reduction == "sum":  # sum w L equals the weighted per-token losses
+        per_token = run(impl, inputs, chunk_tokens=4, reduction="none", temperature=1.3)[0]
+        assert torch.allclose(ours[0], per_token.sum(), rtol=1e-6)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        fused_linear_kl(*inputs[:4], -weights)
+
+
 def test_chunk_size_from_memory_budget_matches_one_chunk():
     inputs = make_inputs(40, 16, 1000, torch.float32)
     small = run("torch", inputs, memory_budget=1)  # floor: MIN_CHUNK_TOKENS

@@ -1,0 +1,46 @@
+"""The rollout-engine interface the trainer talks to, and a scripted engine for tests.
+
+An engine takes prompts as token ids and returns ``n`` completion texts per prompt; after each
+optimizer step the trainer hands it the new weights. An asynchronous or a vLLM engine plugs in
+behind the same two calls, so the trainer never changes for them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int = 0  # the same seed and weights give the same completions
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[str]]:
+        """``n`` completions (text, special tokens removed) for each prompt, in prompt order."""
+
+    def update_weights(self, weights: torch.nn.Module | dict[str, torch.Tensor]) -> None:
+        """Generate from these weights from now on."""
+
+
+class ScriptedEngine:
+    """Returns what ``script(prompt_index_in_call, prompt_ids, n)`` says: known completions for tests."""
+
+    def __init__(self, script: Callable[[int, list[int], int], list[str]]):
+        self.script = script
+        self.weight_updates = 0
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[str]]:
+        out = [self.script(i, ids, n) for i, ids in enumerate(prompts)]
+        if any(len(c) != n for c in out):
+            raise ValueError(f"the script must return {n} completions per prompt")
+        return out
+
+    def update_weights(self, weights) -> None:
+        self.weight_updates += 1

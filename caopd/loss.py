@@ -1,0 +1,127 @@
+"""Stage 5: student and teacher forwards to final hidden states, then the fused linear KL.
+
+The student sees [student prompt + completion] with grad, the teacher [teacher context + the same
+completion] without; only completion positions count (the first ``skip_tokens`` of each excluded).
+The loss is the per-token divergence averaged over each sequence's counted tokens, then over
+sequences, computed by ``caopd_kernels.fused_linear_kl`` on final hidden states: the models'
+[tokens x vocab] logits are never materialized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from caopd.calibration import DistillationTarget
+from caopd_kernels import fused_linear_kl
+
+
+def chat_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         **(chat_template_kwargs or {}))
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def completion_ids(tokenizer, target: DistillationTarget, max_tokens: int) -> list[int]:
+    """The completion's tokens + EOS, at most ``max_tokens``; the confidence line is never cut
+    (the body is truncated to make room for it)."""
+    tail = tokenizer("\n" + target.confidence_line, add_special_tokens=False).input_ids if target.confidence_line \
+        else []
+    tail = tail + [tokenizer.eos_token_id]
+    body = tokenizer(target.completion, add_special_tokens=False).input_ids
+    return body[:max(0, max_tokens - len(tail))] + tail
+
+
+@dataclass
+class DistillationBatch:
+    """B right-padded sequence pairs. Completion b is student_ids[b, student_start[b]:+length[b]]
+    and teacher_ids[b, teacher_start[b]:+length[b]] (the same tokens)."""
+
+    student_ids: torch.Tensor  # [B, T_s]
+    student_attention: torch.Tensor  # [B, T_s]
+    teacher_ids: torch.Tensor  # [B, T_t]
+    teacher_attention: torch.Tensor  # [B, T_t]
+    student_start: list[int]
+    teacher_start: list[int]
+    length: list[int]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.length)
+
+
+def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, attention
+
+
+def make_batch(tokenizer, targets: list[DistillationTarget], student_prompt_ids: list[list[int]],
+               max_prompt_tokens: int, max_completion_tokens: int,
+               chat_template_kwargs: dict | None = None) -> DistillationBatch:
+    """Tokenize targets; prompts longer than ``max_prompt_tokens`` keep their last tokens."""
+    student_rows, teacher_rows, student_start, teacher_start, length = [], [], [], [], []
+    teacher_cache: dict[int, list[int]] = {}
+    for target, prompt in zip(targets, student_prompt_ids, strict=True):
+        key = id(target.teacher_messages)
+        if key not in teacher_cache:
+            teacher_cache[key] = chat_ids(tokenizer, target.teacher_messages, chat_template_kwargs)
+        teacher_prompt = teacher_cache[key][-max_prompt_tokens:]
+        prompt = prompt[-max_prompt_tokens:]
+        completion = completion_ids(tokenizer, target, max_completion_tokens)
+        student_rows.append(prompt + completion)
+        teacher_rows.append(teacher_prompt + completion)
+        student_start.append(len(prompt))
+        teacher_start.append(len(teacher_prompt))
+        length.append(len(completion))
+    student_ids, student_attention = _pad(student_rows, tokenizer.pad_token_id)
+    teacher_ids, teacher_attention = _pad(teacher_rows, tokenizer.pad_token_id)
+    return DistillationBatch(student_ids, student_attention, teacher_ids, teacher_attention, student_start,
+                             teacher_start, length)
+
+
+def final_hidden_states(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] outputs of the decoder's final norm: what the lm_head would multiply."""
+    decoder = getattr(model, model.base_model_prefix)
+    return decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+
+
+def token_weights(batch: DistillationBatch, skip_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per completion token: the weight 1 / (counted tokens of its sequence) / (sequences with
+    any counted token), 0 for the first ``skip_tokens``; and the sequence index of each token."""
+    weights, sequence = [], []
+    counted = [max(0, n - skip_tokens) for n in batch.length]
+    sequences = sum(c > 0 for c in counted)
+    for b, (n, c) in enumerate(zip(batch.length, counted)):
+        weights += [0.0] * min(n, skip_tokens) + [1.0 / (c * sequences)] * c if c else [0.0] * n
+        sequence += [b] * n
+    return torch.tensor(weights), torch.tensor(sequence)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar with grad: the divergence averaged per sequence, then over sequences
+    counted_tokens: int
+
+
+def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: DistillationBatch, *,
+                      divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
+                      skip_tokens: int = 3, impl: str = "auto") -> LossOutput:
+    device = next(student.parameters()).device
+    student_hidden = final_hidden_states(student, batch.student_ids.to(device), batch.student_attention.to(device))
+    with torch.no_grad():
+        teacher_hidden = final_hidden_states(teacher, batch.teacher_ids.to(device), batch.teacher_attention.to(device))
+    # Position t predicts token t + 1: completion token k is predicted from position start + k - 1.
+    student_rows = torch.cat([student_hidden[b, s - 1:s - 1 + n]
+                              for b, (s, n) in enumerate(zip(batch.student_start, batch.length))])
+    teacher_rows = torch.cat([teacher_hidden[b, s - 1:s - 1 + n]
+                              for b, (s, n) in enumerate(zip(batch.teacher_start, batch.length))])
+    weights, _ = token_weights(batch, skip_tokens)
+    weights = weights.to(device)
+    student_head = student.get_output_embeddings()
+    teacher_head = teacher.get_output_embeddings()
+    loss = fused_linear_kl(student_rows, student_head.weight, teacher_rows, teacher_head.weight, weights,
+                           divergence=divergence, beta=beta, temperature=temperature, reduction="sum",
+                           student_bias=student_head.bias, teacher_bias=teacher_head.bias, impl=impl)
+    return LossOutput(loss, int((weights > 0).sum()))

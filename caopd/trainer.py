@@ -1,0 +1,170 @@
+"""The CaOPD training loop, top to bottom: rollouts -> verify -> calibration -> loss -> step -> EMA -> log.
+
+With ``empirical_calibration=False`` the calibration stage is skipped: plain OPD/SDFT, the baseline.
+Prompts are consumed in a seeded order (a new permutation each epoch); the data position, RNG
+states, optimizer, scheduler and EMA teacher are checkpointed, so a resumed run neither repeats
+nor skips prompts and ends with the same parameters as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from caopd.calibration import build_targets, verify_rollouts
+from caopd.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from caopd.config import TrainConfig
+from caopd.data import load_examples
+from caopd.engines.base import RolloutEngine, SamplingParams
+from caopd.loss import chat_ids, distillation_loss, make_batch
+from caopd.models import ema_update_, load_model, load_tokenizer
+from caopd.prompts import demonstration, student_messages
+from caopd.tables import format_table
+
+
+def prompt_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def prompts_at(position: int, count: int, n_examples: int, seed: int) -> list[int]:
+    """Example indices at stream positions [position, position + count), epoch after epoch."""
+    return [prompt_order(n_examples, seed, p // n_examples)[p % n_examples] for p in range(position, position + count)]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _text_of(prompt) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_steps: int | None = None,
+          quiet: bool = False) -> dict:
+    """Run (or resume) training; returns the history, the final state and the models."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from caopd.engines.hf import TransformersEngine
+
+    use_bf16 = config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+
+    examples = load_examples(config.data_path(), config.dataset, config.split)
+    tokenizer_dir = out / "tokenizer"
+    if config.resume and tokenizer_dir.exists():
+        tokenizer = load_tokenizer(config.model, str(tokenizer_dir))
+    else:
+        corpus = [_text_of(e.prompt) + "\n" + demonstration(e, config.dataset) for e in examples]
+        tokenizer = load_tokenizer(config.model, config.tokenizer, corpus=corpus)
+        tokenizer.save_pretrained(tokenizer_dir)
+    # bf16 weights where the device supports it (as the paper's scripts): fp32 weights, Adam states
+    # and an fp32 EMA teacher of an 8B model would not fit one GPU.
+    student = load_model(config.model, tokenizer, dtype=torch.bfloat16 if use_bf16 else torch.float32,
+                         attn_implementation=config.attn_implementation, seed=config.seed)
+    if config.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = config.max_steps or math.ceil(len(examples) * config.epochs / config.prompts_per_step)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(round(config.warmup_ratio * total_steps), total_steps))
+    state = TrainState()
+    checkpoints = out / "checkpoints"
+    if config.resume and (last := latest_checkpoint(checkpoints)) is not None:
+        state = load_checkpoint(last, student, teacher, optimizer, scheduler)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    teacher.to(accelerator.device)
+    model = accelerator.unwrap_model(student)
+    engine = engine or TransformersEngine(model, tokenizer)
+    prompt_ids = [chat_ids(tokenizer, student_messages(e), config.chat_template_kwargs) for e in examples]
+
+    if not quiet:
+        print(json.dumps({"config": asdict(config), "total_steps": total_steps, "resumed_at_step": state.step,
+                          "divergence": config.divergence, "method": "CaOPD" if config.empirical_calibration
+                          else "OPD"}))
+    history = []
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=quiet)
+    steps_this_run = 0
+    while state.step < total_steps and (stop_after_steps is None or steps_this_run < stop_after_steps):
+        indices = prompts_at(state.prompts_seen, config.prompts_per_step, len(examples), config.seed)
+        t0 = time.perf_counter()
+        sampling = SamplingParams(config.sampling_temperature, config.top_p, config.max_completion_length,
+                                  seed=config.seed * 1_000_003 + state.step)
+        completions = engine.generate([prompt_ids[i] for i in indices], config.num_generations, sampling)
+        t1 = time.perf_counter()
+        groups = [verify_rollouts(examples[i], c, config.dataset) for i, c in zip(indices, completions)]
+        pick = random.Random(config.seed * 7919 + state.step)
+        targets = [build_targets(g, config.dataset, config.teacher_context, config.empirical_calibration, pick)
+                   for g in groups]
+        t2 = time.perf_counter()
+
+        optimizer.zero_grad(set_to_none=True)
+        sequences = sum(len(t) for t in targets)
+        loss_value, tokens = 0.0, 0
+        for start in range(0, len(groups), config.micro_batch_prompts):
+            micro = range(start, min(start + config.micro_batch_prompts, len(groups)))
+            micro_targets = [t for j in micro for t in targets[j]]
+            micro_prompts = [prompt_ids[indices[j]] for j in micro for _ in targets[j]]
+            batch = make_batch(tokenizer, micro_targets, micro_prompts, config.max_prompt_length,
+                               config.max_completion_length, config.chat_template_kwargs)
+            with accelerator.autocast():
+                result = distillation_loss(student, teacher, batch, divergence=config.divergence, beta=config.beta,
+                                           temperature=config.temperature, skip_tokens=config.skip_loss_tokens,
+                                           impl=config.loss_impl)
+            share = len(micro_targets) / sequences
+            accelerator.backward(result.loss * share)
+            loss_value += result.loss.item() * share
+            tokens += batch.completion_tokens
+        grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        ema_update_(teacher, model, config.teacher_ema)
+        engine.update_weights(model)
+        t3 = time.perf_counter()
+
+        state.step += 1
+        state.prompts_seen += len(indices)
+        steps_this_run += 1
+        record = {
+            "step": state.step, "loss": loss_value, "kl": loss_value, "grad_norm": float(grad_norm),
+            "lr": scheduler.get_last_lr()[0], "mean_p_acc": sum(g.p_acc for g in groups) / len(groups),
+            "rollout_accuracy": sum(sum(g.correct) for g in groups) / sum(len(g.correct) for g in groups),
+            "format_adherence": sum(g.format_adherence for g in groups) / len(groups),
+            "mean_completion_tokens": tokens / sequences, "teacher_fallbacks": sum(t[0].used_fallback for t in targets),
+            "tokens_per_s": tokens / (t3 - t0), "time_generate": t1 - t0, "time_verify": t2 - t1,
+            "time_forward_backward": t3 - t2, "prompts": indices,
+        }
+        history.append(record)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
+        if state.step % config.save_every == 0 or state.step == total_steps:
+            save_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler)
+    bar.close()
+    if state.step == total_steps:
+        model.save_pretrained(out / "final")
+        tokenizer.save_pretrained(out / "final")
+    if history and not quiet:
+        keys = ["loss", "mean_p_acc", "rollout_accuracy", "format_adherence", "time_generate", "time_verify",
+                "time_forward_backward"]
+        print(format_table(["step", *keys], [[r["step"], *(r[k] for k in keys)] for r in history]))
+    return {"history": history, "state": state, "student": model, "teacher": teacher, "tokenizer": tokenizer}
