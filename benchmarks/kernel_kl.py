@@ -25,6 +25,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = ["gemm_floor", "torch", "triton", "reference", "liger"]
+COLORS = {"gemm_floor": "black", "torch": "#1f77b4", "triton": "#9467bd", "reference": "#ff7f0e", "liger": "#d62728"}
 GIB = 1 << 30
 
 
@@ -187,12 +188,12 @@ def ratios(rows) -> dict:
     return out
 
 
-def write_report(args, rows, stem: Path) -> None:
+def write_report(args, rows, stem: Path, meta: dict | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from caopd.tables import format_table
 
-    meta = {"device": device_name(args.device), "git": git_sha(), "hidden": args.hidden, "vocab": args.vocab,
-            "dtype": args.dtype, "date": time.strftime("%Y-%m-%d")}
+    meta = meta or {"device": device_name(args.device), "git": git_sha(), "hidden": args.hidden,
+                    "vocab": args.vocab, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d")}
     summary = ratios(rows)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": summary}, indent=2) + "\n")
     table = format_table(
@@ -215,9 +216,10 @@ def write_report(args, rows, stem: Path) -> None:
         done = [r for r in rows if r["impl"] == impl and "seconds" in r]
         if done:
             ns = [r["n"] for r in done]
-            ax_t.plot(ns, [r["seconds"] for r in done], "o-", label=impl)
+            style = "--" if impl == "gemm_floor" else "-"
+            ax_t.plot(ns, [r["seconds"] for r in done], "o" + style, color=COLORS[impl], label=impl)
             if impl != "gemm_floor":
-                ax_m.plot(ns, [r["peak_extra_gib"] for r in done], "o-", label=impl)
+                ax_m.plot(ns, [r["peak_extra_gib"] for r in done], "o-", color=COLORS[impl], label=impl)
     for ax, label in ((ax_t, "seconds (fwd+bwd)"), (ax_m, "peak extra memory (GiB)")):
         ax.set(xscale="log", xlabel="tokens N", ylabel=label)
         ax.set_xticks(args.ns, [str(n) for n in args.ns])
@@ -241,7 +243,19 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--memory-limit-gib", type=float, default=16.0, help="skip the naive reference above this")
     p.add_argument("--out", default=None, help="results stem (default benchmarks/results/kernel_kl_<device>)")
+    p.add_argument("--replot", metavar="JSON", help="rewrite the table and plot of a results JSON (no runs)")
     args = p.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        meta = saved["meta"]
+        args.hidden, args.vocab, args.dtype = meta["hidden"], meta["vocab"], meta["dtype"]
+        args.ns = sorted({r["n"] for r in saved["rows"]})
+        notes = Path(args.replot).with_suffix(".md").read_text().partition("\nNotes.")[2]
+        write_report(args, saved["rows"], Path(args.replot).with_suffix(""), meta)
+        if notes:
+            with Path(args.replot).with_suffix(".md").open("a") as f:
+                f.write("\nNotes." + notes)
+        return
     if args.worker:
         print(json.dumps(worker(args)))
         return

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from caopd_kernels import fused_linear_kl
 
 from caopd.calibration import DistillationTarget
-from caopd_kernels import fused_linear_kl
 
 
 def chat_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:

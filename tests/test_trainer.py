@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from caopd_kernels.reference import kl_per_token
 
 from caopd.calibration import RolloutGroup, build_targets
 from caopd.config import TrainConfig, load_config
@@ -18,7 +19,6 @@ from caopd.models import load_model, load_tokenizer
 from caopd.prompts import CONFIDENCE_INSTRUCTION, student_messages
 from caopd.trainer import prompts_at, train
 from caopd.verifiers import TASKS
-from caopd_kernels.reference import kl_per_token
 
 K = 4
 
