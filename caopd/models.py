@@ -82,6 +82,9 @@ def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, att
     """A causal LM: ``tiny-qwen3`` built with random weights (seeded), else from_pretrained."""
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise InputError("attn_implementation flash_attention_2 needs flash-attn (pip install -e .[gpu], "
+                         "CUDA only); or use sdpa, PyTorch's own FlashAttention kernels")
     if model == TINY_MODEL:
         vocab = len(tokenizer)
         if vocab > 4096:  # the real Qwen3 vocabulary: pad like Qwen3 (151,669 -> 151,936)

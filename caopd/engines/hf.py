@@ -34,13 +34,13 @@ class TransformersEngine:
         was_training = self.model.training
         self.model.eval()
         try:
+            sample = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0) \
+                if sampling.temperature > 0 else dict(do_sample=False)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(sampling.seed)
                 output = self.model.generate(
-                    input_ids=input_ids, attention_mask=attention, do_sample=sampling.temperature > 0,
-                    temperature=sampling.temperature if sampling.temperature > 0 else None,
-                    top_p=sampling.top_p, top_k=0, max_new_tokens=sampling.max_tokens, pad_token_id=pad,
-                    eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
+                    input_ids=input_ids, attention_mask=attention, max_new_tokens=sampling.max_tokens,
+                    pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, use_cache=True, **sample)
         finally:
             self.model.train(was_training)
         texts = self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)

@@ -1,0 +1,103 @@
+"""tiny-qwen3 with both tokenizers, the TransformersEngine, and the train command."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from caopd.calibration import RolloutGroup, build_targets
+from caopd.cli import main
+from caopd.data import load_examples
+from caopd.engines.base import SamplingParams
+from caopd.engines.hf import TransformersEngine
+from caopd.errors import InputError
+from caopd.loss import chat_ids, distillation_loss, make_batch
+from caopd.models import load_model, load_tokenizer
+from caopd.prompts import student_messages
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = load_tokenizer("tiny-qwen3", "fast")
+    return tokenizer, load_model("tiny-qwen3", tokenizer, seed=0)
+
+
+def test_transformers_engine_batches_seeds_and_updates_weights(tiny):
+    tokenizer, model = tiny
+    engine = TransformersEngine(model, tokenizer)
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ["What is 2+2?", "Name a colour."]]
+    sampling = SamplingParams(temperature=1.0, max_tokens=12, seed=7)
+    first = engine.generate(prompts, 3, sampling)
+    assert [len(c) for c in first] == [3, 3] and all(isinstance(t, str) for c in first for t in c)
+    assert engine.generate(prompts, 3, sampling) == first  # the same seed and weights: the same samples
+    assert len({t for c in first for t in c}) > 1  # sampling, not one repeated string
+    assert engine.generate(prompts, 3, SamplingParams(temperature=1.0, max_tokens=12, seed=8)) != first
+    assert len(engine.generate(prompts, 2, SamplingParams(temperature=0.0, max_tokens=5))[1]) == 2  # greedy
+
+
+def test_transformers_engine_generates_from_updated_weights(tiny):
+    tokenizer, _ = tiny
+    engine = TransformersEngine(load_model("tiny-qwen3", tokenizer, seed=0), tokenizer)
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": "What is 2+2?"}])]
+    sampling = SamplingParams(temperature=1.0, max_tokens=16, seed=3)
+    before = engine.generate(prompts, 4, sampling)
+    other = load_model("tiny-qwen3", tokenizer, seed=1)
+    engine.update_weights(other.state_dict())
+    after = engine.generate(prompts, 4, sampling)
+    assert after == TransformersEngine(other, tokenizer).generate(prompts, 4, sampling) and after != before
+
+
+def test_real_qwen3_tokenizer_and_full_vocabulary_loss(science_path):
+    tokenizer = load_tokenizer("tiny-qwen3", "qwen3")
+    assert len(tokenizer) == 151_669 and tokenizer.eos_token == "<|im_end|>"
+    model = load_model("tiny-qwen3", tokenizer, seed=0, layers=1)
+    assert model.get_output_embeddings().weight.shape[0] == 151_936
+    example = load_examples(science_path, "science")[0]
+    prompt = chat_ids(tokenizer, student_messages(example), {"enable_thinking": False})
+    text = tokenizer.decode(prompt)
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3's template, thinking off
+    group = RolloutGroup(example, ["<answer>\nA\n</answer>\nConfidence: 0.9", "<answer>B</answer>"], [True, False])
+    targets = build_targets(group, "science", "demo", True, random.Random(0))
+    batch = make_batch(tokenizer, targets, [prompt, prompt], 512, 24, {"enable_thinking": False})
+    teacher = load_model("tiny-qwen3", tokenizer, seed=1, layers=1)
+    result = distillation_loss(model, teacher, batch, impl="torch")
+    result.loss.backward()
+    assert torch.isfinite(result.loss) and result.loss > 0 and result.counted_tokens > 0
+
+
+def test_flash_attention_without_flash_attn_is_a_clear_error(tiny):
+    pytest.importorskip("torch")
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(InputError, match="needs flash-attn"):
+        load_model("tiny-qwen3", tiny[0], attn_implementation="flash_attention_2")
+
+
+def test_train_command_runs_and_resumes(tmp_path, capsys):
+    args = ["train", "--config", "tiny", "--output-dir", str(tmp_path), "--max-steps", "2", "--save-every", "1",
+            "--num-generations", "2", "--prompts-per-step", "2", "--max-completion-length", "12"]
+    assert main(args) == 0
+    assert main(args + ["--max-steps", "3", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert main(["train", "--config", "tiny", "--output-dir", str(tmp_path / "opd"), "--max-steps", "1",
+                 "--num-generations", "2", "--prompts-per-step", "2", "--max-completion-length", "12",
+                 "--no-empirical-calibration"]) == 0
+    assert '"method": "OPD"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope"], "nope: no such config file"),
+    (["--divergence", "kl"], "config field 'divergence'"),
+    (["--num-generations"], "'--key value' pairs"),
+    (["--data", "/no/such.jsonl"], "/no/such.jsonl: no such file"),
+])
+def test_train_bad_input_is_one_line(args, message, capsys, tmp_path):
+    assert main(["train", "--output-dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
