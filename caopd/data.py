@@ -86,7 +86,8 @@ def _tooluse(row: dict, where: str) -> tuple[Any, Any, str | None]:
 _SCHEMAS = {"science": _science, "tooluse": _tooluse}
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
+    """(object, "file:line") for each non-blank line; a malformed line is an InputError naming it."""
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -133,7 +134,7 @@ def load_examples(path: str | Path, dataset: str, split: str | None = None) -> l
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
-    rows = _arrow_rows(path, split) if path.is_dir() else _iter_jsonl(path)
+    rows = _arrow_rows(path, split) if path.is_dir() else iter_jsonl(path)
     schema = _SCHEMAS[dataset]
     examples: list[Example] = []
     seen: dict[int, str] = {}

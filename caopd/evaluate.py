@@ -6,13 +6,12 @@ calibration metrics (default, with a warning) or counted as confidence 0.
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from caopd.confidence import parse_confidence
-from caopd.data import Example
+from caopd.data import Example, iter_jsonl
 from caopd.errors import InputError
 from caopd.metrics import CalibrationMetrics, calibration_metrics
 from caopd.verifiers import get_task
@@ -57,24 +56,13 @@ def load_completions(path: str | Path) -> list[Completion]:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     completions = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for field, kind in (("id", int), ("completion", str)):
-                if field not in row:
-                    raise InputError(f"{where}: missing field {field!r}")
-                if not isinstance(row[field], kind) or isinstance(row[field], bool):
-                    raise InputError(f"{where}: field {field!r} must be {kind.__name__}, "
-                                     f"got {type(row[field]).__name__}")
-            completions.append(Completion(row["id"], row["completion"], where))
+    for row, where in iter_jsonl(path):
+        for field, kind in (("id", int), ("completion", str)):
+            if field not in row:
+                raise InputError(f"{where}: missing field {field!r}")
+            if not isinstance(row[field], kind) or isinstance(row[field], bool):
+                raise InputError(f"{where}: field {field!r} must be {kind.__name__}, got {type(row[field]).__name__}")
+        completions.append(Completion(row["id"], row["completion"], where))
     if not completions:
         raise InputError(f"{path}: no completions")
     return completions
