@@ -36,6 +36,8 @@ class TrainConfig:
     skip_loss_tokens: int = 3
     teacher_ema: float = 0.01  # 0: frozen teacher
     # sampling
+    async_rollouts: bool = False  # sample the next steps' rollouts while the current step trains
+    max_staleness: int = 1  # with async rollouts: a batch may come from weights this many steps old
     sampling_temperature: float = 1.0
     top_p: float = 1.0
     max_prompt_length: int = 1024
@@ -78,8 +80,8 @@ class TrainConfig:
             raise InputError(f"config field 'beta' must be in (0, 1) for divergence jsd, got {self.beta}")
         if self.learning_rate <= 0 or self.temperature <= 0 or self.sampling_temperature < 0:
             raise InputError("learning_rate and temperature must be > 0, sampling_temperature >= 0")
-        if self.skip_loss_tokens < 0 or self.max_steps < 0:
-            raise InputError("skip_loss_tokens and max_steps must be >= 0")
+        if self.skip_loss_tokens < 0 or self.max_steps < 0 or self.max_staleness < 0:
+            raise InputError("skip_loss_tokens, max_steps and max_staleness must be >= 0")
 
     def data_path(self) -> Path:
         if self.data.startswith("caopd:"):

@@ -21,6 +21,7 @@ from caopd.calibration import build_targets, verify_rollouts
 from caopd.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from caopd.config import TrainConfig
 from caopd.data import load_examples
+from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import RolloutEngine, SamplingParams
 from caopd.loss import chat_ids, distillation_loss, make_batch
 from caopd.models import ema_update_, load_model, load_tokenizer
@@ -93,8 +94,16 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
     model = accelerator.unwrap_model(student)
-    engine = engine or TransformersEngine(model, tokenizer)
+    if engine is None:  # an asynchronous engine samples while weights change: it gets its own copy
+        engine = TransformersEngine(copy.deepcopy(model) if config.async_rollouts else model, tokenizer)
     prompt_ids = [chat_ids(tokenizer, student_messages(e), config.chat_template_kwargs) for e in examples]
+
+    def request(step: int) -> RolloutRequest:
+        """What step ``step`` samples: a function of the step alone, whatever the timing."""
+        indices = prompts_at(step * config.prompts_per_step, config.prompts_per_step, len(examples), config.seed)
+        sampling = SamplingParams(config.sampling_temperature, config.top_p, config.max_completion_length,
+                                  seed=config.seed * 1_000_003 + step)
+        return RolloutRequest([prompt_ids[i] for i in indices], config.num_generations, sampling)
 
     if not quiet:
         print(json.dumps({"config": asdict(config), "total_steps": total_steps, "resumed_at_step": state.step,
@@ -102,63 +111,79 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                           else "OPD"}))
     history = []
     bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=quiet)
-    steps_this_run = 0
-    while state.step < total_steps and (stop_after_steps is None or steps_this_run < stop_after_steps):
-        indices = prompts_at(state.prompts_seen, config.prompts_per_step, len(examples), config.seed)
-        t0 = time.perf_counter()
-        sampling = SamplingParams(config.sampling_temperature, config.top_p, config.max_completion_length,
-                                  seed=config.seed * 1_000_003 + state.step)
-        completions = engine.generate([prompt_ids[i] for i in indices], config.num_generations, sampling)
-        t1 = time.perf_counter()
-        groups = [verify_rollouts(examples[i], c, config.dataset) for i, c in zip(indices, completions)]
-        pick = random.Random(config.seed * 7919 + state.step)
-        targets = [build_targets(g, config.dataset, config.teacher_context, config.empirical_calibration, pick)
-                   for g in groups]
-        t2 = time.perf_counter()
+    last_step = total_steps if stop_after_steps is None else min(total_steps, state.step + stop_after_steps)
+    rollouts = AsyncRollouts(engine, request, state.step, last_step, config.max_staleness) \
+        if config.async_rollouts else None
+    try:
+        while state.step < last_step:
+            indices = prompts_at(state.prompts_seen, config.prompts_per_step, len(examples), config.seed)
+            t0 = time.perf_counter()
+            if rollouts is not None:
+                batch_of_rollouts = rollouts.get(state.step)
+                completions, policy_version = batch_of_rollouts.completions, batch_of_rollouts.policy_version
+                if state.step - policy_version > config.max_staleness:
+                    raise RuntimeError(f"step {state.step} got rollouts of policy {policy_version}: staleness "
+                                       f"{state.step - policy_version} > {config.max_staleness}")
+            else:
+                req = request(state.step)
+                completions, policy_version = engine.generate(req.prompts, req.n, req.sampling), state.step
+            t1 = time.perf_counter()
+            groups = [verify_rollouts(examples[i], c, config.dataset) for i, c in zip(indices, completions)]
+            pick = random.Random(config.seed * 7919 + state.step)
+            targets = [build_targets(g, config.dataset, config.teacher_context, config.empirical_calibration, pick)
+                       for g in groups]
+            t2 = time.perf_counter()
 
-        optimizer.zero_grad(set_to_none=True)
-        sequences = sum(len(t) for t in targets)
-        loss_value, tokens = 0.0, 0
-        for start in range(0, len(groups), config.micro_batch_prompts):
-            micro = range(start, min(start + config.micro_batch_prompts, len(groups)))
-            micro_targets = [t for j in micro for t in targets[j]]
-            micro_prompts = [prompt_ids[indices[j]] for j in micro for _ in targets[j]]
-            batch = make_batch(tokenizer, micro_targets, micro_prompts, config.max_prompt_length,
-                               config.max_completion_length, config.chat_template_kwargs)
-            with accelerator.autocast():
-                result = distillation_loss(student, teacher, batch, divergence=config.divergence, beta=config.beta,
-                                           temperature=config.temperature, skip_tokens=config.skip_loss_tokens,
-                                           impl=config.loss_impl)
-            share = len(micro_targets) / sequences
-            accelerator.backward(result.loss * share)
-            loss_value += result.loss.item() * share
-            tokens += batch.completion_tokens
-        grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        ema_update_(teacher, model, config.teacher_ema)
-        engine.update_weights(model)
-        t3 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            sequences = sum(len(t) for t in targets)
+            loss_value, tokens = 0.0, 0
+            for start in range(0, len(groups), config.micro_batch_prompts):
+                micro = range(start, min(start + config.micro_batch_prompts, len(groups)))
+                micro_targets = [t for j in micro for t in targets[j]]
+                micro_prompts = [prompt_ids[indices[j]] for j in micro for _ in targets[j]]
+                batch = make_batch(tokenizer, micro_targets, micro_prompts, config.max_prompt_length,
+                                   config.max_completion_length, config.chat_template_kwargs)
+                with accelerator.autocast():
+                    result = distillation_loss(student, teacher, batch, divergence=config.divergence, beta=config.beta,
+                                               temperature=config.temperature, skip_tokens=config.skip_loss_tokens,
+                                               impl=config.loss_impl)
+                share = len(micro_targets) / sequences
+                accelerator.backward(result.loss * share)
+                loss_value += result.loss.item() * share
+                tokens += batch.completion_tokens
+            grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            ema_update_(teacher, model, config.teacher_ema)
+            if rollouts is not None:
+                rollouts.publish({k: v.detach().clone() for k, v in model.state_dict().items()}, state.step + 1)
+            else:
+                engine.update_weights(model)
+            t3 = time.perf_counter()
 
-        state.step += 1
-        state.prompts_seen += len(indices)
-        steps_this_run += 1
-        record = {
-            "step": state.step, "loss": loss_value, "kl": loss_value, "grad_norm": float(grad_norm),
-            "lr": scheduler.get_last_lr()[0], "mean_p_acc": sum(g.p_acc for g in groups) / len(groups),
-            "rollout_accuracy": sum(sum(g.correct) for g in groups) / sum(len(g.correct) for g in groups),
-            "format_adherence": sum(g.format_adherence for g in groups) / len(groups),
-            "mean_completion_tokens": tokens / sequences, "teacher_fallbacks": sum(t[0].used_fallback for t in targets),
-            "tokens_per_s": tokens / (t3 - t0), "time_generate": t1 - t0, "time_verify": t2 - t1,
-            "time_forward_backward": t3 - t2, "prompts": indices,
-        }
-        history.append(record)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
-        if state.step % config.save_every == 0 or state.step == total_steps:
-            save_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler)
+            state.step += 1
+            state.prompts_seen += len(indices)
+            record = {
+                "step": state.step, "loss": loss_value, "kl": loss_value, "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0], "mean_p_acc": sum(g.p_acc for g in groups) / len(groups),
+                "rollout_accuracy": sum(sum(g.correct) for g in groups) / sum(len(g.correct) for g in groups),
+                "format_adherence": sum(g.format_adherence for g in groups) / len(groups),
+                "mean_completion_tokens": tokens / sequences,
+                "teacher_fallbacks": sum(t[0].used_fallback for t in targets),
+                "tokens_per_s": tokens / (t3 - t0), "time_generate": t1 - t0, "time_verify": t2 - t1,
+                "time_forward_backward": t3 - t2, "policy_version": policy_version,
+                "prompts": indices,
+            }
+            history.append(record)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
+            if state.step % config.save_every == 0 or state.step == total_steps:
+                save_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler)
+    finally:
+        if rollouts is not None:
+            rollouts.close()
     bar.close()
     if state.step == total_steps:
         model.save_pretrained(out / "final")

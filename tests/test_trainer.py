@@ -182,13 +182,15 @@ def test_teacher_moves_by_exactly_the_ema_rule(science_path, tmp_path):
                            first["student"].state_dict()["model.norm.weight"])
 
 
-def test_kill_then_resume_equals_uninterrupted(science_path, tmp_path):
+@pytest.mark.parametrize("async_rollouts", [False, True])
+def test_kill_then_resume_equals_uninterrupted(science_path, tmp_path, async_rollouts):
     data, examples = subset(science_path, "science", tmp_path, n=5)
-    straight, _ = run(config_for(data, "science", tmp_path / "straight", max_steps=3), examples)
-    killed = config_for(data, "science", tmp_path / "killed", max_steps=3)
+    kw = dict(max_steps=3, async_rollouts=async_rollouts, max_staleness=0)
+    straight, _ = run(config_for(data, "science", tmp_path / "straight", **kw), examples)
+    killed = config_for(data, "science", tmp_path / "killed", **kw)
     run(killed, examples, stop_after_steps=2)
     (tmp_path / "killed" / "checkpoints" / "step-000003.tmp").mkdir()  # a half-written one is ignored
-    resumed, _ = run(config_for(data, "science", tmp_path / "killed", max_steps=3, resume=True), examples)
+    resumed, _ = run(config_for(data, "science", tmp_path / "killed", resume=True, **kw), examples)
     assert [r["prompts"] for r in resumed["history"]] == [straight["history"][2]["prompts"]]
     seen = [i for r in straight["history"] for i in r["prompts"]]
     assert seen == prompts_at(0, 9, 5, 3) and sorted(seen[:5]) == list(range(5))
