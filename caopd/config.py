@@ -30,6 +30,7 @@ class TrainConfig:
     empirical_calibration: bool = True  # False: plain OPD/SDFT (teacher keeps Confidence: 1.00)
     teacher_context: str = "demo"  # demo | correct_solution
     num_generations: int = 8
+    train_rollouts: int = 0  # completions per prompt the loss trains on (0: all K; P_acc always uses K)
     divergence: str = "reverse"  # reverse | forward | jsd
     beta: float = 0.5
     temperature: float = 1.0  # of the loss
@@ -80,6 +81,9 @@ class TrainConfig:
             raise InputError(f"config field 'beta' must be in (0, 1) for divergence jsd, got {self.beta}")
         if self.learning_rate <= 0 or self.temperature <= 0 or self.sampling_temperature < 0:
             raise InputError("learning_rate and temperature must be > 0, sampling_temperature >= 0")
+        if not 0 <= self.train_rollouts <= self.num_generations:
+            raise InputError(f"config field 'train_rollouts' must be in [0, num_generations], "
+                             f"got {self.train_rollouts}")
         if self.skip_loss_tokens < 0 or self.max_steps < 0 or self.max_staleness < 0:
             raise InputError("skip_loss_tokens, max_steps and max_staleness must be >= 0")
 

@@ -130,8 +130,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             t1 = time.perf_counter()
             groups = [verify_rollouts(examples[i], c, config.dataset) for i, c in zip(indices, completions)]
             pick = random.Random(config.seed * 7919 + state.step)
-            targets = [build_targets(g, config.dataset, config.teacher_context, config.empirical_calibration, pick)
-                       for g in groups]
+            targets = [build_targets(g, config.dataset, config.teacher_context, config.empirical_calibration,
+                                     pick)[:config.train_rollouts or None] for g in groups]
             t2 = time.perf_counter()
 
             optimizer.zero_grad(set_to_none=True)
