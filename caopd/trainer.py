@@ -37,7 +37,14 @@ def prompt_order(n_examples: int, seed: int, epoch: int) -> list[int]:
 
 def prompts_at(position: int, count: int, n_examples: int, seed: int) -> list[int]:
     """Example indices at stream positions [position, position + count), epoch after epoch."""
-    return [prompt_order(n_examples, seed, p // n_examples)[p % n_examples] for p in range(position, position + count)]
+    orders: dict[int, list[int]] = {}
+    indices = []
+    for p in range(position, position + count):
+        epoch = p // n_examples
+        if epoch not in orders:
+            orders[epoch] = prompt_order(n_examples, seed, epoch)
+        indices.append(orders[epoch][p % n_examples])
+    return indices
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -98,9 +105,12 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         engine = TransformersEngine(copy.deepcopy(model) if config.async_rollouts else model, tokenizer)
     prompt_ids = [chat_ids(tokenizer, student_messages(e), config.chat_template_kwargs) for e in examples]
 
+    def step_indices(step: int) -> list[int]:
+        """The examples of step ``step``: a function of the step alone, whatever the timing."""
+        return prompts_at(step * config.prompts_per_step, config.prompts_per_step, len(examples), config.seed)
+
     def request(step: int) -> RolloutRequest:
-        """What step ``step`` samples: a function of the step alone, whatever the timing."""
-        indices = prompts_at(step * config.prompts_per_step, config.prompts_per_step, len(examples), config.seed)
+        indices = step_indices(step)
         sampling = SamplingParams(config.sampling_temperature, config.top_p, config.max_completion_length,
                                   seed=config.seed * 1_000_003 + step)
         return RolloutRequest([prompt_ids[i] for i in indices], config.num_generations, sampling)
@@ -116,7 +126,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         if config.async_rollouts else None
     try:
         while state.step < last_step:
-            indices = prompts_at(state.prompts_seen, config.prompts_per_step, len(examples), config.seed)
+            indices = step_indices(state.step)
             t0 = time.perf_counter()
             if rollouts is not None:
                 batch_of_rollouts = rollouts.get(state.step)
