@@ -2,7 +2,7 @@
 
     from caopd_kernels import fused_linear_kl, FusedLinearKL
 """
-from caopd_kernels.fused_linear_kl import FusedLinearKL, fused_linear_kl
-from caopd_kernels.reference import fused_linear_kl_reference
+from .fused_linear_kl import FusedLinearKL, fused_linear_kl
+from .reference import fused_linear_kl_reference
 
 __all__ = ["fused_linear_kl", "FusedLinearKL", "fused_linear_kl_reference"]

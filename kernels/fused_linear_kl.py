@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from caopd_kernels.reference import accumulation_dtype, fused_linear_kl_reference
-from caopd_kernels.torch_chunked import TORCH_BUFFERS, chunked_linear_kl, kl_rows_torch
+
+from .reference import accumulation_dtype, fused_linear_kl_reference
+from .torch_chunked import TORCH_BUFFERS, chunked_linear_kl, kl_rows_torch
 
 DIVERGENCES = ("reverse", "forward", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
@@ -37,7 +38,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if impl == "triton" and device.type != "cuda":
-        from caopd_kernels.triton_kl import interpreting
+        from .triton_kl import interpreting
 
         if not interpreting():
             raise ValueError("impl='triton' needs CUDA tensors; on CPU set TRITON_INTERPRET=1 before "
@@ -105,7 +106,7 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
 
 def _kl_rows(impl: str):
     if impl == "triton":
-        from caopd_kernels.triton_kl import kl_rows_triton
+        from .triton_kl import kl_rows_triton
 
         return kl_rows_triton
     return kl_rows_torch

@@ -239,3 +239,20 @@ def test_reverse_kl_equals_liger_fused_linear_jsd_beta_1(temperature):
     ours.backward()
     assert torch.allclose(ours, peer_loss, rtol=1e-5, atol=1e-6), (float(ours), float(peer_loss))
     assert torch.allclose(hs_ours.grad, hs_peer.grad, atol=1e-6)
+
+
+def test_the_kernels_folder_imports_on_its_own_and_does_not_pose_as_hugging_face_kernels():
+    """From the repo root, ``kernels/`` is importable as a top-level ``kernels``, the name of a Hugging
+    Face package that transformers probes by importing it: that must work even where caopd_kernels
+    is not installed, and transformers must not take it for its package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['caopd_kernels'] = None\n"
+            "import kernels; assert callable(kernels.fused_linear_kl)\n"
+            "from transformers.utils.import_utils import is_kernels_available; assert not is_kernels_available()\n"
+            "from transformers.models.qwen3 import modeling_qwen3\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
