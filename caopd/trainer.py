@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -72,6 +73,13 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not config.resume:  # a fresh run: an earlier run's checkpoints and log would be mistaken for its own
+        stale = sorted((out / "checkpoints").glob("step-*")) + [p for p in [out / "metrics.jsonl"] if p.exists()]
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if stale and not quiet:
+            print(f"starting fresh in {out}: removed {len(stale)} checkpoint(s)/log of an earlier run "
+                  "(--resume continues a run instead)")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 

@@ -85,6 +85,9 @@ def test_train_command_runs_and_resumes(tmp_path, capsys):
     assert main(args + ["--max-steps", "3", "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+    assert main(args[:-2] + ["--max-completion-length", "8", "--max-steps", "1"]) == 0  # fresh, same dir
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
     assert main(["train", "--config", "tiny", "--output-dir", str(tmp_path / "opd"), "--max-steps", "1",
                  "--num-generations", "2", "--prompts-per-step", "2", "--max-completion-length", "12",
                  "--no-empirical-calibration"]) == 0
