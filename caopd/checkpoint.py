@@ -18,8 +18,7 @@ import torch
 
 @dataclass
 class TrainState:
-    step: int = 0  # optimizer steps done
-    prompts_seen: int = 0  # position in the prompt stream (across epochs)
+    step: int = 0  # optimizer steps done; the data position is step * prompts_per_step
 
 
 def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimizer, scheduler) -> Path:

@@ -87,16 +87,15 @@ def final_hidden_states(model: torch.nn.Module, ids: torch.Tensor, attention: to
     return decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
 
 
-def token_weights(batch: DistillationBatch, skip_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_weights(batch: DistillationBatch, skip_tokens: int) -> torch.Tensor:
     """Per completion token: the weight 1 / (counted tokens of its sequence) / (sequences with
-    any counted token), 0 for the first ``skip_tokens``; and the sequence index of each token."""
-    weights, sequence = [], []
+    any counted token), 0 for the first ``skip_tokens``."""
+    weights = []
     counted = [max(0, n - skip_tokens) for n in batch.length]
     sequences = sum(c > 0 for c in counted)
-    for b, (n, c) in enumerate(zip(batch.length, counted)):
+    for n, c in zip(batch.length, counted):
         weights += [0.0] * min(n, skip_tokens) + [1.0 / (c * sequences)] * c if c else [0.0] * n
-        sequence += [b] * n
-    return torch.tensor(weights), torch.tensor(sequence)
+    return torch.tensor(weights)
 
 
 @dataclass
@@ -117,8 +116,7 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
                               for b, (s, n) in enumerate(zip(batch.student_start, batch.length))])
     teacher_rows = torch.cat([teacher_hidden[b, s - 1:s - 1 + n]
                               for b, (s, n) in enumerate(zip(batch.teacher_start, batch.length))])
-    weights, _ = token_weights(batch, skip_tokens)
-    weights = weights.to(device)
+    weights = token_weights(batch, skip_tokens).to(device)
     student_head = student.get_output_embeddings()
     teacher_head = teacher.get_output_embeddings()
     loss = fused_linear_kl(student_rows, student_head.weight, teacher_rows, teacher_head.weight, weights,

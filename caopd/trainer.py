@@ -180,7 +180,6 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             t3 = time.perf_counter()
 
             state.step += 1
-            state.prompts_seen += len(indices)
             record = {
                 "step": state.step, "loss": loss_value, "kl": loss_value, "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0], "mean_p_acc": sum(g.p_acc for g in groups) / len(groups),

@@ -112,6 +112,15 @@ def _kl_rows(impl: str):
     return kl_rows_torch
 
 
+def _full_grads(result, counted, student_hidden, student_weight, student_bias):
+    """Gradients in the inputs' shapes and dtypes: counted tokens' dH scattered back to all N."""
+    grad_hidden = result.grad_hidden
+    if counted is not None:
+        grad_hidden = torch.zeros_like(student_hidden).index_copy_(0, counted, grad_hidden)
+    return (grad_hidden, result.grad_weight.to(student_weight.dtype),
+            None if result.grad_bias is None else result.grad_bias.to(student_bias.dtype))
+
+
 class FusedLinearKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -143,11 +152,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
                                   teacher_bias, counted, mask_weight)
             return per_token
         if needs_grad:
-            grad_hidden = result.grad_hidden
-            if counted is not None:
-                grad_hidden = torch.zeros_like(student_hidden).index_copy_(0, counted, grad_hidden)
-            ctx.grads = (grad_hidden, result.grad_weight.to(student_weight.dtype),
-                         None if result.grad_bias is None else result.grad_bias.to(student_bias.dtype))
+            ctx.grads = _full_grads(result, counted, student_hidden, student_weight, student_bias)
         total = weighted.sum()
         return total / total_weight if options.reduction == "mean" and total_weight > 0 else total
 
@@ -165,11 +170,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
                 teacher_bias, token_weight, divergence=options.divergence, beta=options.beta,
                 temperature=options.temperature, chunk_tokens=options.chunk_tokens,
                 kl_rows=_kl_rows(options.impl), acc=acc)
-            grad_hidden = result.grad_hidden
-            if counted is not None:
-                grad_hidden = torch.zeros_like(student_hidden).index_copy_(0, counted, grad_hidden)
-            grads = (grad_hidden, result.grad_weight.to(student_weight.dtype),
-                     None if result.grad_bias is None else result.grad_bias.to(student_bias.dtype))
+            grads = _full_grads(result, counted, student_hidden, student_weight, student_bias)
         else:
             grads = ctx.grads  # freed with the graph; kept for a second backward (retain_graph)
             if not torch.equal(grad_output, torch.ones_like(grad_output)):
