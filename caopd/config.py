@@ -6,6 +6,7 @@ path starting with ``caopd:`` is a file inside the installed package (the shippe
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -106,7 +107,7 @@ def _coerce(name: str, kind, text: str):
         if not isinstance(value, dict):
             raise InputError(f"--{name.replace('_', '-')}: expected a mapping like '{{enable_thinking: false}}'")
         return value
-    if origin is typing.Union or str(kind).startswith("str |"):
+    if origin in (typing.Union, types.UnionType):  # the optional strings (split)
         return None if text.lower() in ("none", "null") else text
     try:
         return kind(text)
@@ -142,6 +143,4 @@ def load_config(config: str | None, overrides: list[str]) -> TrainConfig:
         if not flag.startswith("--") or name not in known:
             raise InputError(f"unknown option {flag!r}")
         values[name] = _coerce(name, hints[name], text)
-    if "no_empirical_calibration" in values:
-        raise InputError("use --no-empirical-calibration as a flag")
     return TrainConfig(**values)
