@@ -6,11 +6,11 @@ demo:
 	.venv/bin/caopd train --config tiny
 
 test:
-	@bash scripts/setup_venv.sh dev
+	@bash scripts/setup_venv.sh dev,cpu-rollout
 	TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests
 
 lint:
-	@bash scripts/setup_venv.sh dev
+	@bash scripts/setup_venv.sh dev,cpu-rollout
 	.venv/bin/ruff check --line-length 120 --select E,F,I,W,B,UP --ignore B905 --target-version py310 caopd kernels tests benchmarks scripts
 
 clean:

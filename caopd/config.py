@@ -38,6 +38,10 @@ class TrainConfig:
     skip_loss_tokens: int = 3
     teacher_ema: float = 0.01  # 0: frozen teacher
     # sampling
+    rollout_engine: str = "transformers"  # transformers (model.generate) | vllm
+    vllm_placement: str = "colocate"  # GPU: colocate (sleep mode, shares the training GPU) | separate
+    vllm_device: int = -1  # with placement separate: the GPU index vLLM generates on
+    vllm_gpu_memory_utilization: float = 0.0  # 0: 0.3 colocated, 0.9 separate (on CPU: 1 GiB of KV cache)
     async_rollouts: bool = False  # sample the next steps' rollouts while the current step trains
     max_staleness: int = 1  # with async rollouts: a batch may come from weights this many steps old
     sampling_temperature: float = 1.0
@@ -65,7 +69,8 @@ class TrainConfig:
     def __post_init__(self):
         choices = {"divergence": ("reverse", "forward", "jsd"), "teacher_context": ("demo", "correct_solution"),
                    "dataset": ("science", "tooluse"), "loss_impl": ("auto", "triton", "torch"),
-                   "attn_implementation": ("sdpa", "flash_attention_2", "eager")}
+                   "attn_implementation": ("sdpa", "flash_attention_2", "eager"),
+                   "rollout_engine": ("transformers", "vllm"), "vllm_placement": ("colocate", "separate")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"config field {name!r}: {getattr(self, name)!r} is not one of {allowed}")
@@ -74,7 +79,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
-        ranges = {"teacher_ema": (0.0, 1.0), "warmup_ratio": (0.0, 1.0), "top_p": (0.0, 1.0)}
+        ranges = {"teacher_ema": (0.0, 1.0), "warmup_ratio": (0.0, 1.0), "top_p": (0.0, 1.0),
+                  "vllm_gpu_memory_utilization": (0.0, 1.0)}
         for name, (low, high) in ranges.items():
             if not low <= getattr(self, name) <= high:
                 raise InputError(f"config field {name!r} must be in [{low}, {high}], got {getattr(self, name)}")

