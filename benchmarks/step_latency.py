@@ -4,10 +4,11 @@
 (max staleness 1). All three train on one completion per prompt (``train_rollouts = 1``): the K
 rollouts serve P_acc, so the training work is the same and the ratios show what the extra
 rollouts cost. Engines: the real TransformersEngine and (when vllm is installed) the VLLMEngine (on
-a CPU, generation and training share the same cores), and a waiting engine that sleeps for the
-generation time measured with TransformersEngine and returns canned completions: a stand-in for
-generation on separate GPUs, which shows what the overlap can hide; and the waiting engine again with K = 8 generation as long as training (the
-regime where overlap can hide all of it). The first step of every run is a warm-up, excluded.
+a CPU, generation and training share the same cores); a waiting engine that sleeps for the
+generation time measured with TransformersEngine and returns canned completions (a stand-in for
+generation on separate GPUs, which shows what the overlap can hide); and the waiting engine again
+with K = 8 generation as long as training (the regime where overlap can hide all of it). The first
+step of every run is a warm-up, excluded.
 
     python benchmarks/step_latency.py            # writes benchmarks/results/step_latency_<device>.{json,md}
 """
