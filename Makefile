@@ -3,7 +3,7 @@
 
 demo:
 	@bash scripts/setup_venv.sh
-	.venv/bin/caopd train --config tiny
+	.venv/bin/caopd demo
 
 test:
 	@bash scripts/setup_venv.sh dev,cpu-rollout

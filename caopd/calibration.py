@@ -28,6 +28,11 @@ class RolloutGroup:
         return sum(self.correct) / len(self.correct)
 
     @property
+    def confidences(self) -> list[float]:
+        """The confidences the completions state (those without one left out)."""
+        return [p.value for p in map(parse_confidence, self.completions) if p is not None]
+
+    @property
     def format_adherence(self) -> float:
         return sum(parse_confidence(c) is not None for c in self.completions) / len(self.completions)
 

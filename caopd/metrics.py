@@ -40,6 +40,10 @@ class CalibrationMetrics:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> CalibrationMetrics:
+        return cls(**{**values, "bins": [Bin(**b) for b in values["bins"]]})
+
 
 def _as_arrays(correct, confidence) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(correct, dtype=bool).ravel()

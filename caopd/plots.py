@@ -26,23 +26,62 @@ def draw_reliability(ax, metrics: CalibrationMetrics, title: str) -> None:
             bbox=dict(boxstyle="round", facecolor="white", alpha=0.85))
 
 
-def save_reliability_diagrams(panels: dict[str, CalibrationMetrics], path: str | Path) -> Path:
-    """One PNG with a reliability diagram per entry of ``panels`` (title -> metrics), side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
-    for ax, (title, metrics) in zip(axes[0], panels.items()):
-        draw_reliability(ax, metrics, title)
-    axes[0][0].legend(handles=[Patch(color="#4C72B0", label="accuracy"),
-                               Patch(color="#DD8452", alpha=0.45, label="gap to confidence")],
-                      loc="lower right", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _legend(ax) -> None:
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="#4C72B0", label="accuracy"),
+                       Patch(color="#DD8452", alpha=0.45, label="gap to confidence")], loc="lower right", fontsize=7)
+
+
+def save_reliability_diagrams(panels: dict[str, CalibrationMetrics], path: str | Path) -> Path:
+    """One PNG with a reliability diagram per entry of ``panels`` (title -> metrics), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, metrics) in zip(axes[0], panels.items()):
+        draw_reliability(ax, metrics, title)
+    _legend(axes[0][0])
+    return _save(fig, path)
+
+
+def save_demo_figure(per_seed: list[dict], path: str | Path, split: str = "heldout") -> Path:
+    """The demo's figure: the reliability diagrams of base, OPD and CaOPD on ``split`` (first seed),
+    and the rollouts' accuracy and stated confidence over the training steps (every seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = per_seed[0]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    for ax, name in zip(axes[:3], ("base", "OPD", "CaOPD")):
+        metrics = CalibrationMetrics.from_dict(first["evaluation"][name][split]["metrics"])
+        draw_reliability(ax, metrics, f"{name}: {split} (seed {first['seed']})")
+    _legend(axes[0])
+    ax = axes[3]
+    colors = {"OPD": "#C44E52", "CaOPD": "#55A868"}
+    for i, result in enumerate(per_seed):
+        for method, points in result["trajectory"].items():
+            steps = [p["step"] for p in points]
+            ax.plot(steps, [p["mean_confidence"] for p in points], color=colors[method], lw=1.2,
+                    label=f"{method} stated confidence" if i == 0 else None)
+            ax.plot(steps, [p["rollout_accuracy"] for p in points], color=colors[method], lw=1.0, ls=":",
+                    label=f"{method} rollout accuracy" if i == 0 else None)
+    ax.set(ylim=(0, 1.02), xlabel="training step", ylabel="mean over the step's rollouts",
+           title=f"training ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})")
+    ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, path)

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import shutil
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -86,8 +87,9 @@ def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> Roll
 
 
 def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_steps: int | None = None,
-          quiet: bool = False) -> dict:
-    """Run (or resume) training; returns the history, the final state and the models."""
+          quiet: bool = False, progress: str | None = None) -> dict:
+    """Run (or resume) training; returns the history, the final state and the models.
+    quiet: no output at all; progress: only a progress bar with this label."""
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -131,7 +133,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
     model = accelerator.unwrap_model(student)
-    if engine is None:
+    own_engine = engine is None
+    if own_engine:
         engine = build_engine(config, model, tokenizer)
     prompt_ids = [chat_ids(tokenizer, student_messages(e), config.chat_template_kwargs) for e in examples]
 
@@ -145,12 +148,12 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                                   seed=config.seed * 1_000_003 + step)
         return RolloutRequest([prompt_ids[i] for i in indices], config.num_generations, sampling)
 
-    if not quiet:
+    if not quiet and progress is None:
         print(json.dumps({"config": asdict(config), "total_steps": total_steps, "resumed_at_step": state.step,
                           "divergence": config.divergence, "method": "CaOPD" if config.empirical_calibration
                           else "OPD"}))
     history = []
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", disable=quiet)
+    bar = tqdm(total=total_steps, initial=state.step, desc=progress or "train", disable=quiet)
     last_step = total_steps if stop_after_steps is None else min(total_steps, state.step + stop_after_steps)
     rollouts = AsyncRollouts(engine, request, state.step, last_step, config.max_staleness) \
         if config.async_rollouts else None
@@ -207,6 +210,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 "lr": scheduler.get_last_lr()[0], "mean_p_acc": sum(g.p_acc for g in groups) / len(groups),
                 "rollout_accuracy": sum(sum(g.correct) for g in groups) / sum(len(g.correct) for g in groups),
                 "format_adherence": sum(g.format_adherence for g in groups) / len(groups),
+                "mean_confidence": statistics.fmean(stated) if (stated := [c for g in groups
+                                                                           for c in g.confidences]) else None,
                 "mean_completion_tokens": tokens / sequences,
                 "teacher_fallbacks": sum(t[0].used_fallback for t in targets),
                 "tokens_per_s": tokens / (t3 - t0), "time_generate": t1 - t0, "time_verify": t2 - t1,
@@ -223,11 +228,13 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     finally:
         if rollouts is not None:
             rollouts.close()
+        if own_engine and hasattr(engine, "close"):
+            engine.close()
     bar.close()
     if state.step == total_steps:
         model.save_pretrained(out / "final")
         tokenizer.save_pretrained(out / "final")
-    if history and not quiet:
+    if history and not quiet and progress is None:
         keys = ["loss", "mean_p_acc", "rollout_accuracy", "format_adherence", "time_generate", "time_verify",
                 "time_forward_backward"]
         print(format_table(["step", *keys], [[r["step"], *(r[k] for k in keys)] for r in history]))

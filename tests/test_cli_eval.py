@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from importlib import resources
 
 import pytest
 
@@ -76,8 +77,11 @@ def test_eval_missing_data_file_exits_without_traceback(tmp_path):
     assert proc.stderr.strip() == f"caopd eval: error: {tmp_path / 'none.jsonl'}: no such file or directory"
 
 
-def test_demo_runs_the_shipped_example(tmp_path):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+def test_eval_of_the_shipped_example(tmp_path):
+    example = resources.files("caopd") / "examples"
+    assert main(["eval", "--dataset", "science", "--data", str(example / "arith_mc.jsonl"),
+                 "--input", str(example / "arith_mc_completions.jsonl"), "--output", str(tmp_path / "metrics.json"),
+                 "--plot", str(tmp_path / "reliability.png")]) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["n_completions"] == 480 and 0.4 < report["accuracy_all"] < 0.8
     assert report["metrics"]["ocg"] > 0.15  # the simulated model is overconfident by construction
