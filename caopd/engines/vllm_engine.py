@@ -81,13 +81,16 @@ class VLLMEngine:
         self._wake()
         params = [VLLMSamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
                                      max_tokens=sampling.max_tokens, seed=_request_seed(sampling.seed, i, n),
-                                     skip_special_tokens=True)
+                                     detokenize=False)
                   for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         if self.sleeps:  # give the training step the memory; the weights come back with the update
             self.llm.sleep(level=2)
             self.asleep = self.weights_dropped = True
-        return [[c.text for c in out.outputs] for out in outputs]
+        # decoded here, as TransformersEngine does: vLLM's incremental detokenizer holds back a
+        # trailing incomplete UTF-8 sequence, so its texts could differ from the other engine's
+        decode = self.llm.get_tokenizer().batch_decode
+        return [decode([list(c.token_ids) for c in out.outputs], skip_special_tokens=True) for out in outputs]
 
     def update_weights(self, weights: torch.nn.Module | dict[str, torch.Tensor]) -> None:
         state = weights if isinstance(weights, dict) else weights.state_dict()
