@@ -32,7 +32,9 @@ def qwen3_tokenizer_dir() -> Path:
 
 
 def fast_tokenizer(corpus: list[str] | None = None, vocab_size: int = 1024):
-    """A byte-level BPE trained on ``corpus`` (plus a built-in sample), ChatML special tokens."""
+    """A byte-level BPE trained on ``corpus`` (plus a built-in sample), ChatML special tokens.
+    Digits are single tokens, as in Qwen3's tokenizer: "0.62" is "0", ".", "6", "2", never a merged
+    "62" that a small model sees too rarely to copy."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,7 +46,8 @@ def fast_tokenizer(corpus: list[str] | None = None, vocab_size: int = 1024):
         "0123456789 ABCD abcdefghijklmnopqrstuvwxyz +-*/=()[]{}<>:;,.!?'\"",
     ]
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
