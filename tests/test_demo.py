@@ -1,12 +1,16 @@
 """The demo: its generated task, the supervised warm-up, and ``caopd demo --quick`` end to end."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
 import re
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from caopd.cli import main
 from caopd.confidence import parse_confidence
@@ -94,6 +98,53 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
                  "--missing-confidence", "zero", "--output", str(rescored)]) == 0
     assert json.loads(rescored.read_text())["metrics"]["ece"] == pytest.approx(
         result["evaluation"]["CaOPD"]["heldout"]["metrics"]["ece"])
+    check_confidence_targets_script(tmp_path)
+
+
+def check_confidence_targets_script(run_dir):
+    """scripts/demo_confidence_targets.py on the quick run: exact value probabilities agree with the
+    model's own sequence loss, and the report it writes is complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from caopd.loss import chat_ids
+    from caopd.prompts import demonstration, teacher_messages
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_confidence_targets.py"
+    spec = importlib.util.spec_from_file_location("demo_confidence_targets", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seed_dir = run_dir / "seed-0"
+    tokenizer = AutoTokenizer.from_pretrained(seed_dir / "base")
+    teacher = AutoModelForCausalLM.from_pretrained(seed_dir / "base").eval()
+    example = load_examples(seed_dir / "data" / "heldout.jsonl", "science")[0]
+    demo = demonstration(example, "science")
+    context = chat_ids(tokenizer, teacher_messages(example, demo, "demo", 0.25))
+    probs = script.value_distribution(teacher, tokenizer, context, demo)
+    assert probs.shape == (101,) and 0 < probs.sum() <= 1
+    head = tokenizer(demo, add_special_tokens=False).input_ids + \
+        tokenizer("\nConfidence:", add_special_tokens=False).input_ids
+    line = tokenizer(demo, add_special_tokens=False).input_ids + \
+        tokenizer("\nConfidence: 0.25", add_special_tokens=False).input_ids
+    ids = torch.tensor([context + line])
+    labels = ids.clone()
+    labels[0, :len(context) + len(head)] = -100
+    with torch.no_grad():
+        mean_nll = teacher(ids, labels=labels).loss.item()
+    assert probs[25].item() == pytest.approx(math.exp(-mean_nll * (len(line) - len(head))), rel=1e-4)
+    out = run_dir / "targets.json"
+    argv = ["demo_confidence_targets.py", str(run_dir), "--questions", "1", "--json", str(out)]
+    old_argv, sys.argv = sys.argv, argv
+    try:
+        script.main()
+    finally:
+        sys.argv = old_argv
+    written = json.loads(out.read_text())
+    assert len(written["teacher_copy"]) == 9 and all(0 <= p <= 1 for p in written["teacher_copy"].values())
+    assert sorted(written["per_candidates"]) == ["1", "2", "3", "4", "5"]
+    for row in written["per_candidates"].values():
+        assert 0 <= row["teacher_target"] <= 1
+        assert set(row["stated"]) == {"base", "OPD", "CaOPD"}
+        assert all(0 < p <= 1 + 1e-6 for p in row["well_formed"].values())
 
 
 def test_demo_rejects_zero_seeds(capsys):
