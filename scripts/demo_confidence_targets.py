@@ -38,11 +38,10 @@ VALUES = [v / 100 for v in range(101)]
 
 def value_distribution(model, tokenizer, context: list[int], body: str) -> torch.Tensor:
     """P(the completion ends in ``Confidence: v``) for every v in VALUES, given context + body."""
-    head = tokenizer(body, add_special_tokens=False).input_ids + \
-        tokenizer("\nConfidence:", add_special_tokens=False).input_ids
+    body_ids = tokenizer(body, add_special_tokens=False).input_ids
+    head = body_ids + tokenizer("\nConfidence:", add_special_tokens=False).input_ids
     # the line is tokenized whole, as caopd.loss.completion_ids does; the value's tokens follow `head`
-    lines = [tokenizer(body, add_special_tokens=False).input_ids +
-             tokenizer("\n" + format_confidence(v), add_special_tokens=False).input_ids for v in VALUES]
+    lines = [body_ids + tokenizer("\n" + format_confidence(v), add_special_tokens=False).input_ids for v in VALUES]
     start = len(context) + len(head)
     width = max(map(len, lines))
     ids = torch.tensor([context + line + [tokenizer.pad_token_id] * (width - len(line)) for line in lines])
@@ -101,6 +100,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     seed_dir = args.run_dir / f"seed-{args.seed}"
+    if not (args.run_dir / "report.json").is_file() or not (seed_dir / "CaOPD" / "final").is_dir():
+        parser.error(f"{args.run_dir}: no report.json or seed-{args.seed}/CaOPD/final; pass the --out folder "
+                     "of a finished caopd demo run")
     report = json.loads((args.run_dir / "report.json").read_text())
     evaluation = next(s for s in report["per_seed"] if s["seed"] == args.seed)["evaluation"]
     accuracy = {name: {int(m): row["accuracy"] for m, row in evaluation[name]["heldout"]["by_candidates"].items()}

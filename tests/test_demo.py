@@ -75,6 +75,13 @@ def test_supervised_warmup_lowers_the_loss():
     assert len(losses) == 30 and losses[-1] < 0.3 * losses[0]
 
 
+def test_tokenizer_splits_digits_so_every_confidence_value_is_digit_tokens():
+    tokenizer = fast_tokenizer(["Confidence: 0.62 and 0.50, the empirical confidence is 0.62."] * 50)
+    for value in ("0.62", "0.50", "0.00", "1.00"):
+        ids = tokenizer("Confidence: " + value, add_special_tokens=False).input_ids
+        assert [tokenizer.decode([i]) for i in ids][-4:] == list(value)
+
+
 def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
