@@ -22,6 +22,7 @@ class RolloutGroup:
     example: Example
     completions: list[str]
     correct: list[bool]
+    reasons: tuple[str | None, ...] = ()  # why each wrong one is wrong (verifiers.WRONG_REASONS)
 
     @property
     def p_acc(self) -> float:
@@ -52,7 +53,8 @@ class DistillationTarget:
 
 def verify_rollouts(example: Example, completions: list[str], dataset: str) -> RolloutGroup:
     task = get_task(dataset)
-    return RolloutGroup(example, completions, [task.verify(c, example.gold) for c in completions])
+    verdicts = [task.check(c, example.gold) for c in completions]
+    return RolloutGroup(example, completions, [v.correct for v in verdicts], tuple(v.reason for v in verdicts))
 
 
 def revise_completion(completion: str, p_acc: float) -> tuple[str, str]:

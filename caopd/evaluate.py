@@ -7,7 +7,8 @@ calibration metrics (default, with a warning) or counted as confidence 0.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from caopd.confidence import parse_confidence
@@ -34,6 +35,7 @@ class ScoredCompletion:
     correct: bool
     confidence: float | None
     clipped: bool
+    reason: str | None = None  # why it is wrong (verifiers.WRONG_REASONS)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class EvalReport:
     accuracy_all: float  # over every completion, with or without a confidence
     missing_confidence: str
     metrics: CalibrationMetrics  # over the scored completions (see missing_confidence)
+    wrong_reasons: dict[str, int] = field(default_factory=dict)  # wrong completions by reason
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,9 +80,9 @@ def score_completions(examples: list[Example], completions: list[Completion], da
         if example is None:
             raise InputError(f"{c.source}: id {c.id} is not in the dataset ({len(by_id)} examples)")
         parsed = parse_confidence(c.text)
-        scored.append(ScoredCompletion(
-            c.id, task.verify(c.text, example.gold),
-            parsed.value if parsed else None, bool(parsed and parsed.clipped)))
+        verdict = task.check(c.text, example.gold)
+        scored.append(ScoredCompletion(c.id, verdict.correct, parsed.value if parsed else None,
+                                       bool(parsed and parsed.clipped), verdict.reason))
     return scored
 
 
@@ -102,6 +105,7 @@ def summarize(scored: list[ScoredCompletion], dataset: str, missing_confidence: 
         accuracy_all=sum(s.correct for s in scored) / len(scored) if scored else 0.0,
         missing_confidence=missing_confidence,
         metrics=metrics,
+        wrong_reasons=dict(sorted(Counter(s.reason for s in scored if not s.correct and s.reason).items())),
     )
 
 
@@ -111,4 +115,5 @@ def report_rows(report: EvalReport) -> list[list]:
             ["missing confidence", report.n_missing_confidence], ["clipped confidence", report.n_clipped],
             ["format adherence", report.format_adherence], ["scored", m.n], ["accuracy", m.accuracy],
             ["mean confidence", m.mean_confidence], ["ECE (10 bins)", m.ece], ["Brier", m.brier],
-            ["SPR", m.spr], ["AUROC", m.auroc], ["OCG", m.ocg]]
+            ["SPR", m.spr], ["AUROC", m.auroc], ["OCG", m.ocg],
+            *([f"wrong: {reason}", n] for reason, n in report.wrong_reasons.items())]

@@ -1,8 +1,10 @@
 """Shared fixtures: the real data in ../shared/data/caopd (tests skip with a reason without it)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,22 @@ def tooluse_path() -> Path:
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Fail (instead of hanging) when the block runs longer than ``seconds``: a guard against
+    super-linear parsing, not a benchmark. SIGALRM interrupts a running regex match too."""
+    def expire(*_):
+        raise DeadlineExceeded(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
