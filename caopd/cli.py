@@ -25,8 +25,12 @@ def _eval_parser(sub) -> None:
 def run_eval(args: argparse.Namespace) -> dict:
     from caopd.data import load_examples
     from caopd.evaluate import load_completions, report_rows, score_completions, summarize
+    from caopd.paths import check_output_file
     from caopd.tables import format_table
 
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        if path:  # before the scoring, which a bad output path would otherwise throw away
+            check_output_file(path, flag)
     data = args.data or f"../shared/data/caopd/{args.dataset}_eval.jsonl"
     examples = load_examples(data, args.dataset, split=args.split)
     scored = score_completions(examples, load_completions(args.input), args.dataset)
@@ -34,7 +38,6 @@ def run_eval(args: argparse.Namespace) -> dict:
     print(format_table(["metric", "value"], report_rows(report)))
     result = report.to_dict() | {"data": str(data), "input": str(args.input)}
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.output}")
     if args.plot:

@@ -88,11 +88,16 @@ _SCHEMAS = {"science": _science, "tooluse": _tooluse}
 
 def iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
     """(object, "file:line") for each non-blank line; a malformed line is an InputError naming it."""
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
+                    from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

@@ -56,6 +56,8 @@ class EvalReport:
 
 def load_completions(path: str | Path) -> list[Completion]:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; --input takes a JSON Lines file of completions")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     completions = []

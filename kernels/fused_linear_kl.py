@@ -56,8 +56,26 @@ def chunk_tokens_for_budget(vocab: int, impl: str, divergence: str, memory_budge
     return max(MIN_CHUNK_TOKENS, memory_budget // (buffers * vocab * 4))
 
 
+def _check_mask(mask: torch.Tensor | None, n: int, device: torch.device) -> None:
+    """bool (tokens that count), floating (weights >= 0), or integer 0/1 (an attention mask)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.shape != (n,):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape [N] = [{n}], got {shape}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the hidden states are on {device}")
+    if mask.is_floating_point():
+        if bool((mask < 0).any() or not torch.isfinite(mask).all()):
+            raise ValueError("a float mask holds per-token weights: they must be finite and >= 0")
+    elif mask.dtype != torch.bool:
+        if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"an integer mask ({mask.dtype}) must hold only 0 and 1; pass a bool mask, or a "
+                             "float mask of per-token weights >= 0")
+
+
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias,
-                  teacher_bias, divergence, beta, temperature, reduction, chunk_tokens) -> None:
+                  teacher_bias, divergence, beta, temperature, reduction, chunk_tokens, memory_budget) -> None:
     named = {"student_hidden": student_hidden, "student_weight": student_weight,
              "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight}
     for name, t in named.items():
@@ -87,10 +105,9 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
                                                                                teacher_weight)):
         if bias is not None and (bias.shape != (v,) or bias.dtype != rows.dtype):
             raise ValueError(f"{name} must be [V] = [{v}] of dtype {rows.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    if mask is not None and mask.shape != (n,):
-        raise ValueError(f"mask must have shape [N] = [{n}], got {tuple(mask.shape)}")
-    if mask is not None and mask.is_floating_point() and bool((mask < 0).any() or not torch.isfinite(mask).all()):
-        raise ValueError("a float mask holds per-token weights: they must be finite and >= 0")
+    if v == 0:
+        raise ValueError("the weights have V = 0 rows: a distribution over an empty vocabulary is undefined")
+    _check_mask(mask, n, student_hidden.device)
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if divergence == "jsd" and not 0.0 < beta < 1.0:
@@ -102,6 +119,8 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if chunk_tokens is None and not memory_budget > 0:
+        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
 
 
 def _kl_rows(impl: str):
@@ -192,8 +211,8 @@ def fused_linear_kl(
 
     student_hidden [N, H_s] and student_weight [V, H_s] (and student_bias [V]) get gradients;
     teacher_hidden [N, H_t], teacher_weight [V, H_t] never do (teacher_weight may be the same
-    tensor as student_weight). mask [N]: bool/0-1, the tokens that count (None = all), or float
-    per-token weights w >= 0. divergence: "reverse" KL(s||t), "forward" KL(t||s), "jsd"
+    tensor as student_weight). mask [N]: bool or integer 0/1, the tokens that count (None = all),
+    or float per-token weights w >= 0 (anything else is a ValueError). divergence: "reverse" KL(s||t), "forward" KL(t||s), "jsd"
     (0 < beta < 1). reduction: "mean" = sum w L / sum w (0 when nothing counts), "sum" = sum w L,
     or "none" = w L per token [N] (0 where masked). impl: "auto" (triton on
     CUDA, torch elsewhere), "triton", "torch", "reference" (naive full logits, for tests).
@@ -202,7 +221,7 @@ def fused_linear_kl(
     (fp64 for fp64 inputs).
     """
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias, teacher_bias,
-                  divergence, beta, temperature, reduction, chunk_tokens)
+                  divergence, beta, temperature, reduction, chunk_tokens, memory_budget)
     if impl == "reference":
         return fused_linear_kl_reference(
             student_hidden, student_weight, teacher_hidden, teacher_weight, mask, divergence=divergence, beta=beta,

@@ -86,3 +86,38 @@ def test_eval_of_the_shipped_example(tmp_path):
     assert report["n_completions"] == 480 and 0.4 < report["accuracy_all"] < 0.8
     assert report["metrics"]["ocg"] > 0.15  # the simulated model is overconfident by construction
     assert (tmp_path / "reliability.png").stat().st_size > 10_000
+
+
+EXAMPLE_DATA = str(resources.files("caopd") / "examples" / "arith_mc.jsonl")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("input not utf-8", "c.jsonl:3: not UTF-8 text (byte 0xff at column 13)"),
+    ("data not utf-8", "d.jsonl:1: not UTF-8 text"),
+    ("input is a folder", "is a folder; --input takes a JSON Lines file"),
+    ("output is a folder", "--output {tmp}: is a folder; give a file path"),
+    ("plot is a folder", "--plot {tmp}: is a folder"),
+    ("output under a file", "--output {tmp}/c.jsonl/m.json: cannot write there"),
+])
+def test_eval_bad_paths_are_one_line_before_any_scoring(tmp_path, capsys, case, message):
+    """Issue 11, item 12: each of these was a traceback (the output ones after all the scoring)."""
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"id": 0, "completion": "<answer>B</answer>"}] * 2)
+    args = {"--dataset": "science", "--data": EXAMPLE_DATA, "--input": str(completions)}
+    if case == "input not utf-8":
+        completions.write_bytes(completions.read_bytes() + b'{"id": 0, "c\xffompletion": "x"}\n')
+    elif case == "data not utf-8":
+        args["--data"] = str(tmp_path / "d.jsonl")
+        (tmp_path / "d.jsonl").write_bytes(b'{"prompt": "\xe9t\xe9"}\n')
+    elif case == "input is a folder":
+        args["--input"] = str(tmp_path)
+    elif case == "output is a folder":
+        args["--output"] = str(tmp_path)
+    elif case == "plot is a folder":
+        args["--plot"] = str(tmp_path)
+    else:
+        args["--output"] = str(completions / "m.json")
+    assert main(["eval", *(x for kv in args.items() for x in kv)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert message.format(tmp=tmp_path) in err and "\n" not in err, err
+    assert "accuracy" not in captured.out  # nothing was scored and printed

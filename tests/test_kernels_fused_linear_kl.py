@@ -204,6 +204,12 @@ def test_divergence_passes_on_extreme_logits_against_fp64(divergence):
     (dict(chunk_tokens=0), "chunk_tokens must be >= 1"),
     (dict(mask=torch.ones(3, dtype=torch.bool)), r"mask must have shape \[N\] = \[5\]"),
     (dict(student_bias=torch.zeros(7)), r"student_bias must be \[V\] = \[11\]"),
+    # issue 11, item 11: each of these ran silently before (a -1 weight flipped the loss's sign)
+    (dict(mask=torch.tensor([1, 1, -1, 0, 1])), "must hold only 0 and 1"),
+    (dict(mask=torch.tensor([1, 2, 1, 0, 1])), "must hold only 0 and 1"),
+    (dict(mask=torch.ones(5, dtype=torch.bool, device="meta")), "mask is on meta"),
+    (dict(memory_budget=0), "memory_budget must be > 0"),
+    (dict(memory_budget=-(1 << 20)), "memory_budget must be > 0"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     hs, ws, ht, wt = torch.randn(5, 4), torch.randn(11, 4), torch.randn(5, 4), torch.randn(11, 4)
@@ -222,6 +228,19 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_bad_shapes_and_dtypes_are_named(args, message):
     with pytest.raises(ValueError, match=message):
         fused_linear_kl(*args)
+
+
+def test_empty_vocabulary_is_named():
+    with pytest.raises(ValueError, match="V = 0"):
+        fused_linear_kl(torch.randn(5, 4), torch.randn(0, 4), torch.randn(5, 4), torch.randn(0, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_0_1_mask_equals_the_bool_mask(dtype):
+    hs, ws, ht, wt = torch.randn(6, 4), torch.randn(9, 4), torch.randn(6, 4), torch.randn(9, 4)
+    counted = torch.tensor([1, 0, 1, 1, 0, 1])
+    as_int = fused_linear_kl(hs, ws, ht, wt, counted.to(dtype), impl="torch")
+    assert torch.equal(as_int, fused_linear_kl(hs, ws, ht, wt, counted.bool(), impl="torch"))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
