@@ -3,7 +3,7 @@
 
 demo:
 	@bash scripts/setup_venv.sh
-	.venv/bin/caopd demo
+	.venv/bin/caopd demo $(DEMO_ARGS)
 
 test:
 	@bash scripts/setup_venv.sh dev,cpu-rollout

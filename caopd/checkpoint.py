@@ -1,19 +1,37 @@
-"""Atomic checkpoints and exact resume.
+"""Checkpoints that load without running code, written atomically, checked for completeness.
 
-A checkpoint is a directory ``step-000012`` written as ``step-000012.tmp`` and renamed when
-complete, so a killed run never leaves a half-written checkpoint that looks whole. It holds the
-student, the EMA teacher, optimizer, scheduler, RNG states and the data position.
+A checkpoint is a folder ``step-000012`` written as ``step-000012.tmp`` and renamed when whole:
+
+    model.safetensors      the student (tied weights stored once, as transformers does)
+    teacher.safetensors    the EMA teacher
+    state.safetensors      optimizer tensors (per-parameter Adam moments and steps), RNG byte states
+    trainer_state.json     step, scheduler, optimizer hyper-parameters, Python/NumPy RNG states, the
+                           run's config (compared on --resume)
+    manifest.json          written last: each file's size, so a truncated checkpoint is detected
+
+Nothing here unpickles: tensors are safetensors, everything else JSON. A checkpoint without a
+manifest, or whose files are missing or of another size, is incomplete; ``resume`` then falls back
+to the newest complete one that loads, with a warning.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from caopd.errors import InputError
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
 
 
 @dataclass
@@ -21,42 +39,177 @@ class TrainState:
     step: int = 0  # optimizer steps done; the data position is step * prompts_per_step
 
 
-def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimizer, scheduler) -> Path:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1) + "\n")
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors as ``state.<param index>.<name>``, JSON-able rest) of an optimizer's state_dict."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "plain_state": plain}
+
+
+def _optimizer_state_dict(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in saved["plain_state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimizer, scheduler,
+                    config: dict) -> Path:
+    """Write checkpoint ``step-<state.step>`` under ``directory`` atomically; returns its path."""
     final = Path(directory) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({
-        "state": asdict(state),
-        "student": student.state_dict(),
-        "teacher": teacher.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }, tmp / "checkpoint.pt")
-    with open(tmp / "checkpoint.pt", "rb") as f:
-        os.fsync(f.fileno())
+    save_model(student, str(tmp / "model.safetensors"))
+    save_model(teacher, str(tmp / "teacher.safetensors"))
+    tensors, optimizer_rest = _optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(tmp / "state.safetensors"))
+    numpy_state = np.random.get_state()
+    _write_json(tmp / TRAINER_STATE, {
+        "state": asdict(state), "scheduler": scheduler.state_dict(), "optimizer": optimizer_rest,
+        "rng": {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]},
+        "config": config})
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    _write_json(tmp / MANIFEST, {"step": state.step, "files": {name: (tmp / name).stat().st_size for name in files}})
+    _fsync(tmp / MANIFEST)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(final.parent)
     return final
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    done = sorted(p for p in Path(directory).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
+def checkpoint_step(path: Path) -> int | None:
+    match = _STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match and path.is_dir() else None
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` is not whole, or None when its manifest checks out."""
+    if (path / "checkpoint.pt").exists() and not (path / MANIFEST).exists():
+        return "a checkpoint.pt of an older caopd, which is not loaded (unpickling can run code)"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST} (written last: the save did not finish)"
+    for name, size in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if (path / name).stat().st_size != size:
+            return f"{name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """Every checkpoint folder ``step-N`` under ``directory`` (complete or not), oldest first."""
+    found = [(step, p) for p in Path(directory).glob("step-*") if (step := checkpoint_step(p)) is not None]
+    return [p for _, p in sorted(found)]
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    return [p for p in checkpoints(directory) if incomplete_reason(p) is None]
+
+
+def saved_config(path: Path) -> dict:
+    return json.loads((Path(path) / TRAINER_STATE).read_text())["config"]
 
 
 def load_checkpoint(path: Path, student, teacher, optimizer, scheduler) -> TrainState:
-    blob = torch.load(Path(path) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    student.load_state_dict(blob["student"])
-    teacher.load_state_dict(blob["teacher"])
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    random.setstate(blob["rng"]["python"])
-    np.random.set_state(blob["rng"]["numpy"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    if blob["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    return TrainState(**blob["state"])
+    """Restore everything from the complete checkpoint ``path``; raises on a damaged one."""
+    path = Path(path)
+    saved = json.loads((path / TRAINER_STATE).read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    for target, name in ((student, "model.safetensors"), (teacher, "teacher.safetensors")):
+        load_model(target, str(path / name), strict=True)
+    optimizer.load_state_dict(_optimizer_state_dict(tensors, saved["optimizer"]))
+    scheduler.load_state_dict(saved["scheduler"])
+    version, internal, gauss = saved["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = saved["rng"]["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return TrainState(**saved["state"])
+
+
+def resume(directory: Path, student, teacher, optimizer, scheduler, warn=print) -> tuple[Path, TrainState]:
+    """Load the newest checkpoint under ``directory`` that is complete and loads, warning about each
+    newer one passed over. One-line InputError when there is none."""
+    candidates = checkpoints(directory)
+    for path in reversed(candidates):
+        reason = incomplete_reason(path)
+        if reason is None:
+            try:
+                return path, load_checkpoint(path, student, teacher, optimizer, scheduler)
+            except Exception as e:  # a damaged file: any reader's error means the same
+                reason = f"it does not load ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        warn(f"warning: skipping checkpoint {path}: {reason}")
+    raise InputError(f"--resume: {directory} holds no complete checkpoint (looked for step-NNNNNN folders "
+                     f"with a {MANIFEST}; found {len(candidates)} incomplete)")
+
+
+def rotate_checkpoints(directory: Path, keep: int, up_to_step: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints of steps <= ``up_to_step`` (keep 0:
+    delete none); returns what was deleted. Checkpoints past ``up_to_step`` (a resumed run's
+    damaged leftovers) are left to be overwritten when the run reaches them."""
+    if keep <= 0:
+        return []
+    done = [p for p in complete_checkpoints(directory) if checkpoint_step(p) <= up_to_step]
+    deleted = done[:-keep]
+    for path in deleted:
+        shutil.rmtree(path)
+    return deleted
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the rows of ``path`` (metrics.jsonl) logged after ``step`` (a killed run's steps past its
+    last checkpoint); returns how many were dropped. Rewritten atomically."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            row_step = None  # a line cut off by the kill
+        if isinstance(row_step, int) and row_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+

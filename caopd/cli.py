@@ -54,6 +54,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for report.json, report.md and demo.png")
     p.add_argument("--seeds", type=int, default=1, help="run this many seeds (0, 1, ...) and report the spread")
     p.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes) that checks the pipeline")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's runs in --out")
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -61,36 +62,69 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     if args.seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {args.seeds}")
-    return demo(args.out, seeds=args.seeds, quick=args.quick)
+    return demo(args.out, seeds=args.seeds, quick=args.quick, overwrite=args.overwrite)
 
 
 def _train_parser(sub) -> None:
+    import dataclasses
+    import typing
+
+    from caopd.config import GROUPS, MAY_CHANGE_ON_RESUME, TrainConfig, field_type
+
     p = sub.add_parser("train", help="CaOPD (or plain OPD) training", allow_abbrev=False,
-                       description="Any config field can be overridden: --key value (e.g. --num-generations 4).")
+                       description="Each config field below overrides the config file's value: --key value "
+                       "(the defaults shown are the fields' own; the config file, tiny unless --config says "
+                       "otherwise, sets its values over them). A fresh run refuses an output dir that holds an "
+                       "earlier run: --resume true continues it, --overwrite true replaces it. Fields marked "
+                       "[may change on resume] may differ from the run's saved config on --resume; any other "
+                       "difference refuses it.")
     p.add_argument("--config", default="tiny", help="a YAML file, or a packaged config name (tiny, "
                    "science-qwen3-8b-h200, tooluse-qwen3-8b-h200)")
     p.add_argument("--no-empirical-calibration", action="store_true",
                    help="plain OPD/SDFT: no P_acc replacement, the teacher keeps Confidence: 1.00")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    hints = typing.get_type_hints(TrainConfig)
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        kind = field_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if f.name in MAY_CHANGE_ON_RESUME and f.name not in ("output_dir", "resume", "overwrite"):
+            help_text += " [may change on resume]"
+        choices = f.metadata["choices"]
+        metavar = "{" + ",".join(choices) + "}" if choices else {bool: "BOOL", dict: "MAPPING"}.get(
+            kind, kind.__name__.upper())
+        groups[f.metadata["group"]].add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+            help=help_text.replace("%", "%%"), **(dict(nargs="?", const="true") if kind is bool else {}))
 
 
 def run_train(args: argparse.Namespace) -> dict:
-    from caopd.config import load_config
+    import dataclasses
+
+    from caopd.config import TrainConfig, load_config, unknown_option
     from caopd.trainer import train
 
-    overrides = list(args.overrides)
+    if args.overrides:
+        raise unknown_option(next((a for a in args.overrides if a.startswith("-")), args.overrides[0]))
+    overrides = [x for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)
+                 for x in ("--" + f.name, getattr(args, f.name))]
     if args.no_empirical_calibration:
         overrides += ["--empirical-calibration", "false"]
-    if args.resume:
-        overrides += ["--resume", "true"]
     return train(load_config(args.config, overrides))
 
 
 COMMANDS = {"train": (_train_parser, run_train), "eval": (_eval_parser, run_eval), "demo": (_demo_parser, run_demo)}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), like every other caopd error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="caopd", description=__doc__)
+    parser = OneLineParser(prog="caopd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add_parser, _ in COMMANDS.values():
         add_parser(sub)
@@ -98,9 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    if extra and args.command != "train":
-        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+        if extra and args.command != "train":
+            build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, or an argparse error already printed on one line
+        return e.code if isinstance(e.code, int) else 2
     args.overrides = extra
     try:
         COMMANDS[args.command][1](args)

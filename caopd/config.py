@@ -1,14 +1,22 @@
 """Training configuration: one dataclass, YAML files, typed ``--key value`` overrides, checks.
 
-A config name without a path (``tiny``) is a YAML file packaged in ``caopd/configs/``. A data
-path starting with ``caopd:`` is a file inside the installed package (the shipped example).
+Every field carries its help text and group (``caopd train --help`` is generated from them, as
+transformers' HfArgumentParser does) and is checked at construction: choices, ranges, and
+finiteness of every float. A config name without a path (``tiny``) is a YAML file packaged in
+``caopd/configs/``. A data path starting with ``caopd:`` is a file inside the installed package.
+
+On ``--resume`` the fields in ``MAY_CHANGE_ON_RESUME`` may differ from the run's saved config
+(how long it runs, how often it saves, how the same computation is executed); every other field
+changes the data stream, the rollouts or the model, so a difference refuses the resume.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -16,83 +24,134 @@ import yaml
 
 from caopd.errors import InputError
 
+GROUPS = ("model and data", "CaOPD", "sampling", "optimization", "run folder and checkpoints")
+MAY_CHANGE_ON_RESUME = frozenset({
+    "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
+    "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl",
+    "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization"})
+
+
+def option(default, help: str, group: str, choices: tuple | None = None):
+    """A config field with its --help line, group and allowed values."""
+    assert group in GROUPS, group
+    metadata = {"help": help, "group": group, "choices": choices}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
 
 @dataclass
 class TrainConfig:
-    # model and data
-    model: str = "tiny-qwen3"  # local path, hub id (from_pretrained) or tiny-qwen3
-    tokenizer: str = "auto"  # auto | fast | qwen3 | a path or hub id
-    dataset: str = "science"
-    data: str = "caopd:examples/arith_mc.jsonl"
-    split: str | None = None
-    output_dir: str = "runs/train"
-    chat_template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
-    # CaOPD
-    empirical_calibration: bool = True  # False: plain OPD/SDFT (teacher keeps Confidence: 1.00)
-    teacher_context: str = "demo"  # demo | correct_solution
-    num_generations: int = 8
-    train_rollouts: int = 0  # completions per prompt the loss trains on (0: all K; P_acc always uses K)
-    divergence: str = "reverse"  # reverse | forward | jsd
-    beta: float = 0.5
-    temperature: float = 1.0  # of the loss
-    skip_loss_tokens: int = 3
-    teacher_ema: float = 0.01  # 0: frozen teacher
-    # sampling
-    rollout_engine: str = "transformers"  # transformers (model.generate) | vllm
-    vllm_placement: str = "colocate"  # GPU: colocate (sleep mode, shares the training GPU) | separate
-    vllm_device: int = -1  # with placement separate: the GPU index vLLM generates on
-    vllm_gpu_memory_utilization: float = 0.0  # 0: 0.3 colocated, 0.9 separate (on CPU: 1 GiB of KV cache)
-    async_rollouts: bool = False  # sample the next steps' rollouts while the current step trains
-    max_staleness: int = 1  # with async rollouts: a batch may come from weights this many steps old
-    sampling_temperature: float = 1.0
-    top_p: float = 1.0
-    max_prompt_length: int = 1024
-    max_completion_length: int = 1024
-    # optimization
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    prompts_per_step: int = 32
-    micro_batch_prompts: int = 1
-    max_grad_norm: float = 1.0
-    epochs: int = 1
-    max_steps: int = 0  # 0: as many as the epochs give
-    bf16: bool = True  # where the device supports it
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"  # sdpa (PyTorch's FlashAttention on GPU) | flash_attention_2 | eager
-    loss_impl: str = "auto"  # auto | triton | torch
-    seed: int = 42
-    # checkpoints
-    save_every: int = 100
-    resume: bool = False
+    model: str = option("tiny-qwen3", "tiny-qwen3 (built here, random weights), a local folder, or a hub id "
+                        "(from_pretrained)", "model and data")
+    tokenizer: str = option("auto", "auto (the model's own; fast for tiny-qwen3), fast (trained here), qwen3 "
+                            "(the real Qwen3 files), or a folder or hub id", "model and data")
+    dataset: str = option("science", "prompt format and verifier", "model and data", ("science", "tooluse"))
+    data: str = option("caopd:examples/arith_mc.jsonl", "training data: a JSON Lines file, a saved Hugging Face "
+                       "dataset folder, or caopd:<file> shipped in the package", "model and data")
+    split: str | None = option(None, "split of a saved DatasetDict folder", "model and data")
+    output_dir: str = option("runs/train", "run folder: checkpoints/, metrics.jsonl, final/", "model and data")
+    chat_template_kwargs: dict = option({"enable_thinking": False}, "extra chat-template arguments, a YAML "
+                                        "mapping", "model and data")
+
+    empirical_calibration: bool = option(True, "CaOPD: the confidence target is P_acc = correct/K; false: plain "
+                                         "OPD/SDFT (the teacher keeps Confidence: 1.00)", "CaOPD")
+    teacher_context: str = option("demo", "the teacher's privileged context: a gold demonstration (SDFT) or a "
+                                  "verified correct rollout (SDPO)", "CaOPD", ("demo", "correct_solution"))
+    num_generations: int = option(8, "K: rollouts per prompt", "CaOPD")
+    train_rollouts: int = option(0, "completions per prompt the loss trains on (0: all K; P_acc always uses K)",
+                                 "CaOPD")
+    divergence: str = option("reverse", "per-token loss: reverse KL(s||t), forward KL(t||s) or generalized JSD",
+                             "CaOPD", ("reverse", "forward", "jsd"))
+    beta: float = option(0.5, "JSD mixture weight, in (0, 1)", "CaOPD")
+    temperature: float = option(1.0, "softmax temperature of the loss, > 0", "CaOPD")
+    skip_loss_tokens: int = option(3, "first completion tokens left out of the loss", "CaOPD")
+    teacher_ema: float = option(0.01, "teacher <- (1 - a) teacher + a student after each step, in [0, 1] "
+                                "(0: frozen teacher)", "CaOPD")
+
+    rollout_engine: str = option("transformers", "model.generate on the training weights, or vLLM", "sampling",
+                                 ("transformers", "vllm"))
+    vllm_placement: str = option("colocate", "GPU: colocate (sleep mode, shares the training GPU) or separate",
+                                 "sampling", ("colocate", "separate"))
+    vllm_device: int = option(-1, "with vllm_placement separate: the GPU index vLLM generates on", "sampling")
+    vllm_gpu_memory_utilization: float = option(0.0, "vLLM's share of GPU memory, in [0, 1] (0: 0.3 colocated, "
+                                                "0.9 separate; on CPU 1 GiB of KV cache)", "sampling")
+    async_rollouts: bool = option(False, "sample the next steps' rollouts while the current step trains",
+                                  "sampling")
+    max_staleness: int = option(1, "with async rollouts: a batch may come from weights this many steps old",
+                                "sampling")
+    sampling_temperature: float = option(1.0, "rollout sampling temperature, >= 0", "sampling")
+    top_p: float = option(1.0, "rollout nucleus sampling, in (0, 1]", "sampling")
+    max_prompt_length: int = option(1024, "prompt tokens kept (left-truncated)", "sampling")
+    max_completion_length: int = option(1024, "tokens sampled per rollout", "sampling")
+
+    learning_rate: float = option(2e-5, "peak learning rate (warm-up, then cosine), > 0", "optimization")
+    weight_decay: float = option(0.0, "AdamW weight decay, >= 0", "optimization")
+    warmup_ratio: float = option(0.1, "share of the steps spent warming up, in [0, 1]", "optimization")
+    prompts_per_step: int = option(32, "prompts per optimizer step (each with K rollouts)", "optimization")
+    micro_batch_prompts: int = option(1, "prompts per forward/backward (gradient accumulation)", "optimization")
+    max_grad_norm: float = option(1.0, "gradient-norm clipping, >= 0 (0: no clipping)", "optimization")
+    epochs: int = option(1, "passes over the data (when max_steps is 0)", "optimization")
+    max_steps: int = option(0, "optimizer steps (0: as many as the epochs give)", "optimization")
+    bf16: bool = option(True, "bf16 weights where the device supports it", "optimization")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory",
+                                          "optimization")
+    attn_implementation: str = option("sdpa", "attention kernels (sdpa: PyTorch's FlashAttention on GPU)",
+                                      "optimization", ("sdpa", "flash_attention_2", "eager"))
+    loss_impl: str = option("auto", "fused loss implementation (auto: triton on CUDA, torch elsewhere)",
+                            "optimization", ("auto", "triton", "torch"))
+    seed: int = option(42, "seed of the data order, the rollouts and tiny-qwen3's weights", "optimization")
+
+    save_every: int = option(100, "write a checkpoint every this many steps (and at the last)",
+                             "run folder and checkpoints")
+    save_total_limit: int = option(2, "keep the newest this many checkpoints, deleting older ones (0: keep all)",
+                                   "run folder and checkpoints")
+    resume: bool = option(False, "continue the run in output_dir from its newest complete checkpoint",
+                          "run folder and checkpoints")
+    overwrite: bool = option(False, "replace an earlier run in output_dir (its checkpoints, metrics.jsonl, "
+                             "final/), once the config, data, tokenizer and model have loaded",
+                             "run folder and checkpoints")
 
     def __post_init__(self):
-        choices = {"divergence": ("reverse", "forward", "jsd"), "teacher_context": ("demo", "correct_solution"),
-                   "dataset": ("science", "tooluse"), "loss_impl": ("auto", "triton", "torch"),
-                   "attn_implementation": ("sdpa", "flash_attention_2", "eager"),
-                   "rollout_engine": ("transformers", "vllm"), "vllm_placement": ("colocate", "separate")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(f"config field {name!r}: {getattr(self, name)!r} is not one of {allowed}")
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = field_type(hints[f.name])
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+                    or (value is None and kind is str and f.default is None)):
+                raise InputError(f"config field {f.name!r} must be {kind.__name__}, got {value!r}")
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                raise InputError(f"config field {f.name!r}: {value!r} is not one of {f.metadata['choices']}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"config field {f.name!r} must be a finite number, got {value}")
         positive = ["num_generations", "prompts_per_step", "micro_batch_prompts", "max_prompt_length",
                     "max_completion_length", "epochs", "save_every"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
-        ranges = {"teacher_ema": (0.0, 1.0), "warmup_ratio": (0.0, 1.0), "top_p": (0.0, 1.0),
-                  "vllm_gpu_memory_utilization": (0.0, 1.0)}
+        for name in ("skip_loss_tokens", "max_steps", "max_staleness", "save_total_limit", "weight_decay",
+                     "max_grad_norm", "sampling_temperature"):
+            if getattr(self, name) < 0:
+                raise InputError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "temperature"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
+        ranges = {"teacher_ema": (0.0, 1.0), "warmup_ratio": (0.0, 1.0), "vllm_gpu_memory_utilization": (0.0, 1.0)}
         for name, (low, high) in ranges.items():
             if not low <= getattr(self, name) <= high:
                 raise InputError(f"config field {name!r} must be in [{low}, {high}], got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"config field 'top_p' must be in (0, 1], got {self.top_p}")
         if self.divergence == "jsd" and not 0 < self.beta < 1:
             raise InputError(f"config field 'beta' must be in (0, 1) for divergence jsd, got {self.beta}")
-        if self.learning_rate <= 0 or self.temperature <= 0 or self.sampling_temperature < 0:
-            raise InputError("learning_rate and temperature must be > 0, sampling_temperature >= 0")
         if not 0 <= self.train_rollouts <= self.num_generations:
             raise InputError(f"config field 'train_rollouts' must be in [0, num_generations], "
                              f"got {self.train_rollouts}")
-        if self.skip_loss_tokens < 0 or self.max_steps < 0 or self.max_staleness < 0:
-            raise InputError("skip_loss_tokens, max_steps and max_staleness must be >= 0")
+        if self.resume and self.overwrite:
+            raise InputError("--resume and --overwrite exclude each other: continue the run, or replace it")
 
     def data_path(self) -> Path:
         if self.data.startswith("caopd:"):
@@ -100,25 +159,48 @@ class TrainConfig:
         return Path(self.data)
 
 
+def field_type(kind) -> type:
+    """The type a field's text is read as (the optional string split reads as str)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return str
+    return typing.get_origin(kind) or kind
+
+
 def _coerce(name: str, kind, text: str):
-    origin = typing.get_origin(kind)
+    flag = "--" + name.replace("_", "-")
     if kind is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
         if text.lower() in ("false", "0", "no", "off"):
             return False
-        raise InputError(f"--{name.replace('_', '-')}: expected true or false, got {text!r}")
-    if kind is dict or origin is dict:
-        value = yaml.safe_load(text)
+        raise InputError(f"{flag}: expected true or false, got {text!r}")
+    if field_type(kind) is dict:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
         if not isinstance(value, dict):
-            raise InputError(f"--{name.replace('_', '-')}: expected a mapping like '{{enable_thinking: false}}'")
+            raise InputError(f"{flag}: expected a mapping like '{{enable_thinking: false}}'")
         return value
-    if origin in (typing.Union, types.UnionType):  # the optional strings (split)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # the optional strings (split)
         return None if text.lower() in ("none", "null") else text
     try:
         return kind(text)
     except ValueError:
-        raise InputError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {text!r}") from None
+        raise InputError(f"{flag}: expected {kind.__name__}, got {text!r}") from None
+
+
+def closest_field(name: str) -> str | None:
+    """The config field whose name is nearest to ``name`` (dashes read as underscores), if any is close."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    match = difflib.get_close_matches(name.replace("-", "_"), known, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def unknown_option(flag: str) -> InputError:
+    nearest = closest_field(flag.lstrip("-"))
+    hint = f" (did you mean --{nearest.replace('_', '-')}?)" if nearest else " (caopd train --help lists them)"
+    return InputError(f"unknown option {flag!r}{hint}")
 
 
 def load_config(config: str | None, overrides: list[str]) -> TrainConfig:
@@ -134,19 +216,22 @@ def load_config(config: str | None, overrides: list[str]) -> TrainConfig:
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise InputError(f"{path}: malformed YAML ({e})") from None
+            raise InputError(f"{path}: malformed YAML ({' '.join(str(e).split())})") from None
         if not isinstance(values, dict):
             raise InputError(f"{path}: expected a mapping of config fields")
     hints = typing.get_type_hints(TrainConfig)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in values:
-        if key not in known:
-            raise InputError(f"{config}: unknown config field {key!r}")
+        if key not in hints:
+            nearest = closest_field(str(key))
+            raise InputError(f"{path}: unknown config field {key!r}" + (f" (did you mean {nearest!r}?)" if nearest
+                                                                         else ""))
+        if isinstance(values[key], str) and field_type(hints[key]) not in (str, dict):
+            values[key] = _coerce(key, hints[key], values[key])  # YAML reads 1e-3 (no dot) as a string
     if len(overrides) % 2:
         raise InputError(f"overrides come in '--key value' pairs, got {overrides}")
     for flag, text in zip(overrides[::2], overrides[1::2]):
         name = flag.removeprefix("--").replace("-", "_")
-        if not flag.startswith("--") or name not in known:
-            raise InputError(f"unknown option {flag!r}")
+        if not flag.startswith("--") or name not in hints:
+            raise unknown_option(flag)
         values[name] = _coerce(name, hints[name], text)
     return TrainConfig(**values)

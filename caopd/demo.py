@@ -27,10 +27,13 @@ from caopd.data import Example, load_examples
 from caopd.demo_task import build_splits, candidate_count, write_jsonl
 from caopd.engines.base import SamplingParams
 from caopd.engines.hf import TransformersEngine
+from caopd.errors import InputError
 from caopd.evaluate import Completion, EvalReport, score_completions, summarize
 from caopd.loss import chat_ids
 from caopd.models import TINY_MODEL, fast_tokenizer, load_model
+from caopd.paths import check_output_dir
 from caopd.prompts import demonstration, student_messages, teacher_messages
+from caopd.run_folder import earlier_run
 from caopd.tables import format_table
 from caopd.trainer import train
 from caopd.warmup import supervised_warmup, warmup_sequences
@@ -69,7 +72,7 @@ class DemoSettings:
 
 
 def train_config(settings: DemoSettings, base_dir: Path, train_path: Path, out: Path, calibrate: bool,
-                 seed: int) -> TrainConfig:
+                 seed: int, overwrite: bool = False) -> TrainConfig:
     """The trainer's config for one method: everything equal but ``empirical_calibration``."""
     return TrainConfig(model=str(base_dir), tokenizer=str(base_dir), dataset=DATASET, data=str(train_path),
                        output_dir=str(out), empirical_calibration=calibrate, num_generations=settings.num_generations,
@@ -78,7 +81,7 @@ def train_config(settings: DemoSettings, base_dir: Path, train_path: Path, out: 
                        max_completion_length=24, max_steps=settings.train_steps, learning_rate=settings.learning_rate,
                        warmup_ratio=0.1, teacher_ema=settings.teacher_ema, divergence=settings.divergence,
                        skip_loss_tokens=0, bf16=False,
-                       save_every=10_000, seed=seed, loss_impl="torch")
+                       save_every=10_000, seed=seed, loss_impl="torch", overwrite=overwrite)
 
 
 def evaluate_model(model, tokenizer, examples: list[Example], samples: int, seed: int,
@@ -140,12 +143,12 @@ def warm_up(seed: int, settings: DemoSettings, examples: list[Example], base_dir
     return model, tokenizer, losses
 
 
-def run_seed(seed: int, settings: DemoSettings, out: Path) -> dict:
+def run_seed(seed: int, settings: DemoSettings, out: Path, overwrite: bool = False) -> dict:
     paths, examples = make_data(seed, settings, out)
     base, tokenizer, warmup_losses = warm_up(seed, settings, examples["warmup"], out / "base")
     trained, histories = {"base": base}, {}
     for method, calibrate in (("OPD", False), ("CaOPD", True)):
-        run = train(train_config(settings, out / "base", paths["train"], out / method, calibrate, seed),
+        run = train(train_config(settings, out / "base", paths["train"], out / method, calibrate, seed, overwrite),
                     progress=f"seed {seed}: {method}")
         trained[method], histories[method] = run["student"], run["history"]
     evaluation = {}
@@ -191,17 +194,25 @@ def summary_rows(per_seed: list[dict]) -> list[list]:
     return rows
 
 
-def run_demo(output_dir: str | Path, seeds: int = 1, quick: bool = False, first_seed: int = 0) -> dict:
+def run_demo(output_dir: str | Path, seeds: int = 1, quick: bool = False, first_seed: int = 0,
+             overwrite: bool = False) -> dict:
+    """The demo into ``output_dir``; an earlier demo's training runs there are replaced only with
+    ``overwrite`` (checked before any work, as ``caopd train`` does)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per phase is ours; no per-save/load bars
     settings = DemoSettings.quick() if quick else DemoSettings()
-    out = Path(output_dir)
+    out = check_output_dir(output_dir, "--out")
+    earlier = [run for seed in range(first_seed, first_seed + seeds) for method in ("OPD", "CaOPD")
+               if earlier_run(run := out / f"seed-{seed}" / method)]
+    if earlier and not overwrite:
+        raise InputError(f"--out {out} holds an earlier demo's runs ({', '.join(str(p) for p in earlier)}): "
+                         "--overwrite replaces them (make demo DEMO_ARGS=--overwrite), or choose another --out")
     start = time.perf_counter()
     per_seed = []
     for seed in range(first_seed, first_seed + seeds):
         t0 = time.perf_counter()
-        result = run_seed(seed, settings, out / f"seed-{seed}")
+        result = run_seed(seed, settings, out / f"seed-{seed}", overwrite)
         result["seconds"] = time.perf_counter() - t0
         result["targets_heldout"] = check_targets(result["evaluation"])
         per_seed.append(result)

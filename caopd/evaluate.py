@@ -62,11 +62,11 @@ def load_completions(path: str | Path) -> list[Completion]:
         raise InputError(f"{path}: no such file")
     completions = []
     for row, where in iter_jsonl(path):
-        for field, kind in (("id", int), ("completion", str)):
-            if field not in row:
-                raise InputError(f"{where}: missing field {field!r}")
-            if not isinstance(row[field], kind) or isinstance(row[field], bool):
-                raise InputError(f"{where}: field {field!r} must be {kind.__name__}, got {type(row[field]).__name__}")
+        for name, kind in (("id", int), ("completion", str)):
+            if name not in row:
+                raise InputError(f"{where}: missing field {name!r}")
+            if not isinstance(row[name], kind) or isinstance(row[name], bool):
+                raise InputError(f"{where}: field {name!r} must be {kind.__name__}, got {type(row[name]).__name__}")
         completions.append(Completion(row["id"], row["completion"], where))
     if not completions:
         raise InputError(f"{path}: no completions")

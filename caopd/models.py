@@ -67,7 +67,15 @@ def load_tokenizer(model: str, tokenizer: str = "auto", corpus: list[str] | None
         return fast_tokenizer(corpus)
     if tokenizer == "qwen3":
         return AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()), local_files_only=True)
-    return AutoTokenizer.from_pretrained(tokenizer)
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--tokenizer {tokenizer}: cannot be loaded ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(error).__name__
 
 
 def tiny_qwen3_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -96,7 +104,10 @@ def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, att
             torch.manual_seed(seed)
             config = tiny_qwen3_config(vocab, **tiny_sizes)
             return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).to(dtype)
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
+    except (OSError, ValueError) as e:  # not a model folder, or a hub id that cannot be reached
+        raise InputError(f"--model {model}: cannot be loaded ({_first_line(e)})") from None
 
 
 @torch.no_grad()

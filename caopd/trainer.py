@@ -11,16 +11,18 @@ import copy
 import json
 import math
 import random
-import shutil
 import statistics
+import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from caopd.calibration import build_targets, verify_rollouts
-from caopd.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from caopd.checkpoint import TrainState, rotate_checkpoints, save_checkpoint, truncate_metrics
+from caopd.checkpoint import resume as resume_checkpoint
 from caopd.config import TrainConfig
 from caopd.data import load_examples
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
@@ -28,6 +30,7 @@ from caopd.engines.base import RolloutEngine, SamplingParams
 from caopd.loss import chat_ids, distillation_loss, make_batch
 from caopd.models import TINY_MODEL, ema_update_, load_model, load_tokenizer
 from caopd.prompts import demonstration, student_messages
+from caopd.run_folder import check_run_folder, clear_earlier_run
 from caopd.tables import format_table
 
 
@@ -93,32 +96,29 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     from accelerate import Accelerator
     from tqdm import tqdm
 
+    log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
+    earlier = check_run_folder(config, log)  # one-line errors before any work; nothing deleted yet
+    out = Path(config.output_dir)
     use_bf16 = config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not config.resume:  # a fresh run: an earlier run's checkpoints and log would be mistaken for its own
-        stale = sorted((out / "checkpoints").glob("step-*")) + [p for p in [out / "metrics.jsonl"] if p.exists()]
-        for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if stale and not quiet:
-            print(f"starting fresh in {out}: removed {len(stale)} checkpoint(s)/log of an earlier run "
-                  "(--resume continues a run instead)")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
     examples = load_examples(config.data_path(), config.dataset, config.split)
     tokenizer_dir = out / "tokenizer"
-    if config.resume and tokenizer_dir.exists():
+    run_tokenizer = config.resume and tokenizer_dir.exists()  # a resumed run keeps the tokenizer it trained with
+    if run_tokenizer:
         tokenizer = load_tokenizer(config.model, str(tokenizer_dir))
     else:
         corpus = [_text_of(e.prompt) + "\n" + demonstration(e, config.dataset) for e in examples]
         tokenizer = load_tokenizer(config.model, config.tokenizer, corpus=corpus)
-        tokenizer.save_pretrained(tokenizer_dir)
     # bf16 weights where the device supports it (as the paper's scripts): fp32 weights, Adam states
     # and an fp32 EMA teacher of an 8B model would not fit one GPU.
     student = load_model(config.model, tokenizer, dtype=torch.bfloat16 if use_bf16 else torch.float32,
                          attn_implementation=config.attn_implementation, seed=config.seed)
+    clear_earlier_run(out, earlier, log)  # --overwrite only, and only now that everything loaded
+    if not run_tokenizer:
+        tokenizer.save_pretrained(tokenizer_dir)
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
@@ -128,8 +128,11 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         optimizer, warmup_cosine(round(config.warmup_ratio * total_steps), total_steps))
     state = TrainState()
     checkpoints = out / "checkpoints"
-    if config.resume and (last := latest_checkpoint(checkpoints)) is not None:
-        state = load_checkpoint(last, student, teacher, optimizer, scheduler)
+    if config.resume:
+        last, state = resume_checkpoint(checkpoints, student, teacher, optimizer, scheduler, warn=log)
+        dropped = truncate_metrics(out / "metrics.jsonl", state.step)
+        log(f"resuming from {last} (step {state.step})"
+            + (f"; dropped {dropped} metrics row(s) the stopped run logged after it" if dropped else ""))
     student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
     model = accelerator.unwrap_model(student)
@@ -194,7 +197,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 accelerator.backward(result.loss * share)
                 loss_value += result.loss.item() * share
                 tokens += batch.completion_tokens
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm or math.inf)
             optimizer.step()
             scheduler.step()
             ema_update_(teacher, model, config.teacher_ema)
@@ -210,6 +213,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 "lr": scheduler.get_last_lr()[0], "mean_p_acc": sum(g.p_acc for g in groups) / len(groups),
                 "rollout_accuracy": sum(sum(g.correct) for g in groups) / sum(len(g.correct) for g in groups),
                 "format_adherence": sum(g.format_adherence for g in groups) / len(groups),
+                "wrong_reasons": dict(Counter(r for g in groups for r in g.reasons if r)),
                 "mean_confidence": statistics.fmean(stated) if (stated := [c for g in groups
                                                                            for c in g.confidences]) else None,
                 "mean_completion_tokens": tokens / sequences,
@@ -224,7 +228,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
             if state.step % config.save_every == 0 or state.step == total_steps:
-                save_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler)
+                save_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler, asdict(config))
+                rotate_checkpoints(checkpoints, config.save_total_limit, state.step)
     finally:
         if rollouts is not None:
             rollouts.close()

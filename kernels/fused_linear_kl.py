@@ -212,10 +212,10 @@ def fused_linear_kl(
     student_hidden [N, H_s] and student_weight [V, H_s] (and student_bias [V]) get gradients;
     teacher_hidden [N, H_t], teacher_weight [V, H_t] never do (teacher_weight may be the same
     tensor as student_weight). mask [N]: bool or integer 0/1, the tokens that count (None = all),
-    or float per-token weights w >= 0 (anything else is a ValueError). divergence: "reverse" KL(s||t), "forward" KL(t||s), "jsd"
-    (0 < beta < 1). reduction: "mean" = sum w L / sum w (0 when nothing counts), "sum" = sum w L,
-    or "none" = w L per token [N] (0 where masked). impl: "auto" (triton on
-    CUDA, torch elsewhere), "triton", "torch", "reference" (naive full logits, for tests).
+    or float per-token weights w >= 0 (anything else is a ValueError). divergence: "reverse"
+    KL(s||t), "forward" KL(t||s), "jsd" (0 < beta < 1). reduction: "mean" = sum w L / sum w (0
+    when nothing counts), "sum" = sum w L, or "none" = w L per token [N] (0 where masked). impl:
+    "auto" (triton on CUDA, torch elsewhere), "triton", "torch", "reference" (naive full logits, for tests).
     chunk_tokens: tokens per chunk; None picks it from ``memory_budget`` bytes (the chunk's
     transient [C, V] buffers; default 768 MiB). Returns fp32
     (fp64 for fp64 inputs).

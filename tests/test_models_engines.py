@@ -85,7 +85,8 @@ def test_train_command_runs_and_resumes(tmp_path, capsys):
     assert main(args + ["--max-steps", "3", "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
-    assert main(args[:-2] + ["--max-completion-length", "8", "--max-steps", "1"]) == 0  # fresh, same dir
+    assert main(args[:-2] + ["--max-completion-length", "8", "--max-steps", "1"]) == 2  # fresh, same dir: refused
+    assert main(args[:-2] + ["--max-completion-length", "8", "--max-steps", "1", "--overwrite"]) == 0
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
     assert main(["train", "--config", "tiny", "--output-dir", str(tmp_path / "opd"), "--max-steps", "1",
@@ -97,7 +98,7 @@ def test_train_command_runs_and_resumes(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--config", "nope"], "nope: no such config file"),
     (["--divergence", "kl"], "config field 'divergence'"),
-    (["--num-generations"], "'--key value' pairs"),
+    (["--num-generations"], "argument --num-generations: expected one argument"),
     (["--data", "/no/such.jsonl"], "/no/such.jsonl: no such file"),
 ])
 def test_train_bad_input_is_one_line(args, message, capsys, tmp_path):
