@@ -157,3 +157,12 @@ def check_confidence_targets_script(run_dir):
 def test_demo_rejects_zero_seeds(capsys):
     assert main(["demo", "--seeds", "0"]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_earlier_demo_before_any_work(tmp_path, capsys):
+    (tmp_path / "seed-0" / "CaOPD").mkdir(parents=True)
+    (tmp_path / "seed-0" / "CaOPD" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds an earlier demo's runs" in err and "--overwrite" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed-0"]  # no data, no warm-up written

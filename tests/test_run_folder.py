@@ -297,3 +297,12 @@ def test_an_unknown_option_suggests_the_closest_field(capsys, flag, suggestion):
 def test_boolean_options_take_a_value_or_none():
     assert main(["train", "--overwrite", "maybe"]) == 2
     assert load_config("tiny", ["--overwrite", "true"]).overwrite
+
+
+def test_max_grad_norm_zero_means_no_clipping(tmp_path):
+    """0 turns clipping off (as in transformers); torch's clip to norm 0 would zero every gradient."""
+    config = tiny_config(tmp_path / "run", max_grad_norm=0.0, max_steps=1, teacher_ema=0.0)
+    result = train(config, quiet=True)
+    assert result["history"][0]["grad_norm"] > 0
+    assert not torch.equal(result["student"].state_dict()["model.norm.weight"],
+                           result["teacher"].state_dict()["model.norm.weight"])  # the frozen teacher = the start
