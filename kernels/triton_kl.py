@@ -22,6 +22,10 @@ import triton
 import triton.language as tl
 
 _DIVERGENCE_CODE = {"reverse": 0, "forward": 1, "jsd": 2}
+# Largest vocabulary block: a GPU's registers bound it; the interpreter's cost grows with loop
+# steps, so there one block covers a test's whole vocabulary unless a test asks for less.
+GPU_BLOCK_V = 4096
+INTERPRETER_BLOCK_V = 65536
 
 
 @triton.jit
@@ -100,8 +104,10 @@ def interpreting() -> bool:
 
 
 def kl_rows_triton(z: torch.Tensor, u: torch.Tensor, divergence: str, beta: float,
-                   compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row loss [C] and dL/dz (written over ``z``) of fp32 logits z, u [C, V]."""
+                   compute_grad: bool, block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row loss [C] and dL/dz (written over ``z``) of fp32 logits z, u [C, V]. ``block_v``
+    (a power of two) forces the vocabulary block: tests use it to run the multi-block path, the
+    online max/sum-exp rescale every GPU run takes at V = 151,936, under the interpreter."""
     assert z.shape == u.shape and z.dim() == 2, f"z {tuple(z.shape)} and u {tuple(u.shape)} must be [C, V]"
     assert z.dtype == u.dtype == torch.float32, "the divergence pass takes fp32 logits"
     assert z.stride(1) == 1 and u.stride(1) == 1, "logit rows must be contiguous"
@@ -109,8 +115,9 @@ def kl_rows_triton(z: torch.Tensor, u: torch.Tensor, divergence: str, beta: floa
     loss = torch.empty(rows, dtype=torch.float32, device=z.device)
     if rows == 0:
         return loss, z if compute_grad else None
-    # The interpreter's cost grows with loop steps, a GPU's registers with the block.
-    block = min(triton.next_power_of_2(vocab), 65536 if interpreting() else 4096)
+    if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    block = min(triton.next_power_of_2(vocab), block_v or (INTERPRETER_BLOCK_V if interpreting() else GPU_BLOCK_V))
     is_jsd = divergence == "jsd"
     _kl_rows_kernel[(rows,)](
         z, u, loss, z.stride(0), u.stride(0), vocab, float(beta),

@@ -275,3 +275,43 @@ def test_the_kernels_folder_imports_on_its_own_and_does_not_pose_as_hugging_face
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# The multi-block path: under the interpreter one block normally covers the whole vocabulary, so
+# the online rescale across blocks (what every GPU run at V = 151,936 executes) would go untested.
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("compute_grad", [True, False])
+@pytest.mark.parametrize("rows, vocab", [(3, 5000), (2, 50257)])
+def test_triton_pass_across_vocabulary_blocks(divergence, compute_grad, rows, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    z = torch.randn(rows, vocab, generator=g) * 4
+    u = torch.randn(rows, vocab, generator=g) * 4
+    z[0, vocab - 3] = 30.0  # the student's mode in the last block: earlier blocks' sums must be rescaled
+    u[-1, 1500] = 25.0  # the teacher's in a middle block
+    expected_loss, expected_grad = kl_rows_torch(z.double(), u.double(), divergence, 0.3, True)
+    torch_loss, torch_grad = kl_rows_torch(z.clone(), u.clone(), divergence, 0.3, True)  # fp32: the error bar
+    loss, grad = kl_rows_triton(z.clone(), u.clone(), divergence, 0.3, compute_grad, block_v=1024)
+    loss_bar = (torch_loss.double() - expected_loss).abs().max()
+    assert (loss.double() - expected_loss).abs().max() <= loss_bar + 1e-5 * expected_loss.abs().max(), \
+        worst(loss, expected_loss)
+    if compute_grad:
+        # dz = p (lp - lq - L) cancels where p ~ 1: a few fp32 ulps of L are the floor there.
+        grad_bar = (torch_grad.double() - expected_grad).abs().max() + 4 * 2**-23 * expected_loss.abs().max()
+        assert (grad.double() - expected_grad).abs().max() <= grad_bar, worst(grad, expected_grad.float())
+    else:
+        assert grad is None
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fused_triton_with_small_blocks_equals_the_reference(divergence, monkeypatch):
+    import caopd_kernels.triton_kl as triton_kl
+
+    monkeypatch.setattr(triton_kl, "INTERPRETER_BLOCK_V", 512)
+    inputs = make_inputs(9, 8, 5000, torch.float32, seed=3, bias=True)
+    assert_close(run("triton", inputs, divergence=divergence, temperature=0.7, chunk_tokens=4),
+                 run("reference", upcast(inputs), divergence=divergence, temperature=0.7), 1e-5, 1e-4, divergence)
+
+
+def test_block_v_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        kl_rows_triton(torch.zeros(1, 100), torch.zeros(1, 100), "reverse", 0.5, False, block_v=1000)
