@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data in ../shared/data/caopd (tests skip with a reason without it)."""
+"""Shared fixtures: the real data in ../shared/data/caopd (tests skip with a reason without it) and
+its stand-ins for core tests: the shipped science example and synthetic tool-use rows."""
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +35,40 @@ def science_path() -> Path:
 @pytest.fixture
 def tooluse_path() -> Path:
     return shared_file("tooluse_eval.jsonl")
+
+
+EXAMPLE_SCIENCE = Path(__file__).resolve().parents[1] / "caopd" / "examples" / "arith_mc.jsonl"
+TOOLS = ["get_weather", "search_books", "convert_currency", "list_files", "get_time", "translate"]
+
+
+def synthetic_tooluse_rows(n: int = 10) -> list[dict]:
+    """Tool-use rows in the format of the paper's ReAct data (a tool list, ``Begin!``, gold calls
+    with JSON-string inputs, a written gold response); some calls take no arguments ("{}")."""
+    rows = []
+    for i in range(n):
+        tool = TOOLS[i % len(TOOLS)]
+        arguments = {} if i % 4 == 3 else {"query": f"item {i}", "limit": i % 3 + 1}
+        prompt = ("Answer the question using the tools below.\nTools:\n"
+                  + "\n".join(f"- {t}: takes a JSON object" for t in TOOLS)
+                  + "\nUse the format:\nThought: ...\nAction: the tool name\nAction Input: a JSON object"
+                  + f"\n\nBegin!\nQuestion: task {i} needs {tool}")
+        call = {"Action": tool, "Action_Input": json.dumps(arguments)}
+        response = [f"Thought: task {i} needs {tool}.", f"Action: {tool}", f"Action Input: {json.dumps(arguments)}"]
+        rows.append({"id": i, "prompt": prompt, "golden_answer": [call], "golden_response": response})
+    return rows
+
+
+@pytest.fixture
+def science_rows_path() -> Path:
+    """Science-format rows shipped with the package (arithmetic multiple choice): core tests use
+    these, so they never skip without ../shared."""
+    return EXAMPLE_SCIENCE
+
+
+@pytest.fixture
+def tooluse_rows_path(tmp_path) -> Path:
+    """Synthetic tool-use rows written for the test (core tests never skip without ../shared)."""
+    return write_jsonl(tmp_path / "tooluse_rows.jsonl", synthetic_tooluse_rows())
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

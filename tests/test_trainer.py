@@ -1,4 +1,15 @@
-"""CaOPD and plain OPD training on tiny-qwen3 with real rows, a scripted engine (known verdicts)."""
+"""CaOPD and plain OPD training on tiny-qwen3 with a scripted engine (known verdicts).
+
+The rows are the shipped science example and synthetic tool-use rows, so none of this skips
+without ../shared. Deliberate bugs these tests catch (issue 12; each tried in a scratch copy):
+- P_acc computed as correct/(K+1): test_two_steps_p_acc_ema_and_no_teacher_grad;
+- the trainer ignoring config.divergence, beta, temperature, skip_loss_tokens or loss_impl:
+  test_the_loss_gets_the_configured_options;
+- the learning-rate schedule returning 1.0: test_warmup_cosine_values, test_logged_lr_follows_the_schedule;
+- sampling options not reaching the engine: test_the_engine_gets_the_configured_sampling;
+- train_rollouts, teacher_context=correct_solution, weight_decay, gradient_checkpointing ignored:
+  their own tests below.
+"""
 from __future__ import annotations
 
 import json
@@ -18,7 +29,7 @@ from caopd.errors import InputError
 from caopd.loss import distillation_loss, make_batch
 from caopd.models import load_model, load_tokenizer
 from caopd.prompts import CONFIDENCE_INSTRUCTION, student_messages
-from caopd.trainer import prompts_at, train
+from caopd.trainer import prompts_at, train, warmup_cosine
 from caopd.verifiers import TASKS
 
 K = 4
@@ -66,18 +77,18 @@ def run(config, examples, stop_after_steps=None):
     return train(config, engine=engine, stop_after_steps=stop_after_steps, quiet=True), engine
 
 
-def test_student_prompt_injection(tooluse_path, science_path):
-    tool = load_examples(tooluse_path, "tooluse")[0]
+def test_student_prompt_injection(tooluse_rows_path, science_rows_path):
+    tool = load_examples(tooluse_rows_path, "tooluse")[0]
     content = student_messages(tool)[0]["content"]
     assert content.index(CONFIDENCE_INSTRUCTION) < content.index("\n\nBegin!") and content.count("Begin!") == 1
-    science = load_examples(science_path, "science")[0]
+    science = load_examples(science_rows_path, "science")[0]
     messages = student_messages(science)
     assert messages[0] == science.prompt[0] and messages[1]["content"].endswith(CONFIDENCE_INSTRUCTION)
 
 
 @pytest.mark.parametrize("mode", ["demo", "correct_solution"])
-def test_targets_carry_p_acc_in_three_places(science_path, mode):
-    example = load_examples(science_path, "science")[3]
+def test_targets_carry_p_acc_in_three_places(science_rows_path, mode):
+    example = load_examples(science_rows_path, "science")[3]
     gold = TASKS["science"].render_answer(example.gold)
     completions = [gold + "\nConfidence: 0.99", "<answer>Z</answer>\nConfidence: 0.9", "no answer", gold]
     group = RolloutGroup(example, completions, [True, False, False, True])
@@ -98,15 +109,15 @@ def test_targets_carry_p_acc_in_three_places(science_path, mode):
         plain[0].teacher_messages[-1]["content"]
 
 
-def test_correct_solution_without_a_correct_rollout_falls_back_to_demo(science_path):
-    example = load_examples(science_path, "science")[0]
+def test_correct_solution_without_a_correct_rollout_falls_back_to_demo(science_rows_path):
+    example = load_examples(science_rows_path, "science")[0]
     group = RolloutGroup(example, ["x", "y"], [False, False])
     (t, _) = build_targets(group, "science", "correct_solution", calibrate=True, rng=random.Random(0))
     assert t.used_fallback and "This is an example for a response" in t.teacher_messages[-1]["content"]
 
 
-def test_loss_equals_full_logit_computation(science_path):
-    examples = load_examples(science_path, "science")[:2]
+def test_loss_equals_full_logit_computation(science_rows_path):
+    examples = load_examples(science_rows_path, "science")[:2]
     tokenizer = load_tokenizer("tiny-qwen3", "fast")
     student = load_model("tiny-qwen3", tokenizer, seed=1)
     teacher = load_model("tiny-qwen3", tokenizer, seed=2)
@@ -170,8 +181,8 @@ def test_two_steps_p_acc_ema_and_no_teacher_grad(dataset, calibrate, tmp_path, r
     assert [r["step"] for r in lines] == [1, 2]
 
 
-def test_teacher_moves_by_exactly_the_ema_rule(science_path, tmp_path):
-    data, examples = subset(science_path, "science", tmp_path)
+def test_teacher_moves_by_exactly_the_ema_rule(science_rows_path, tmp_path):
+    data, examples = subset(science_rows_path, "science", tmp_path)
     first, _ = run(config_for(data, "science", tmp_path / "a", max_steps=1), examples)
     second, _ = run(config_for(data, "science", tmp_path / "b", max_steps=2, save_every=1), examples)
     # teacher_2 = 0.9 teacher_1 + 0.1 student_2, with teacher_1 and student_2 from the same run
@@ -186,8 +197,8 @@ def test_teacher_moves_by_exactly_the_ema_rule(science_path, tmp_path):
 
 
 @pytest.mark.parametrize("async_rollouts", [False, True])
-def test_kill_then_resume_equals_uninterrupted(science_path, tmp_path, async_rollouts):
-    data, examples = subset(science_path, "science", tmp_path, n=5)
+def test_kill_then_resume_equals_uninterrupted(science_rows_path, tmp_path, async_rollouts):
+    data, examples = subset(science_rows_path, "science", tmp_path, n=5)
     kw = dict(max_steps=3, async_rollouts=async_rollouts, max_staleness=0)
     straight, _ = run(config_for(data, "science", tmp_path / "straight", **kw), examples)
     killed = config_for(data, "science", tmp_path / "killed", **kw)
@@ -218,3 +229,112 @@ def test_config_overrides_and_errors(tmp_path):
     bad.write_text("learning_rat: 1\n")
     with pytest.raises(InputError, match="unknown config field 'learning_rat'"):
         load_config(str(bad), [])
+
+
+class RecordingEngine(KnownVerdictEngine):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.sampling = []
+
+    def generate(self, prompts, n, sampling):
+        self.sampling.append((len(prompts), n, sampling))
+        return super().generate(prompts, n, sampling)
+
+
+def test_the_loss_gets_the_configured_options(science_rows_path, tmp_path, monkeypatch):
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    calls = []
+
+    def recording_loss(student, teacher, batch, **options):
+        calls.append(options)
+        return distillation_loss(student, teacher, batch, **options)
+    import caopd.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "distillation_loss", recording_loss)
+    run(config_for(data, "science", tmp_path / "run", max_steps=1, divergence="jsd", beta=0.3, temperature=0.7,
+                   skip_loss_tokens=2), examples)
+    assert calls and all(c == dict(divergence="jsd", beta=0.3, temperature=0.7, skip_tokens=2, impl="torch")
+                         for c in calls)
+
+
+def test_the_engine_gets_the_configured_sampling(science_rows_path, tmp_path):
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    config = config_for(data, "science", tmp_path / "run", max_steps=2, sampling_temperature=0.6, top_p=0.9,
+                        max_completion_length=33)
+    engine = RecordingEngine(examples, "science", tmp_path / "run")
+    train(config, engine=engine, quiet=True)
+    assert [(p, n) for p, n, _ in engine.sampling] == [(3, K), (3, K)]
+    assert [(s.temperature, s.top_p, s.max_tokens) for _, _, s in engine.sampling] == [(0.6, 0.9, 33)] * 2
+    assert engine.sampling[0][2].seed != engine.sampling[1][2].seed  # a new sample stream each step
+
+
+def test_warmup_cosine_values():
+    factor = warmup_cosine(2, 10)
+    assert [factor(s) for s in (0, 1)] == pytest.approx([1 / 3, 2 / 3])
+    assert [factor(s) for s in (2, 6, 10, 12)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    assert warmup_cosine(0, 4)(0) == 1.0 and warmup_cosine(0, 4)(2) == pytest.approx(0.5)
+
+
+def test_logged_lr_follows_the_schedule(science_rows_path, tmp_path):
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    result, _ = run(config_for(data, "science", tmp_path / "run", max_steps=4, warmup_ratio=0.5), examples)
+    factor = warmup_cosine(2, 4)  # round(0.5 * 4) warm-up steps; the lr logged after step k is factor(k)
+    assert [r["lr"] for r in result["history"]] == pytest.approx([1e-3 * factor(k) for k in range(1, 5)])
+
+
+def test_train_rollouts_trains_on_that_many_completions_but_p_acc_uses_all(science_rows_path, tmp_path,
+                                                                           monkeypatch):
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    import caopd.trainer as trainer_module
+    seen = []
+
+    def recording_make_batch(tokenizer, targets, *args, **kwargs):
+        seen.extend(targets)
+        return make_batch(tokenizer, targets, *args, **kwargs)
+    monkeypatch.setattr(trainer_module, "make_batch", recording_make_batch)
+    result, _ = run(config_for(data, "science", tmp_path / "run", max_steps=1, train_rollouts=1), examples)
+    assert len(seen) == 3  # one completion for each of the 3 prompts, not K
+    assert [t.p_acc for t in seen] == [correct_count(examples[i].id) / K for i in result["history"][0]["prompts"]]
+    assert all(t.confidence_line == f"Confidence: {t.p_acc:.2f}" for t in seen)
+
+
+def test_correct_solution_context_shows_a_correct_rollout(science_rows_path, tmp_path, monkeypatch):
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    import caopd.trainer as trainer_module
+    seen = []
+
+    def recording_make_batch(tokenizer, targets, *args, **kwargs):
+        seen.extend(targets)
+        return make_batch(tokenizer, targets, *args, **kwargs)
+    monkeypatch.setattr(trainer_module, "make_batch", recording_make_batch)
+    run(config_for(data, "science", tmp_path / "run", max_steps=1, teacher_context="correct_solution"), examples)
+    for target in seen:
+        teacher = target.teacher_messages[-1]["content"]
+        gold = TASKS["science"].render_answer(target.example.gold)
+        if correct_count(target.example.id) == 0:
+            assert target.used_fallback and "This is an example for a response" in teacher
+        else:
+            assert not target.used_fallback and "thinking" in teacher and gold in teacher
+            assert "This is an example for a response" not in teacher
+
+
+def test_weight_decay_is_decoupled_and_applied(science_rows_path, tmp_path):
+    """AdamW: p1 = p0 - lr * wd * p0 - (the Adam step, the same with and without decay at step 1)."""
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    kw = dict(max_steps=1, warmup_ratio=0.0, teacher_ema=0.0)
+    plain, _ = run(config_for(data, "science", tmp_path / "plain", weight_decay=0.0, **kw), examples)
+    decayed, _ = run(config_for(data, "science", tmp_path / "decay", weight_decay=0.5, **kw), examples)
+    start = plain["teacher"].state_dict()  # a frozen teacher is the student's starting point
+    for name, p1 in decayed["student"].state_dict().items():
+        expected = plain["student"].state_dict()[name] - 1e-3 * 0.5 * start[name]
+        assert torch.allclose(p1, expected, atol=1e-6), name
+
+
+def test_gradient_checkpointing_is_on_and_changes_nothing(science_rows_path, tmp_path):
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    plain, _ = run(config_for(data, "science", tmp_path / "plain", max_steps=1), examples)
+    checkpointed, _ = run(config_for(data, "science", tmp_path / "ckpt", max_steps=1, gradient_checkpointing=True),
+                          examples)
+    assert checkpointed["student"].is_gradient_checkpointing and not plain["student"].is_gradient_checkpointing
+    assert checkpointed["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=1e-6)
+    for name, value in plain["student"].state_dict().items():
+        assert torch.allclose(value, checkpointed["student"].state_dict()[name], atol=1e-6), name

@@ -107,7 +107,7 @@ def test_colocated_engine_sleeps_after_generating_and_wakes_with_new_weights(tin
 
 @needs_vllm
 @pytest.mark.parametrize("async_rollouts", [False, True])
-def test_trainer_on_vllm_pushes_weights_every_step(science_path, tmp_path, monkeypatch, async_rollouts):
+def test_trainer_on_vllm_pushes_weights_every_step(science_rows_path, tmp_path, monkeypatch, async_rollouts):
     from caopd.config import TrainConfig
     from caopd.engines import vllm_engine
     from caopd.trainer import train
@@ -118,7 +118,7 @@ def test_trainer_on_vllm_pushes_weights_every_step(science_path, tmp_path, monke
                         lambda self, w: (updates.append(1), update(self, w))[1])
     monkeypatch.setattr(vllm_engine.VLLMEngine, "generate",
                         lambda self, *a: generated.append(generate(self, *a)) or generated[-1])
-    config = TrainConfig(data=str(science_path), output_dir=str(tmp_path), tokenizer="fast", num_generations=3,
+    config = TrainConfig(data=str(science_rows_path), output_dir=str(tmp_path), tokenizer="fast", num_generations=3,
                          prompts_per_step=2, max_prompt_length=512, max_completion_length=16, max_steps=3,
                          bf16=False, learning_rate=1e-3, rollout_engine="vllm", async_rollouts=async_rollouts,
                          max_staleness=1, loss_impl="torch")
