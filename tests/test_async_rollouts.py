@@ -56,6 +56,11 @@ def test_order_coverage_and_staleness_with_random_latencies(max_staleness):
     assert no_worker_left()
 
 
+def test_negative_staleness_is_refused():
+    with pytest.raises(ValueError, match="max_staleness"):
+        AsyncRollouts(LaggyEngine(), request, 0, 1, max_staleness=-1)
+
+
 def test_worker_error_surfaces_and_thread_ends():
     with AsyncRollouts(LaggyEngine(fail_at_step=2), request, 0, 5, max_staleness=2) as rollouts:
         rollouts.get(0, timeout=10)
@@ -65,13 +70,54 @@ def test_worker_error_surfaces_and_thread_ends():
     assert no_worker_left()
 
 
-def test_close_while_the_worker_waits_or_is_blocked():
-    rollouts = AsyncRollouts(LaggyEngine(max_delay=0), request, 0, 100, max_staleness=2)
-    time.sleep(0.05)  # the worker fills the queue and blocks on put / waits for a newer policy
-    rollouts.close()
+class GatedEngine:
+    """generate(step) announces itself, then waits until the test opens that step's gate: the test
+    decides every interleaving, so what it checks never depends on timing."""
+
+    def __init__(self):
+        self.entered = {s: threading.Event() for s in range(10)}
+        self.gate = {s: threading.Event() for s in range(10)}
+        self.loaded = []
+
+    def update_weights(self, weights):
+        self.loaded.append(weights["version"])
+
+    def generate(self, prompts, n, sampling):
+        self.entered[sampling.seed].set()
+        assert self.gate[sampling.seed].wait(10), "the test never opened this gate"
+        return [[f"{p[0]}:{k}" for k in range(n)] for p in prompts]
+
+
+def test_exact_policy_versions_when_the_test_orders_every_event():
+    engine = GatedEngine()
+    with AsyncRollouts(engine, request, 0, 4, max_staleness=1) as rollouts:
+        assert engine.entered[0].wait(10)
+        engine.gate[0].set()
+        assert rollouts.get(0, timeout=10).policy_version == 0
+        assert engine.entered[1].wait(10)  # step 1 may use version 0 (1 - staleness 1): it did not wait
+        rollouts.publish({"version": 1}, 1)  # published while step 1 is being sampled
+        engine.gate[1].set()
+        assert rollouts.get(1, timeout=10).policy_version == 0
+        assert engine.entered[2].wait(10)  # step 2 needs version >= 1: it loaded the published weights
+        assert engine.loaded == [1]
+        rollouts.publish({"version": 2}, 2)
+        rollouts.publish({"version": 3}, 3)  # two publishes before the worker looks: it loads the newest only
+        engine.gate[2].set()
+        assert rollouts.get(2, timeout=10).policy_version == 1
+        assert engine.entered[3].wait(10)
+        engine.gate[3].set()
+        assert rollouts.get(3, timeout=10).policy_version == 3 and engine.loaded == [1, 3]
     assert no_worker_left()
-    with pytest.raises(ValueError, match="max_staleness"):
-        AsyncRollouts(LaggyEngine(), request, 0, 1, max_staleness=-1)
+
+
+def test_close_while_the_worker_waits_for_a_newer_policy():
+    engine = GatedEngine()
+    for step in range(3):
+        engine.gate[step].set()
+    rollouts = AsyncRollouts(engine, request, 0, 100, max_staleness=2)
+    assert engine.entered[2].wait(10)  # steps 0-2 use version 0; step 3 waits for version 1
+    rollouts.close()
+    assert no_worker_left() and not engine.entered[3].is_set()
 
 
 def tiny_config(tmp_path, name, **kw):

@@ -140,8 +140,11 @@ def test_loss_equals_full_logit_computation(science_rows_path):
     expected = torch.stack(per_sequence).mean()
     assert torch.allclose(ours.loss, expected, rtol=1e-5, atol=1e-6), (float(ours.loss), float(expected))
     ours.loss.backward()
-    assert student.get_output_embeddings().weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
+    grad_ours = student.get_output_embeddings().weight.grad.clone()
+    student.zero_grad()
+    expected.backward()  # the full-logit loss's gradient through the same (tied) head
+    assert torch.allclose(grad_ours, student.get_output_embeddings().weight.grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("dataset", ["science", "tooluse"])
@@ -174,7 +177,9 @@ def test_two_steps_p_acc_ema_and_no_teacher_grad(dataset, calibrate, tmp_path, r
     for record in history:
         expected = sum(correct_count(examples[i].id) / K for i in record["prompts"]) / len(record["prompts"])
         assert record["mean_p_acc"] == pytest.approx(expected)
-        assert record["format_adherence"] == 1.0 and record["loss"] > 0
+        assert record["format_adherence"] == 1.0 and record["kl"] == record["loss"]
+        assert record["wrong_reasons"] == {"wrong answer" if dataset == "science" else "wrong call":
+                                           sum(K - correct_count(examples[i].id) for i in record["prompts"])}
     assert all(p.grad is None for p in result["teacher"].parameters())
     assert (tmp_path / "run" / "final" / "config.json").exists()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -338,3 +343,24 @@ def test_gradient_checkpointing_is_on_and_changes_nothing(science_rows_path, tmp
     assert checkpointed["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=1e-6)
     for name, value in plain["student"].state_dict().items():
         assert torch.allclose(value, checkpointed["student"].state_dict()[name], atol=1e-6), name
+
+
+def test_logged_loss_is_the_distillation_loss_of_the_step(science_rows_path, tmp_path, monkeypatch):
+    """Step 1's logged loss, recomputed from the step's targets with the initial weights (the
+    teacher starts as a copy of the student) in one micro-batch."""
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    import caopd.trainer as trainer_module
+    seen = []
+
+    def recording_make_batch(tokenizer, targets, *args, **kwargs):
+        seen.append((targets, args, kwargs))
+        return make_batch(tokenizer, targets, *args, **kwargs)
+    monkeypatch.setattr(trainer_module, "make_batch", recording_make_batch)
+    config = config_for(data, "science", tmp_path / "run", max_steps=1, micro_batch_prompts=3)
+    result, _ = run(config, examples)
+    tokenizer = load_tokenizer("tiny-qwen3", str(tmp_path / "run" / "tokenizer"))
+    start = load_model("tiny-qwen3", tokenizer, seed=config.seed)
+    ((targets, args, kwargs),) = seen
+    batch = make_batch(tokenizer, targets, *args, **kwargs)
+    expected = distillation_loss(start, start, batch, skip_tokens=config.skip_loss_tokens, impl="torch")
+    assert result["history"][0]["loss"] == pytest.approx(float(expected.loss.detach()), rel=1e-6)
