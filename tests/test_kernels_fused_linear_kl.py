@@ -5,9 +5,12 @@ than the reference's own error in the same dtype, plus a small tolerance.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from caopd_kernels import FusedLinearKL, fused_linear_kl
+from caopd_kernels.fused_linear_kl import chunk_tokens_for_budget, resolve_impl
 from caopd_kernels.torch_chunked import kl_rows_torch
 from caopd_kernels.triton_kl import kl_rows_triton
 
@@ -318,3 +321,97 @@ def test_fused_triton_with_small_blocks_equals_the_reference(divergence, monkeyp
 def test_block_v_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         kl_rows_triton(torch.zeros(1, 100), torch.zeros(1, 100), "reverse", 0.5, False, block_v=1000)
+
+
+# Hand-computed values (issue 12): not only the project's own reference. With H = V = 3 and the
+# identity as both heads, the hidden states are the logits: p = softmax(log P) = P exactly.
+P_STUDENT, Q_TEACHER = [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]
+BY_HAND = {
+    "reverse": 0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(0.2 / 0.3) + 0.1 * math.log(0.1 / 0.5),
+    "forward": 0.2 * math.log(0.2 / 0.7) + 0.3 * math.log(0.3 / 0.2) + 0.5 * math.log(0.5 / 0.1),
+    # beta 0.3: m = 0.3 q + 0.7 p = [0.55, 0.23, 0.22]; 0.3 KL(q||m) + 0.7 KL(p||m)
+    "jsd": 0.3 * (0.2 * math.log(0.2 / 0.55) + 0.3 * math.log(0.3 / 0.23) + 0.5 * math.log(0.5 / 0.22))
+    + 0.7 * (0.7 * math.log(0.7 / 0.55) + 0.2 * math.log(0.2 / 0.23) + 0.1 * math.log(0.1 / 0.22)),
+}
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, "reference"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_three_token_vocabulary_by_hand(impl, divergence):
+    eye = torch.eye(3, dtype=torch.float64 if impl != "triton" else torch.float32)
+    student = torch.tensor([P_STUDENT], dtype=eye.dtype).log()
+    teacher = torch.tensor([Q_TEACHER], dtype=eye.dtype).log()
+    loss = fused_linear_kl(student, eye, teacher, eye, divergence=divergence, beta=0.3, impl=impl)
+    assert float(loss) == pytest.approx(BY_HAND[divergence], rel=1e-6)
+    # temperature 2: p ~ sqrt(P); reverse KL of the renormalized square roots, by hand
+    if divergence == "reverse":
+        sp = [x ** 0.5 / sum(y ** 0.5 for y in P_STUDENT) for x in P_STUDENT]
+        sq = [x ** 0.5 / sum(y ** 0.5 for y in Q_TEACHER) for x in Q_TEACHER]
+        expected = sum(a * math.log(a / b) for a, b in zip(sp, sq))
+        warm = fused_linear_kl(student, eye, teacher, eye, temperature=2.0, impl=impl)
+        assert float(warm) == pytest.approx(expected, rel=1e-6)
+
+
+def test_chunk_tokens_for_budget_values():
+    v = 151_936
+    assert chunk_tokens_for_budget(v, "torch", "reverse", 768 << 20) == (768 << 20) // (2 * v * 4) == 662
+    assert chunk_tokens_for_budget(v, "torch", "forward", 768 << 20) == 441
+    assert chunk_tokens_for_budget(v, "torch", "jsd", 768 << 20) == 265
+    assert chunk_tokens_for_budget(v, "triton", "jsd", 768 << 20) == 662  # two [C, V] buffers whatever the loss
+    assert chunk_tokens_for_budget(v, "torch", "reverse", 1) == 1  # never below one token
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_teacher_bias(impl):
+    hs, ws, ht, wt, mask, bs = make_inputs(13, 8, 1000, torch.float32, bias=True)
+    bt = torch.randn(1000, generator=torch.Generator().manual_seed(9))
+    ours = fused_linear_kl(hs, ws, ht, wt, mask, student_bias=bs, teacher_bias=bt, impl=impl, chunk_tokens=4)
+    expected = fused_linear_kl(hs.double(), ws.double(), ht.double(), wt.double(), mask, student_bias=bs.double(),
+                               teacher_bias=bt.double(), impl="reference")
+    assert float(ours) == pytest.approx(float(expected), rel=1e-5)
+    without = fused_linear_kl(hs, ws, ht, wt, mask, student_bias=bs, impl=impl, chunk_tokens=4)
+    assert abs(float(without) - float(expected)) > 1e-3  # the bias matters here, so it was used
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fp16_error_no_worse_than_torch_in_fp16(impl, divergence):
+    inputs = make_inputs(21, 16, 1000, torch.float16, bias=True)
+    truth = run("reference", upcast(inputs), divergence=divergence)
+    torch_fp16 = run("reference", inputs, divergence=divergence)
+    ours = run(impl, inputs, chunk_tokens=8, divergence=divergence)
+    for name, o, r, t in zip(["loss", "d hidden", "d weight", "d bias"], ours, torch_fp16, truth):
+        assert (o - t).abs().max() <= (r - t).abs().max() + 1e-3 + 1e-2 * t.abs().max(), f"{impl} {name}"
+
+
+def test_impl_auto_is_torch_on_cpu():
+    inputs = make_inputs(11, 8, 1000, torch.float32)
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert resolve_impl("auto", torch.device("cuda", 0)) == "triton"
+    assert torch.equal(run("auto", inputs, chunk_tokens=4)[0], run("torch", inputs, chunk_tokens=4)[0])
+
+
+def test_triton_errors_on_cpu_without_the_interpreter_and_on_fp64(monkeypatch):
+    import caopd_kernels.triton_kl as triton_kl
+
+    hs, ws, ht, wt, mask, _ = make_inputs(5, 4, 100, torch.float32)
+    with pytest.raises(ValueError, match="impl='triton' takes float32, bfloat16 or float16"):
+        fused_linear_kl(hs.double(), ws.double(), ht.double(), wt.double(), impl="triton")
+    monkeypatch.setattr(triton_kl, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="needs CUDA tensors; on CPU set TRITON_INTERPRET=1"):
+        fused_linear_kl(hs, ws, ht, wt, impl="triton")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(teacher_hidden=torch.randn(5, 6)), "teacher_hidden has H_t = 6 but teacher_weight has 4"),
+    (dict(teacher_hidden=torch.randn(5, 4).double(), teacher_weight=torch.randn(11, 4)), "teacher_hidden is"),
+    (dict(student_weight=torch.randn(11, 4, device="meta")), "all tensors must be on one device"),
+    (dict(teacher_bias=torch.zeros(11).double()), r"teacher_bias must be \[V\] = \[11\] of dtype torch.float32"),
+])
+def test_teacher_side_mismatches_are_named(change, message):
+    args = dict(student_hidden=torch.randn(5, 4), student_weight=torch.randn(11, 4), teacher_hidden=torch.randn(5, 4),
+                teacher_weight=torch.randn(11, 4))
+    args.update(change)
+    bias = args.pop("teacher_bias", None)
+    with pytest.raises(ValueError, match=message):
+        fused_linear_kl(**args, teacher_bias=bias)
