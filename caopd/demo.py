@@ -67,7 +67,10 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(warmup_examples=1500, train_examples=400, heldout_examples=120, ood_examples=60, warmup_steps=60,
+        """About 40 s a seed on 2 CPU cores. 150 warm-up steps (60 left the base model without the
+        answer format, and OPD and CaOPD then stated alike): with them OPD already states ~0.85
+        and CaOPD ~0.15 after 8 steps, the paper's direction, which the test suite checks."""
+        return cls(warmup_examples=1500, train_examples=400, heldout_examples=120, ood_examples=60, warmup_steps=150,
                    train_steps=8, prompts_per_step=8, eval_samples=2)
 
 

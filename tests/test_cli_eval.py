@@ -17,9 +17,11 @@ def _gold_completions(path, dataset, confidence="Confidence: 0.80"):
             for e in load_examples(path, dataset)]
 
 
-@pytest.mark.parametrize("dataset", ["science", "tooluse"])
-def test_eval_gold_completions(tmp_path, dataset, request, capsys):
-    data = request.getfixturevalue(f"{dataset}_path")
+@pytest.mark.parametrize("dataset, rows", [("science", "science_rows_path"), ("tooluse", "tooluse_rows_path"),
+                                           ("science", "science_path"), ("tooluse", "tooluse_path")])
+def test_eval_gold_completions(tmp_path, dataset, rows, request, capsys):
+    """On the shipped/synthetic rows (core) and, where ../shared is present, the real ones."""
+    data = request.getfixturevalue(rows)
     rows = _gold_completions(data, dataset)
     completions = write_jsonl(tmp_path / "c.jsonl", rows)
     out, plot = tmp_path / "m.json", tmp_path / "r.png"
@@ -33,20 +35,20 @@ def test_eval_gold_completions(tmp_path, dataset, request, capsys):
     assert "ECE (10 bins)" in capsys.readouterr().out
 
 
-def test_eval_repeated_ids_and_missing_confidence(tmp_path, science_path, capsys):
+def test_eval_repeated_ids_and_missing_confidence(tmp_path, science_rows_path, capsys):
     rows = [{"id": 0, "completion": "<answer>A</answer>\nConfidence: 0.9"},
             {"id": 0, "completion": "<answer>B</answer>\nConfidence: 0.9"},
             {"id": 1, "completion": "<answer>A</answer>"},
             {"id": 2, "completion": "<answer>A</answer>\nConfidence: 140%"}]
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     out = tmp_path / "m.json"
-    assert main(["eval", "--dataset", "science", "--data", str(science_path), "--input", str(path),
+    assert main(["eval", "--dataset", "science", "--data", str(science_rows_path), "--input", str(path),
                  "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["n_completions"] == 4 and report["n_missing_confidence"] == 1 and report["n_clipped"] == 1
     assert report["metrics"]["n"] == 3 and report["format_adherence"] == 0.75
     assert "1 of 4 completions state no confidence" in capsys.readouterr().err
-    assert main(["eval", "--dataset", "science", "--data", str(science_path), "--input", str(path),
+    assert main(["eval", "--dataset", "science", "--data", str(science_rows_path), "--input", str(path),
                  "--output", str(out), "--missing-confidence", "zero"]) == 0
     report = json.loads(out.read_text())
     assert report["metrics"]["n"] == 4 and report["metrics"]["mean_confidence"] == pytest.approx(2.8 / 4)
@@ -60,11 +62,11 @@ def test_eval_repeated_ids_and_missing_confidence(tmp_path, science_path, capsys
     ([{"id": 0, "completion": ["x"]}], "c.jsonl:1: field 'completion' must be str, got list"),
     ([{"id": 0}], "c.jsonl:1: missing field 'completion'"),
 ])
-def test_eval_bad_input_is_one_line(tmp_path, science_path, capsys, rows, message):
+def test_eval_bad_input_is_one_line(tmp_path, science_rows_path, capsys, rows, message):
     path = tmp_path / "c.jsonl"
     if rows is not None:
         write_jsonl(path, rows)
-    assert main(["eval", "--dataset", "science", "--data", str(science_path), "--input", str(path)]) == 2
+    assert main(["eval", "--dataset", "science", "--data", str(science_rows_path), "--input", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith("caopd eval: error:")
 
@@ -83,8 +85,13 @@ def test_eval_of_the_shipped_example(tmp_path):
                  "--input", str(example / "arith_mc_completions.jsonl"), "--output", str(tmp_path / "metrics.json"),
                  "--plot", str(tmp_path / "reliability.png")]) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
-    assert report["n_completions"] == 480 and 0.4 < report["accuracy_all"] < 0.8
-    assert report["metrics"]["ocg"] > 0.15  # the simulated model is overconfident by construction
+    assert report["n_completions"] == 480 and report["accuracy_all"] == pytest.approx(289 / 480)
+    assert report["n_missing_confidence"] == 14 and report["n_clipped"] == 11
+    m = report["metrics"]  # pinned: the shipped files are fixed; the simulated model is overconfident
+    assert m["n"] == 466 and m["accuracy"] == pytest.approx(281 / 466)
+    assert (m["ece"], m["brier"], m["spr"], m["auroc"], m["ocg"], m["mean_confidence"]) == pytest.approx(
+        (0.2958154506437765, 0.33067360515021466, 0.4735789169952871, 0.4978455323651053, 0.2958154506437769,
+         0.8988197424892704), rel=1e-9)
     assert (tmp_path / "reliability.png").stat().st_size > 10_000
 
 
@@ -121,3 +128,19 @@ def test_eval_bad_paths_are_one_line_before_any_scoring(tmp_path, capsys, case, 
     err = captured.err.strip()
     assert message.format(tmp=tmp_path) in err and "\n" not in err, err
     assert "accuracy" not in captured.out  # nothing was scored and printed
+
+
+def test_eval_split_of_a_saved_dataset_dict(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets", reason="the dev extra installs datasets")
+    rows = [json.loads(line) for line in open(EXAMPLE_DATA)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:50]),
+                          "eval": datasets.Dataset.from_list(rows[50:60])}).save_to_disk(str(tmp_path / "dd"))
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"id": r["id"], "completion": f"<answer>{r['answer']}</answer>"
+                                                      f"\nConfidence: 0.9"} for r in rows[50:60]])
+    args = ["eval", "--dataset", "science", "--data", str(tmp_path / "dd"), "--input", str(completions)]
+    assert main([*args, "--split", "eval", "--output", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy_all"] == 1.0
+    assert main([*args, "--split", "train"]) == 2  # ids 50-59 are not in the train split
+    assert "id 50 is not in the dataset (50 examples)" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "a DatasetDict with splits ['train', 'eval']; choose one with split=" in capsys.readouterr().err

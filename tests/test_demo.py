@@ -83,14 +83,20 @@ def test_tokenizer_splits_digits_so_every_confidence_value_is_digit_tokens():
 
 
 def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["quick"] and report["seeds"] == [0] and len(report["per_seed"]) == 1
+    assert report["quick"] and report["seeds"] == [0, 1] and len(report["per_seed"]) == 2
+    for seed in report["per_seed"]:  # the paper's direction, even in 8 quick steps: OPD states more
+        for split in ("heldout", "ood"):
+            opd, caopd = (seed["evaluation"][m][split]["metrics"] for m in ("OPD", "CaOPD"))
+            assert opd["mean_confidence"] > caopd["mean_confidence"] and opd["ocg"] > caopd["ocg"], (seed, split)
+    assert " ± " in (tmp_path / "report.md").read_text()  # the spread over the two seeds
     result = report["per_seed"][0]
     for model in ("base", "OPD", "CaOPD"):
         for split in ("heldout", "ood"):
             metrics = result["evaluation"][model][split]["metrics"]
-            assert metrics["n"] > 0
+            examples = report["settings"]["heldout_examples" if split == "heldout" else "ood_examples"]
+            assert metrics["n"] == examples * report["settings"]["eval_samples"]  # missing confidence counts 0
             for key in ("accuracy", "ece", "brier", "spr", "ocg", "mean_confidence"):
                 assert math.isfinite(metrics[key]), (model, split, key)
     steps = report["settings"]["train_steps"]

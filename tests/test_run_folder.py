@@ -306,3 +306,14 @@ def test_max_grad_norm_zero_means_no_clipping(tmp_path):
     assert result["history"][0]["grad_norm"] > 0
     assert not torch.equal(result["student"].state_dict()["model.norm.weight"],
                            result["teacher"].state_dict()["model.norm.weight"])  # the frozen teacher = the start
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "caopd" / "configs").glob("*.yaml")))
+def test_packaged_configs_load_and_validate(name):
+    config = load_config(name, [])
+    assert config.output_dir.startswith("runs/")
+    if name.endswith("qwen3-8b-h200"):  # the paper's settings
+        assert (config.model, config.num_generations, config.learning_rate, config.prompts_per_step,
+                config.teacher_ema, config.skip_loss_tokens, config.max_completion_length) == \
+            ("Qwen/Qwen3-8B", 8, 2e-5, 32, 0.01, 3, 1024)
+        assert config.dataset == name.split("-")[0] and config.gradient_checkpointing and config.bf16

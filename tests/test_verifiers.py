@@ -9,9 +9,11 @@ from caopd.verifiers import TASKS, parse_tool_call, verify_science, verify_toolu
 GOLD = [{"Action": "search", "Action_Input": '{"q": "axolotl", "limit": 3, "opts": {"a": [1, 2]}}'}]
 
 
-@pytest.mark.parametrize("dataset", ["science", "tooluse"])
-def test_gold_renders_score_100_and_shuffled_do_not(dataset, request):
-    examples = load_examples(request.getfixturevalue(f"{dataset}_path"), dataset)
+@pytest.mark.parametrize("dataset, rows", [("science", "science_rows_path"), ("tooluse", "tooluse_rows_path"),
+                                           ("science", "science_path"), ("tooluse", "tooluse_path")])
+def test_gold_renders_score_100_and_shuffled_do_not(dataset, rows, request):
+    """Shipped/synthetic rows (core) and, where ../shared is present, every real row."""
+    examples = load_examples(request.getfixturevalue(rows), dataset)
     task = TASKS[dataset]
     rendered = [task.render_answer(e.gold) + "\nConfidence: 0.9" for e in examples]
     assert all(task.verify(c, e.gold) for c, e in zip(rendered, examples))
