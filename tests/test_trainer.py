@@ -22,13 +22,12 @@ from caopd_kernels.reference import kl_per_token
 from safetensors.torch import load_file
 
 from caopd.calibration import RolloutGroup, build_targets
-from caopd.config import TrainConfig, load_config
+from caopd.config import TrainConfig
 from caopd.data import load_examples
 from caopd.engines.base import ScriptedEngine
-from caopd.errors import InputError
 from caopd.loss import distillation_loss, make_batch
 from caopd.models import load_model, load_tokenizer
-from caopd.prompts import CONFIDENCE_INSTRUCTION, student_messages
+from caopd.prompts import student_messages
 from caopd.trainer import prompts_at, train, warmup_cosine
 from caopd.verifiers import TASKS
 
@@ -75,45 +74,6 @@ def config_for(data, dataset, out, **kw) -> TrainConfig:
 def run(config, examples, stop_after_steps=None):
     engine = KnownVerdictEngine(examples, config.dataset, Path(config.output_dir))
     return train(config, engine=engine, stop_after_steps=stop_after_steps, quiet=True), engine
-
-
-def test_student_prompt_injection(tooluse_rows_path, science_rows_path):
-    tool = load_examples(tooluse_rows_path, "tooluse")[0]
-    content = student_messages(tool)[0]["content"]
-    assert content.index(CONFIDENCE_INSTRUCTION) < content.index("\n\nBegin!") and content.count("Begin!") == 1
-    science = load_examples(science_rows_path, "science")[0]
-    messages = student_messages(science)
-    assert messages[0] == science.prompt[0] and messages[1]["content"].endswith(CONFIDENCE_INSTRUCTION)
-
-
-@pytest.mark.parametrize("mode", ["demo", "correct_solution"])
-def test_targets_carry_p_acc_in_three_places(science_rows_path, mode):
-    example = load_examples(science_rows_path, "science")[3]
-    gold = TASKS["science"].render_answer(example.gold)
-    completions = [gold + "\nConfidence: 0.99", "<answer>Z</answer>\nConfidence: 0.9", "no answer", gold]
-    group = RolloutGroup(example, completions, [True, False, False, True])
-    targets = build_targets(group, "science", mode, calibrate=True, rng=random.Random(0))
-    assert group.p_acc == 0.5 and len(targets) == 4
-    for t, c in zip(targets, completions):
-        assert t.confidence_line == "Confidence: 0.50" and "Confidence" not in t.completion
-        assert t.completion == c.split("\nConfidence")[0]
-    teacher = targets[0].teacher_messages[-1]["content"]
-    assert "Confidence: 0.50" in teacher and "Confidence: 0.99" not in teacher
-    note = "The empirical confidence for this question is 0.50. Output this exact value in the 'Confidence:' field."
-    closing = "Now answer with a response of your own" if mode == "demo" else "Correctly solve the original question."
-    assert teacher.index(note) < teacher.index(closing)
-    assert ("This is an example for a response" in teacher) == (mode == "demo")
-    plain = build_targets(group, "science", mode, calibrate=False, rng=random.Random(0))
-    assert plain[0].completion == completions[0] and plain[0].confidence_line is None
-    assert "Confidence: 1.00" in plain[0].teacher_messages[-1]["content"] and note not in \
-        plain[0].teacher_messages[-1]["content"]
-
-
-def test_correct_solution_without_a_correct_rollout_falls_back_to_demo(science_rows_path):
-    example = load_examples(science_rows_path, "science")[0]
-    group = RolloutGroup(example, ["x", "y"], [False, False])
-    (t, _) = build_targets(group, "science", "correct_solution", calibrate=True, rng=random.Random(0))
-    assert t.used_fallback and "This is an example for a response" in t.teacher_messages[-1]["content"]
 
 
 def test_loss_equals_full_logit_computation(science_rows_path):
@@ -217,23 +177,6 @@ def test_kill_then_resume_equals_uninterrupted(science_rows_path, tmp_path, asyn
         assert torch.equal(value, resumed["student"].state_dict()[name]), name
     for name, value in straight["teacher"].state_dict().items():
         assert torch.equal(value, resumed["teacher"].state_dict()[name]), name
-
-
-def test_config_overrides_and_errors(tmp_path):
-    config = load_config("tiny", ["--num-generations", "2", "--empirical-calibration", "false",
-                                  "--chat-template-kwargs", "{enable_thinking: true}"])
-    assert config.num_generations == 2 and not config.empirical_calibration
-    assert config.chat_template_kwargs == {"enable_thinking": True} and config.data_path().exists()
-    with pytest.raises(InputError, match="unknown option '--nope'"):
-        load_config("tiny", ["--nope", "1"])
-    with pytest.raises(InputError, match="expected int"):
-        load_config("tiny", ["--num-generations", "many"])
-    with pytest.raises(InputError, match="'divergence'"):
-        load_config("tiny", ["--divergence", "kl"])
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("learning_rat: 1\n")
-    with pytest.raises(InputError, match="unknown config field 'learning_rat'"):
-        load_config(str(bad), [])
 
 
 class RecordingEngine(KnownVerdictEngine):

@@ -1,0 +1,75 @@
+"""Stages 2-4 on synthetic and shipped rows: the student prompt, P_acc, the three replacements
+(the completion's confidence, the teacher context's confidence, the note), the teacher contexts.
+
+Deliberate bugs these catch (issue 12): P_acc = correct/(K+1); a replacement left out; the
+correct_solution context without its fallback. Fast: nothing here trains.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from caopd.calibration import RolloutGroup, build_targets
+from caopd.data import load_examples
+from caopd.prompts import CONFIDENCE_INSTRUCTION, student_messages
+from caopd.verifiers import TASKS
+
+
+def test_student_prompt_injection(tooluse_rows_path, science_rows_path):
+    tool = load_examples(tooluse_rows_path, "tooluse")[0]
+    content = student_messages(tool)[0]["content"]
+    assert content.index(CONFIDENCE_INSTRUCTION) < content.index("\n\nBegin!") and content.count("Begin!") == 1
+    science = load_examples(science_rows_path, "science")[0]
+    messages = student_messages(science)
+    assert messages[0] == science.prompt[0] and messages[1]["content"].endswith(CONFIDENCE_INSTRUCTION)
+
+
+@pytest.mark.parametrize("mode", ["demo", "correct_solution"])
+def test_targets_carry_p_acc_in_three_places(science_rows_path, mode):
+    example = load_examples(science_rows_path, "science")[3]
+    gold = TASKS["science"].render_answer(example.gold)
+    completions = [gold + "\nConfidence: 0.99", "<answer>Z</answer>\nConfidence: 0.9", "no answer", gold]
+    group = RolloutGroup(example, completions, [True, False, False, True])
+    targets = build_targets(group, "science", mode, calibrate=True, rng=random.Random(0))
+    assert group.p_acc == 0.5 and len(targets) == 4
+    for t, c in zip(targets, completions):
+        assert t.confidence_line == "Confidence: 0.50" and "Confidence" not in t.completion
+        assert t.completion == c.split("\nConfidence")[0]
+    teacher = targets[0].teacher_messages[-1]["content"]
+    assert "Confidence: 0.50" in teacher and "Confidence: 0.99" not in teacher
+    note = "The empirical confidence for this question is 0.50. Output this exact value in the 'Confidence:' field."
+    closing = "Now answer with a response of your own" if mode == "demo" else "Correctly solve the original question."
+    assert teacher.index(note) < teacher.index(closing)
+    assert ("This is an example for a response" in teacher) == (mode == "demo")
+    plain = build_targets(group, "science", mode, calibrate=False, rng=random.Random(0))
+    assert plain[0].completion == completions[0] and plain[0].confidence_line is None
+    assert "Confidence: 1.00" in plain[0].teacher_messages[-1]["content"] and note not in \
+        plain[0].teacher_messages[-1]["content"]
+
+
+def test_correct_solution_without_a_correct_rollout_falls_back_to_demo(science_rows_path):
+    example = load_examples(science_rows_path, "science")[0]
+    group = RolloutGroup(example, ["x", "y"], [False, False])
+    (t, _) = build_targets(group, "science", "correct_solution", calibrate=True, rng=random.Random(0))
+    assert t.used_fallback and "This is an example for a response" in t.teacher_messages[-1]["content"]
+
+
+
+@pytest.mark.parametrize("correct, p_acc", [([True] * 8, 1.0), ([False] * 8, 0.0), ([True, False, False, False], 0.25),
+                                            ([True, True, False], 2 / 3)])
+def test_p_acc_is_correct_over_k(correct, p_acc, science_rows_path):
+    example = load_examples(science_rows_path, "science")[0]
+    group = RolloutGroup(example, [f"c{k}\nConfidence: 0.9" for k in range(len(correct))], correct)
+    assert group.p_acc == p_acc and group.confidences == [0.9] * len(correct) and group.format_adherence == 1.0
+    targets = build_targets(group, "science", "demo", calibrate=True, rng=random.Random(0))
+    assert {t.confidence_line for t in targets} == {f"Confidence: {p_acc:.2f}"}
+    assert [t.completion for t in targets] == [f"c{k}" for k in range(len(correct))]
+
+
+def test_verify_rollouts_gives_verdicts_and_reasons(science_rows_path):
+    from caopd.calibration import verify_rollouts
+
+    example = load_examples(science_rows_path, "science")[0]  # gold B
+    group = verify_rollouts(example, ["<answer>B</answer>", "<answer>C</answer>", "no tags"], "science")
+    assert group.correct == [True, False, False] and group.reasons == (None, "wrong answer", "no answer")

@@ -1,0 +1,125 @@
+"""The training config: overrides, checks (ranges, finiteness, types), the generated --help, what
+may change on --resume, the packaged configs. Fast: nothing here trains.
+
+Regression tests of issue 11 (items 9 and 13) and issue 12 (the packaged configs validate).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from caopd.cli import main
+from caopd.config import MAY_CHANGE_ON_RESUME, TrainConfig, load_config
+from caopd.errors import InputError
+from caopd.run_folder import config_changes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("caopd train: error:"), err
+    return err[0]
+
+
+def test_config_overrides_and_errors(tmp_path):
+    config = load_config("tiny", ["--num-generations", "2", "--empirical-calibration", "false",
+                                  "--chat-template-kwargs", "{enable_thinking: true}"])
+    assert config.num_generations == 2 and not config.empirical_calibration
+    assert config.chat_template_kwargs == {"enable_thinking": True} and config.data_path().exists()
+    with pytest.raises(InputError, match="unknown option '--nope'"):
+        load_config("tiny", ["--nope", "1"])
+    with pytest.raises(InputError, match="expected int"):
+        load_config("tiny", ["--num-generations", "many"])
+    with pytest.raises(InputError, match="'divergence'"):
+        load_config("tiny", ["--divergence", "kl"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 1\n")
+    with pytest.raises(InputError, match="unknown config field 'learning_rat'"):
+        load_config(str(bad), [])
+
+
+def test_config_changes_classifies_every_field():
+    saved = dataclasses.asdict(TrainConfig())
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("resume", "overwrite"):
+            continue
+        value = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v / 2 + 0.01,
+                 str: lambda v: "other", dict: lambda v: {"x": 1}, type(None): lambda v: "train"}[type(f.default if
+                                                                                                    f.default is not
+                                                                                                    dataclasses.MISSING
+                                                                                                    else {})](
+            saved[f.name])
+        changed = dict(saved, **{f.name: value})
+        refused, applied = config_changes(changed, TrainConfig())
+        assert (applied if f.name in MAY_CHANGE_ON_RESUME else refused), f.name
+        assert not (refused and applied)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_grad_norm", "-1", "'max_grad_norm' must be >= 0"),
+    ("learning_rate", "inf", "'learning_rate' must be a finite number"),
+    ("learning_rate", "nan", "'learning_rate' must be a finite number"),
+    ("temperature", "nan", "'temperature' must be a finite number"),
+    ("sampling_temperature", "-0.5", "'sampling_temperature' must be >= 0"),
+    ("top_p", "0", "'top_p' must be in (0, 1]"),
+    ("teacher_ema", "nan", "'teacher_ema' must be a finite number"),
+    ("weight_decay", "-1", "'weight_decay' must be >= 0"),
+    ("save_total_limit", "-1", "'save_total_limit' must be >= 0"),
+])
+def test_config_ranges_and_finiteness(field, value, message):
+    """Item 9: these reached torch (a negative clip norm made training ascend the loss)."""
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_config("tiny", ["--" + field.replace("_", "-"), value])
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-3\nmax_steps: 3\n")  # PyYAML reads 1e-3 as a string
+    assert load_config(str(path), []).learning_rate == 1e-3
+    path.write_text("learning_rate: fast\n")
+    with pytest.raises(InputError, match="--learning-rate: expected float, got 'fast'"):
+        load_config(str(path), [])
+    path.write_text("num_generatons: 3\n")
+    with pytest.raises(InputError, match="unknown config field 'num_generatons' \\(did you mean 'num_generations'"):
+        load_config(str(path), [])
+
+
+def test_help_lists_every_field_with_its_default(capsys):
+    """Item 13: --help listed none of the config fields."""
+    assert main(["train", "--help"]) == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert f.metadata["help"] and flag in text, f.name
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert "".join(f"{f.metadata['help']} (default: {default})".split()) in text, f.name
+    for group in ("modelanddata:", "CaOPD:", "sampling:", "optimization:", "runfolderandcheckpoints:"):
+        assert group in text
+
+
+@pytest.mark.parametrize("flag, suggestion", [("--num-generation", "--num-generations"),
+                                              ("--teacher_ema", "--teacher-ema"),
+                                              ("--skip-loss-token", "--skip-loss-tokens")])
+def test_an_unknown_option_suggests_the_closest_field(capsys, flag, suggestion):
+    assert main(["train", flag, "3"]) == 2
+    assert f"unknown option '{flag}' (did you mean {suggestion}?)" in one_line_error(capsys)
+
+
+def test_boolean_options_take_a_value_or_none():
+    assert main(["train", "--overwrite", "maybe"]) == 2
+    assert load_config("tiny", ["--overwrite", "true"]).overwrite
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "caopd" / "configs").glob("*.yaml")))
+def test_packaged_configs_load_and_validate(name):
+    config = load_config(name, [])
+    assert config.output_dir.startswith("runs/")
+    if name.endswith("qwen3-8b-h200"):  # the paper's settings
+        assert (config.model, config.num_generations, config.learning_rate, config.prompts_per_step,
+                config.teacher_ema, config.skip_loss_tokens, config.max_completion_length) == \
+            ("Qwen/Qwen3-8B", 8, 2e-5, 32, 0.01, 3, 1024)
+        assert config.dataset == name.split("-")[0] and config.gradient_checkpointing and config.bf16
