@@ -11,8 +11,14 @@ import random
 import pytest
 
 from caopd.calibration import RolloutGroup, build_targets
-from caopd.data import load_examples
-from caopd.prompts import CONFIDENCE_INSTRUCTION, student_messages
+from caopd.data import Example, load_examples
+from caopd.prompts import (
+    CONFIDENCE_INSTRUCTION,
+    demonstration,
+    inject_confidence_instruction,
+    student_messages,
+    teacher_messages,
+)
 from caopd.verifiers import TASKS
 
 
@@ -73,3 +79,44 @@ def test_verify_rollouts_gives_verdicts_and_reasons(science_rows_path):
     example = load_examples(science_rows_path, "science")[0]  # gold B
     group = verify_rollouts(example, ["<answer>B</answer>", "<answer>C</answer>", "no tags"], "science")
     assert group.correct == [True, False, False] and group.reasons == (None, "wrong answer", "no answer")
+
+
+PLAIN = Example(3, "What is 2 + 2?\nA: 3\nB: 4", "B", "<answer>B</answer>\nConfidence: 0.95", "synthetic")
+NO_DEMO = Example(4, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1 + 1?"}],
+                  "C", None, "synthetic")
+
+
+def test_prompts_exactly():
+    """The texts the models see, pinned whole (a changed word is a changed experiment)."""
+    assert inject_confidence_instruction("tools\n\nBegin!\nQuestion: q\n\nBegin!") == \
+        f"tools\n{CONFIDENCE_INSTRUCTION}\n\nBegin!\nQuestion: q\n\nBegin!"  # only the first anchor
+    assert inject_confidence_instruction("  What?  \n") == f"  What?\n\n{CONFIDENCE_INSTRUCTION}"
+    assert student_messages(PLAIN) == [{"role": "user", "content": f"What is 2 + 2?\nA: 3\nB: 4\n\n"
+                                                                   f"{CONFIDENCE_INSTRUCTION}"}]
+    assert student_messages(NO_DEMO)[0] == {"role": "system", "content": "Be brief."}
+    assert demonstration(PLAIN, "science") == "<answer>B</answer>\nConfidence: 0.95"
+    assert demonstration(NO_DEMO, "science") == "<answer>\nC\n</answer>"
+    question = student_messages(PLAIN)[0]["content"]
+    demo = teacher_messages(PLAIN, "<answer>B</answer>\nConfidence: 0.95", "demo", 0.25)
+    assert demo == [{"role": "user", "content": "\n\n".join([
+        question, "This is an example for a response to the question:", "<answer>B</answer>\nConfidence: 0.25",
+        "The empirical confidence for this question is 0.25. Output this exact value in the 'Confidence:' field.",
+        "Now answer with a response of your own, including the thinking process."])}]
+    solved = teacher_messages(PLAIN, "<answer>B</answer>", "correct_solution", None)
+    assert solved == [{"role": "user", "content": "\n\n".join([
+        question, "Correct solution:", "<answer>B</answer>\nConfidence: 1.00", "Correctly solve the original question."])}]
+    with pytest.raises(ValueError, match=r"teacher context mode must be one of \('demo', 'correct_solution'\), "
+                                         r"got 'sdft'"):
+        teacher_messages(PLAIN, "x", "sdft", None)
+
+
+def test_targets_keep_the_example_and_p_acc_and_pick_a_correct_rollout():
+    group = RolloutGroup(PLAIN, ["<answer>A</answer>", "<answer>B</answer> right one", "<answer>B</answer> also"],
+                         [False, True, True])
+    demo = build_targets(group, "science", "demo", calibrate=True, rng=random.Random(0))
+    assert all(t.example is PLAIN and t.p_acc == 2 / 3 and not t.used_fallback for t in demo)
+    for seed in range(6):
+        (t, *_) = build_targets(group, "science", "correct_solution", calibrate=True, rng=random.Random(seed))
+        shown = t.teacher_messages[-1]["content"].split("Correct solution:\n\n")[1]
+        assert shown.startswith(("<answer>B</answer> right one\n", "<answer>B</answer> also\n"))
+        assert not t.used_fallback

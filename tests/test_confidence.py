@@ -58,3 +58,13 @@ def test_format_confidence_round_trips():
     assert parse_confidence(format_confidence(0.875)).value == 0.88
     with pytest.raises(ValueError):
         format_confidence(1.5)
+
+
+def test_strip_removes_each_tag_pair_once_and_keeps_stray_closers():
+    assert strip_confidence("a <confidence>0.2</confidence> b <confidence>0.3</confidence> c") == "a b c"
+    assert strip_confidence("a </confidence> b <confidence>0.2</confidence> c") == "a </confidence> b c"
+
+
+def test_format_confidence_names_the_bad_value():
+    with pytest.raises(ValueError, match=r"^confidence must be in \[0, 1\], got -0.5$"):
+        format_confidence(-0.5)

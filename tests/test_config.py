@@ -123,3 +123,102 @@ def test_packaged_configs_load_and_validate(name):
                 config.teacher_ema, config.skip_loss_tokens, config.max_completion_length) == \
             ("Qwen/Qwen3-8B", 8, 2e-5, 32, 0.01, 3, 1024)
         assert config.dataset == name.split("-")[0] and config.gradient_checkpointing and config.bf16
+
+
+@pytest.mark.parametrize("values", [
+    dict(teacher_ema=0.0), dict(teacher_ema=1.0), dict(warmup_ratio=0.0), dict(warmup_ratio=1.0),
+    dict(vllm_gpu_memory_utilization=0.0), dict(vllm_gpu_memory_utilization=1.0), dict(top_p=1.0), dict(top_p=1e-9),
+    dict(divergence="jsd", beta=1e-3), dict(divergence="jsd", beta=0.999), dict(beta=5.0),  # beta only for jsd
+    dict(learning_rate=1e-12), dict(temperature=1e-6), dict(train_rollouts=8), dict(train_rollouts=0),
+    dict(sampling_temperature=0.0), dict(max_grad_norm=0.0), dict(weight_decay=0.0), dict(save_total_limit=0),
+    dict(num_generations=1, prompts_per_step=1, micro_batch_prompts=1, max_prompt_length=1, max_completion_length=1,
+         epochs=1, save_every=1), dict(skip_loss_tokens=0, max_steps=0, max_staleness=0), dict(split=None),
+])
+def test_boundaries_that_are_accepted(values):
+    config = TrainConfig(**values)
+    assert all(getattr(config, k) == v for k, v in values.items())
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(teacher_ema=1.01), "config field 'teacher_ema' must be in [0.0, 1.0], got 1.01"),
+    (dict(warmup_ratio=1.5), "config field 'warmup_ratio' must be in [0.0, 1.0], got 1.5"),
+    (dict(vllm_gpu_memory_utilization=1.01), "config field 'vllm_gpu_memory_utilization' must be in [0.0, 1.0], got "
+                                             "1.01"),
+    (dict(top_p=1.01), "config field 'top_p' must be in (0, 1], got 1.01"),
+    (dict(divergence="jsd", beta=1.0), "config field 'beta' must be in (0, 1) for divergence jsd, got 1.0"),
+    (dict(divergence="jsd", beta=0.0), "config field 'beta' must be in (0, 1) for divergence jsd, got 0.0"),
+    (dict(learning_rate=0.0), "config field 'learning_rate' must be > 0, got 0.0"),
+    (dict(temperature=0.0), "config field 'temperature' must be > 0, got 0.0"),
+    (dict(train_rollouts=9), "config field 'train_rollouts' must be in [0, num_generations], got 9"),
+    (dict(num_generations=0), "config field 'num_generations' must be >= 1, got 0"),
+    (dict(save_every=0), "config field 'save_every' must be >= 1, got 0"),
+    (dict(max_staleness=-1), "config field 'max_staleness' must be >= 0, got -1"),
+    (dict(num_generations="4"), "config field 'num_generations' must be int, got '4'"),
+    (dict(num_generations=True), "config field 'num_generations' must be int, got True"),
+    (dict(bf16="yes"), "config field 'bf16' must be bool, got 'yes'"),
+    (dict(model=None), "config field 'model' must be str, got None"),
+    (dict(resume=True, overwrite=True), "--resume and --overwrite exclude each other: continue the run, or replace "
+                                        "it"),
+    (dict(loss_impl="cuda"), "config field 'loss_impl': 'cuda' is not one of ('auto', 'triton', 'torch')"),
+])
+def test_bad_values_name_the_field_and_the_value(values, message):
+    with pytest.raises(InputError) as info:
+        TrainConfig(**values)
+    assert str(info.value) == message
+
+
+def test_an_int_for_a_float_field_becomes_a_float():
+    config = TrainConfig(learning_rate=1, temperature=2)
+    assert type(config.learning_rate) is float and type(config.temperature) is float and config.temperature == 2.0
+
+
+@pytest.mark.parametrize("text, value", [*((t, True) for t in ("true", "1", "yes", "on", "TRUE", "On")),
+                                         *((t, False) for t in ("false", "0", "no", "off", "False", "NO"))])
+def test_boolean_words(text, value):
+    assert load_config("tiny", ["--bf16", text]).bf16 is value
+
+
+@pytest.mark.parametrize("flag, text, message", [
+    ("--bf16", "maybe", "--bf16: expected true or false, got 'maybe'"),
+    ("--chat-template-kwargs", "[1, 2]", "--chat-template-kwargs: expected a mapping like '{enable_thinking: false}'"),
+    ("--chat-template-kwargs", "{a: [", "--chat-template-kwargs: expected a mapping like '{enable_thinking: false}'"),
+    ("--learning-rate", "fast", "--learning-rate: expected float, got 'fast'"),
+    ("--nope", "1", "unknown option '--nope' (caopd train --help lists them)"),
+    ("--teacher-em", "1", "unknown option '--teacher-em' (did you mean --teacher-ema?)"),
+])
+def test_override_errors_are_exact(flag, text, message):
+    with pytest.raises(InputError) as info:
+        load_config("tiny", [flag, text])
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("text, value", [("none", None), ("NULL", None), ("None", None), ("train", "train")])
+def test_optional_strings(text, value):
+    assert load_config("tiny", ["--split", text]).split == value
+
+
+def test_config_files_and_their_errors(tmp_path):
+    with pytest.raises(InputError) as info:
+        load_config("nope", [])
+    assert str(info.value) == "nope: no such config file (packaged configs: science-qwen3-8b-h200, tiny, " \
+                              "tooluse-qwen3-8b-h200)"
+    plain = tmp_path / "myconfig"  # no suffix, but a file: read as it is, not as a packaged name
+    plain.write_text("num_generations: 3\n")
+    assert load_config(str(plain), []).num_generations == 3
+    assert load_config(None, ["--seed", "4"]).seed == 4 and load_config(None, []) == TrainConfig()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1,\n")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(broken))}: malformed YAML \(while parsing"):
+        load_config(str(broken), [])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(listed))}: expected a mapping of config fields$"):
+        load_config(str(listed), [])
+    with pytest.raises(InputError, match=r"^overrides come in '--key value' pairs"):
+        load_config("tiny", ["--seed"])
+
+
+def test_data_path():
+    assert TrainConfig(data="some/file.jsonl").data_path() == Path("some/file.jsonl")
+    shipped = TrainConfig(data="caopd:examples/arith_mc.jsonl").data_path()
+    assert shipped.is_file() and shipped.parts[-3:] == ("caopd", "examples", "arith_mc.jsonl")

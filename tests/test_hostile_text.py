@@ -148,3 +148,21 @@ def test_eval_counts_wrong_answers_by_reason():
     report = summarize(scored, "tooluse", "zero")
     assert [s.correct for s in scored] == [False, False, False, True]
     assert report.wrong_reasons == {"no call": 1, "over-deep call": 1, "over-long call": 1}
+
+
+def test_tool_call_errors_say_why():
+    cases = {"Action Input: {}": "no call: no 'Action:' line",
+             "Action: f\nAction Input: " + '{"a": ' * 5000: "over-deep call: JSON nested too deeply",
+             'Action: f\nAction Input: {"a" 1}': "malformed call: Expecting ':' delimiter"}
+    for text, message in cases.items():
+        with pytest.raises(ToolCallError) as info:
+            parse_tool_call(text)
+        assert str(info.value) == message
+    with pytest.raises(ToolCallError, match=r"^over-long call: Exceeds the limit \(4300 digits\)"):
+        parse_tool_call('Action: f\nAction Input: {"n": ' + "1" * 5000 + "}")
+
+
+def test_the_input_is_read_after_the_action():
+    text = 'Action Input: {"stale": 1}\nThought: now\nAction: f\nAction Input: {"q": 2}'
+    assert parse_tool_call(text) == ("f", {"q": 2})
+    assert parse_tool_call("Action: f\nAction Input: null  (no arguments)") == ("f", {})

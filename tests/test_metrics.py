@@ -82,3 +82,31 @@ def test_calibration_metrics_consistent_and_validated():
         calibration_metrics([1], [1.5])
     with pytest.raises(ValueError, match="values"):
         calibration_metrics([1, 0], [0.5])
+
+
+def test_empty_and_one_class_inputs():
+    assert (expected_calibration_error([], []), brier_score([], []), overconfidence_gap([], [])) == (0.0, 0.0, 0.0)
+    empty = calibration_metrics([], [])
+    assert (empty.n, empty.accuracy, empty.mean_confidence, empty.auroc) == (0, 0.0, 0.0, 0.5)
+    assert auroc([1, 1], [0.2, 0.9]) == 0.5 and auroc([0], [0.3]) == 0.5  # no (correct, wrong) pair
+
+
+def test_bins_edges_and_other_bin_counts():
+    bins = reliability_bins([1, 0, 1], [0.05, 0.25, 0.27])
+    assert [x for b in bins[:3] for x in (b.low, b.high)] == pytest.approx([0.0, 0.1, 0.1, 0.2, 0.2, 0.3])
+    assert bins[2].count == 2 and bins[2].mean_confidence == pytest.approx(0.26) and bins[2].accuracy == 0.5
+    assert bins[1].mean_confidence is None and bins[1].accuracy is None
+    five = calibration_metrics([1, 0], [0.19, 0.11], n_bins=5)  # one bin [0, 0.2): |0.15 - 0.5|
+    assert len(five.bins) == 5 and five.ece == pytest.approx(0.35) and five.bins[0].count == 2
+    eleven = calibration_metrics([1, 0], [0.19, 0.11], n_bins=11)
+    assert len(eleven.bins) == 11 and eleven.ece == pytest.approx(0.46)
+
+
+def test_metrics_round_trip_and_reject_nan():
+    m = calibration_metrics([1, 0, 1], [0.9, 0.4, 0.6])
+    assert m.to_dict()["bins"][9] == {"low": 0.9, "high": 1.0, "count": 1, "mean_confidence": 0.9, "accuracy": 1.0}
+    assert type(m).from_dict(m.to_dict()) == m
+    with pytest.raises(ValueError, match=r"^confidences must lie in \[0, 1\] \(clip or exclude them first\)$"):
+        calibration_metrics([1], [float("nan")])
+    with pytest.raises(ValueError, match=r"^confidences must lie in \[0, 1\]"):
+        calibration_metrics([1, 0], [0.5, -0.1])
