@@ -104,7 +104,8 @@ def test_prompts_exactly():
         "Now answer with a response of your own, including the thinking process."])}]
     solved = teacher_messages(PLAIN, "<answer>B</answer>", "correct_solution", None)
     assert solved == [{"role": "user", "content": "\n\n".join([
-        question, "Correct solution:", "<answer>B</answer>\nConfidence: 1.00", "Correctly solve the original question."])}]
+        question, "Correct solution:", "<answer>B</answer>\nConfidence: 1.00",
+        "Correctly solve the original question."])}]
     with pytest.raises(ValueError, match=r"teacher context mode must be one of \('demo', 'correct_solution'\), "
                                          r"got 'sdft'"):
         teacher_messages(PLAIN, "x", "sdft", None)
