@@ -222,3 +222,15 @@ def test_data_path():
     assert TrainConfig(data="some/file.jsonl").data_path() == Path("some/file.jsonl")
     shipped = TrainConfig(data="caopd:examples/arith_mc.jsonl").data_path()
     assert shipped.is_file() and shipped.parts[-3:] == ("caopd", "examples", "arith_mc.jsonl")
+
+
+def test_yaml_field_errors_are_exact(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("zzzz: 1\n")  # nothing near it: no suggestion
+    with pytest.raises(InputError) as info:
+        load_config(str(path), [])
+    assert str(info.value) == f"{path}: unknown config field 'zzzz'"
+    path.write_text("chat_template_kwargs: thinking\n")  # a string where a mapping belongs is not coerced
+    with pytest.raises(InputError) as info:
+        load_config(str(path), [])
+    assert str(info.value) == "config field 'chat_template_kwargs' must be dict, got 'thinking'"

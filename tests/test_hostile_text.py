@@ -166,3 +166,12 @@ def test_the_input_is_read_after_the_action():
     text = 'Action Input: {"stale": 1}\nThought: now\nAction: f\nAction Input: {"q": 2}'
     assert parse_tool_call(text) == ("f", {"q": 2})
     assert parse_tool_call("Action: f\nAction Input: null  (no arguments)") == ("f", {})
+
+
+def test_empty_containers_of_different_kinds_differ():
+    assert not same_json([], {}) and not same_json([], "") and not same_json({}, [])
+
+
+@pytest.mark.parametrize("gold_input", ["None", "null", " NONE ", ""])
+def test_a_gold_call_without_arguments_in_any_spelling(gold_input):
+    assert check_tooluse("Action: f", [{"Action": "f", "Action_Input": gold_input}]).correct
