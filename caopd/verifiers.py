@@ -122,7 +122,7 @@ def gold_tool_call(call: dict) -> tuple[str, Any]:
     arguments = call["Action_Input"]
     if isinstance(arguments, str):
         text = arguments.strip()
-        arguments = {} if text.lower() in ("", "none", "null") else json.loads(text)
+        arguments = {} if text.lower() in ("", "none") else json.loads(text)  # JSON null: None, then {}
     return call["Action"].strip(), _empty_if_none(arguments)
 
 

@@ -62,3 +62,12 @@ def test_tooluse_gold_as_object_or_empty_string():
     assert verify_tooluse('Action: f\nAction Input: {"x": 1}', [{"Action": "f", "Action_Input": {"x": 1}}])
     assert TASKS["tooluse"].render_answer(GOLD) == \
         "Action: search\nAction Input: " + json.dumps(json.loads(GOLD[0]["Action_Input"]))
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    from caopd.errors import InputError
+    from caopd.verifiers import get_task
+
+    with pytest.raises(InputError) as info:
+        get_task("math")
+    assert str(info.value) == "unknown dataset 'math': choose one of science, tooluse"
