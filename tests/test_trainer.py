@@ -110,7 +110,7 @@ def test_loss_equals_full_logit_computation(science_rows_path):
 @pytest.mark.parametrize("dataset", ["science", "tooluse"])
 @pytest.mark.parametrize("calibrate", [True, False])
 def test_two_steps_p_acc_ema_and_no_teacher_grad(dataset, calibrate, tmp_path, request, monkeypatch):
-    data, examples = subset(request.getfixturevalue(f"{dataset}_path"), dataset, tmp_path)
+    data, examples = subset(request.getfixturevalue(f"{dataset}_rows_path"), dataset, tmp_path)
     config = config_for(data, dataset, tmp_path / "run", empirical_calibration=calibrate)
     import caopd.trainer as trainer_module
     seen = []
