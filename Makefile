@@ -7,7 +7,7 @@ demo:
 
 test:
 	@bash scripts/setup_venv.sh dev,cpu-rollout
-	TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q tests  # tests/conftest.py sets TRITON_INTERPRET=1 only without CUDA
 
 lint:
 	@bash scripts/setup_venv.sh dev,cpu-rollout
@@ -16,7 +16,7 @@ lint:
 mutate:  # mutation testing of the pure-Python core (settings in setup.cfg); minutes on 2 cores
 	@bash scripts/setup_venv.sh dev,cpu-rollout
 	rm -rf mutants
-	TRITON_INTERPRET=1 .venv/bin/mutmut run --max-children 2 || true
+	.venv/bin/mutmut run --max-children 2 || true
 	.venv/bin/python scripts/mutation_summary.py
 
 clean:

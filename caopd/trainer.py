@@ -27,6 +27,7 @@ from caopd.config import TrainConfig
 from caopd.data import load_examples
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import RolloutEngine, SamplingParams
+from caopd.errors import InputError
 from caopd.loss import chat_ids, distillation_loss, make_batch
 from caopd.models import TINY_MODEL, ema_update_, load_model, load_tokenizer
 from caopd.prompts import demonstration, student_messages
@@ -65,6 +66,14 @@ def _text_of(prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
+def check_engine_options(config: TrainConfig, on_gpu: bool) -> None:
+    """Engine settings that cannot work together, as one line before any work."""
+    if on_gpu and config.rollout_engine == "vllm" and config.vllm_placement == "colocate" and config.async_rollouts:
+        raise InputError("--async-rollouts with a colocated vLLM engine on a GPU: the engine drops its weights "
+                         "while the step trains, so it cannot sample the next step meanwhile; use "
+                         "--vllm-placement separate --vllm-device N, or synchronous rollouts")
+
+
 def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> RolloutEngine:
     """The configured rollout engine, holding the student's current weights."""
     from caopd.engines.hf import TransformersEngine
@@ -97,6 +106,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     from tqdm import tqdm
 
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
+    check_engine_options(config, on_gpu=torch.cuda.is_available())
     earlier = check_run_folder(config, log)  # one-line errors before any work; nothing deleted yet
     out = Path(config.output_dir)
     use_bf16 = config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -116,6 +126,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     # and an fp32 EMA teacher of an 8B model would not fit one GPU.
     student = load_model(config.model, tokenizer, dtype=torch.bfloat16 if use_bf16 else torch.float32,
                          attn_implementation=config.attn_implementation, seed=config.seed)
+    student.train()  # from_pretrained returns eval mode, where gradient checkpointing does nothing
     clear_earlier_run(out, earlier, log)  # --overwrite only, and only now that everything loaded
     if not run_tokenizer:
         tokenizer.save_pretrained(tokenizer_dir)
@@ -180,7 +191,6 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                                      pick)[:config.train_rollouts or None] for g in groups]
             t2 = time.perf_counter()
 
-            optimizer.zero_grad(set_to_none=True)
             sequences = sum(len(t) for t in targets)
             loss_value, tokens = 0.0, 0
             for start in range(0, len(groups), config.micro_batch_prompts):
@@ -199,6 +209,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 tokens += batch.completion_tokens
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm or math.inf)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # free the gradients before the engine wakes up
             scheduler.step()
             ema_update_(teacher, model, config.teacher_ema)
             if rollouts is not None:

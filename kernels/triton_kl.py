@@ -14,6 +14,7 @@ runs under TRITON_INTERPRET=1 (slow: use it for tests with small shapes).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -119,10 +120,17 @@ def kl_rows_triton(z: torch.Tensor, u: torch.Tensor, divergence: str, beta: floa
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
     block = min(triton.next_power_of_2(vocab), block_v or (INTERPRETER_BLOCK_V if interpreting() else GPU_BLOCK_V))
     is_jsd = divergence == "jsd"
-    _kl_rows_kernel[(rows,)](
+    # Triton launches on the current CUDA device, not the tensors': an in-process vLLM engine on
+    # another GPU may have changed the current one.
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+        _launch(z, u, loss, vocab, beta, is_jsd, divergence, compute_grad, block)
+    return loss, z if compute_grad else None
+
+
+def _launch(z, u, loss, vocab, beta, is_jsd, divergence, compute_grad, block) -> None:
+    _kl_rows_kernel[(z.shape[0],)](
         z, u, loss, z.stride(0), u.stride(0), vocab, float(beta),
         math.log(beta) if is_jsd else 0.0, math.log(1 - beta) if is_jsd else 0.0,
         DIVERGENCE=_DIVERGENCE_CODE[divergence], COMPUTE_GRAD=compute_grad, BLOCK_V=block,
         num_warps=1 if interpreting() else 8,
     )
-    return loss, z if compute_grad else None

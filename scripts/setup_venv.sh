@@ -30,13 +30,19 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
+torch_spec="${CAOPD_TORCH_SPEC:-torch==2.13.0}"  # the version vllm 0.32 pins, on CPU and GPU alike
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    "${pip[@]}" install torch
+    echo "setup: installing $torch_spec (CUDA build)"
+    "${pip[@]}" install "$torch_spec"
   else
-    spec="${CAOPD_TORCH_SPEC:-torch==2.13.0}"
-    echo "setup: installing $spec (CPU)"
-    "${pip[@]}" install "$spec" ${CAOPD_TORCH_INDEX:+--index-url "$CAOPD_TORCH_INDEX"}
+    echo "setup: installing $torch_spec (CPU)"
+    "${pip[@]}" install "$torch_spec" ${CAOPD_TORCH_INDEX:+--index-url "$CAOPD_TORCH_INDEX"}
+  fi
+else
+  have=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')
+  if [ "torch==$have" != "$torch_spec" ]; then
+    echo "setup: warning: keeping torch $have, not $torch_spec (vllm 0.32 and the tested set-up use the latter)" >&2
   fi
 fi
 

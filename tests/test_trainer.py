@@ -25,6 +25,7 @@ from caopd.calibration import RolloutGroup, build_targets
 from caopd.config import TrainConfig
 from caopd.data import load_examples
 from caopd.engines.base import ScriptedEngine
+from caopd.errors import InputError
 from caopd.loss import distillation_loss, make_batch
 from caopd.models import load_model, load_tokenizer
 from caopd.prompts import student_messages
@@ -307,3 +308,75 @@ def test_logged_loss_is_the_distillation_loss_of_the_step(science_rows_path, tmp
     batch = make_batch(tokenizer, targets, *args, **kwargs)
     expected = distillation_loss(start, start, batch, skip_tokens=config.skip_loss_tokens, impl="torch")
     assert result["history"][0]["loss"] == pytest.approx(float(expected.loss.detach()), rel=1e-6)
+
+
+class GradientWatchingEngine(KnownVerdictEngine):
+    """Records, at each generation, whether the student still holds gradients (issue 13, item 3:
+    they must be freed right after the optimizer step, before the engine takes the memory)."""
+
+    def __init__(self, *args, student_ref):
+        super().__init__(*args)
+        self.student_ref, self.grads_held = student_ref, []
+
+    def generate(self, prompts, n, sampling):
+        model = self.student_ref[0]
+        self.grads_held.append(any(p.grad is not None for p in model.parameters()) if model is not None else None)
+        return super().generate(prompts, n, sampling)
+
+
+def test_gradients_are_freed_before_each_generation(science_rows_path, tmp_path, monkeypatch):
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    import caopd.trainer as trainer_module
+    student_ref = [None]
+
+    def keep(*args, **kwargs):
+        student_ref[0] = load_model(*args, **kwargs)
+        return student_ref[0]
+    monkeypatch.setattr(trainer_module, "load_model", keep)
+    engine = GradientWatchingEngine(examples, "science", tmp_path / "run", student_ref=student_ref)
+    train(config_for(data, "science", tmp_path / "run", max_steps=3), engine=engine, quiet=True)
+    assert engine.grads_held == [False, False, False]
+
+
+def test_gradient_checkpointing_works_for_a_from_pretrained_model(science_rows_path, tmp_path, monkeypatch):
+    """from_pretrained returns eval mode, where checkpointing silently does nothing (issue 13, item 2):
+    with it on, each student decoder layer runs twice a micro-batch (forward, then recompute)."""
+    data, examples = subset(science_rows_path, "science", tmp_path)
+    saved = tmp_path / "saved"
+    tokenizer = load_tokenizer("tiny-qwen3", "fast")
+    load_model("tiny-qwen3", tokenizer, seed=0).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    import caopd.trainer as trainer_module
+    calls, first_layer = [], []
+
+    def counted(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        first_layer[:] = [model.model.layers[0]]
+        return model
+    monkeypatch.setattr(trainer_module, "load_model", counted)
+    layer_class = type(load_model("tiny-qwen3", tokenizer).model.layers[0])
+    forward = layer_class.forward
+
+    def counting_forward(self, *args, **kwargs):  # (a forward hook does not see checkpointing's recompute)
+        calls.append(self is first_layer[0])
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(layer_class, "forward", counting_forward)
+    for checkpointing in (False, True):
+        calls.clear()
+        config = config_for(data, "science", tmp_path / f"run-{checkpointing}", model=str(saved),
+                            tokenizer=str(saved), max_steps=1, micro_batch_prompts=3,
+                            gradient_checkpointing=checkpointing)
+        result, _ = run(config, examples)
+        assert result["student"].training
+        assert calls.count(True) == (2 if checkpointing else 1), checkpointing  # the teacher's copy: False
+
+
+def test_async_rollouts_with_a_colocated_vllm_on_a_gpu_is_refused(tmp_path):
+    from caopd.trainer import check_engine_options
+
+    config = config_for("x.jsonl", "science", tmp_path, rollout_engine="vllm", async_rollouts=True)
+    with pytest.raises(InputError, match="--async-rollouts with a colocated vLLM engine on a GPU"):
+        check_engine_options(config, on_gpu=True)
+    check_engine_options(config, on_gpu=False)  # on CPU the engine never sleeps
+    check_engine_options(config_for("x.jsonl", "science", tmp_path, rollout_engine="vllm", async_rollouts=True,
+                                    vllm_placement="separate", vllm_device=1), on_gpu=True)

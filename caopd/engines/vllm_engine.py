@@ -15,6 +15,7 @@ resident size) fails inside a trainer whose process already holds models and opt
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -65,9 +66,13 @@ class VLLMEngine:
         self.sleeps = on_gpu and placement == "colocate"
         if self.sleeps:
             kwargs["enable_sleep_mode"] = True
-        if on_gpu and placement == "separate":
+        self.device = device if on_gpu and placement == "separate" else None
+        if self.device is not None:
             kwargs["device_ids"] = [device]
+        trainer_device = torch.cuda.current_device() if on_gpu else None
         self.llm = LLM(**kwargs)
+        if on_gpu:  # the in-process worker made its GPU the current one, on the trainer's thread too
+            torch.cuda.set_device(trainer_device)
         torch.set_num_threads(threads)
         self.asleep = False
         self.weights_dropped = False
@@ -78,6 +83,10 @@ class VLLMEngine:
 
         if not prompts:
             return []
+        with self._on_engine_device():
+            return self._generate(prompts, n, sampling, VLLMSamplingParams)
+
+    def _generate(self, prompts, n, sampling, VLLMSamplingParams) -> list[list[str]]:
         self._wake()
         params = [VLLMSamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
                                      max_tokens=sampling.max_tokens, seed=_request_seed(sampling.seed, i, n),
@@ -94,8 +103,23 @@ class VLLMEngine:
 
     def update_weights(self, weights: torch.nn.Module | dict[str, torch.Tensor]) -> None:
         state = weights if isinstance(weights, dict) else weights.state_dict()
+        with self._on_engine_device():
+            self._update_weights(state)
+
+    def _on_engine_device(self):
+        """The engine's GPU as the current device for one call (placement separate), then the
+        caller's again: Triton and other current-device launches of the trainer stay on its GPU."""
+        return torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext()
+
+    def _wake_up(self, **tags) -> None:
+        # The trainer's cached blocks would be counted as used: vLLM re-allocates its share
+        # (0.3 x the GPU) on waking and fails without this, as TRL found.
+        torch.cuda.empty_cache()
+        self.llm.wake_up(**tags)
+
+    def _update_weights(self, state: dict[str, torch.Tensor]) -> None:
         if self.asleep:
-            self.llm.wake_up(tags=["weights"])
+            self._wake_up(tags=["weights"])
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs=dict(
                 weights_iterator=[(name, t.detach()) for name, t in state.items()], is_checkpoint_format=True))
@@ -108,14 +132,17 @@ class VLLMEngine:
             raise RuntimeError("the colocated vLLM engine dropped its weights after the last generation: "
                                "call update_weights before generating again")
         if self.asleep:
-            self.llm.wake_up()
+            self._wake_up()
             self.asleep = False
 
     def close(self) -> None:
         """Free the engine (and its process-wide distributed state), so another can be built."""
         import gc
 
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        from vllm.distributed.parallel_state import (
+            destroy_distributed_environment,
+            destroy_model_parallel,
+        )
 
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
