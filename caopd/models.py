@@ -110,10 +110,28 @@ def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, att
         raise InputError(f"--model {model}: cannot be loaded ({_first_line(e)})") from None
 
 
+def round_stochastic_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """target (bf16) <- value (fp32) rounded up or down at random, with the probability that makes
+    the result unbiased: E[target] = value. Rounding to nearest would drop every change under half
+    a bf16 ulp, so small steps (an EMA with alpha 0.01) would never move a weight."""
+    bits = value.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
+    # bf16 is the top 16 bits of fp32: add noise below them, then truncate (carries round up).
+    rounded = ((bits + noise) & -65536).view(torch.float32)
+    target.copy_(torch.where(torch.isfinite(value), rounded, value))
+
+
 @torch.no_grad()
-def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
-    """teacher <- (1 - alpha) teacher + alpha student, parameter by parameter (alpha 0: frozen)."""
+def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float,
+                generator: torch.Generator | None = None) -> None:
+    """teacher <- (1 - alpha) teacher + alpha student, parameter by parameter (alpha 0: frozen).
+    Computed in fp32; a bf16 teacher gets it stochastically rounded, so the teacher follows the
+    fp32 EMA in expectation (in plain bf16 it moved 7 % of entries in 100 updates at alpha 0.01,
+    where fp32 closes 63 % of the gap: a frozen teacher in practice)."""
     if alpha == 0.0:
         return
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        t.lerp_(s.detach().to(t.dtype), alpha)
+        if t.dtype == torch.bfloat16:
+            round_stochastic_(t, t.float().lerp_(s.detach().float(), alpha), generator)
+        else:
+            t.lerp_(s.detach().to(t.dtype), alpha)
