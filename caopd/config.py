@@ -93,7 +93,10 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient-norm clipping, >= 0 (0: no clipping)", "optimization")
     epochs: int = option(1, "passes over the data (when max_steps is 0)", "optimization")
     max_steps: int = option(0, "optimizer steps (0: as many as the epochs give)", "optimization")
-    bf16: bool = option(True, "bf16 weights where the device supports it", "optimization")
+    bf16: bool = option(True, "bf16 compute where the device supports it (CUDA)", "optimization")
+    master_weights: str = option("fp32", "with bf16 on CUDA: the trained weights and Adam moments in fp32 (autocast "
+                                 "bf16 compute), or bf16 with stochastic rounding where fp32 does not fit",
+                                 "optimization", ("fp32", "bf16"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory",
                                           "optimization")
     attn_implementation: str = option("sdpa", "attention kernels (sdpa: PyTorch's FlashAttention on GPU)",

@@ -119,7 +119,14 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
     weights = token_weights(batch, skip_tokens).to(device)
     student_head = student.get_output_embeddings()
     teacher_head = teacher.get_output_embeddings()
-    loss = fused_linear_kl(student_rows, student_head.weight, teacher_rows, teacher_head.weight, weights,
+    student_weight, student_bias = student_head.weight, student_head.bias
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        # fp32 master weights under autocast: the head's GEMMs in the autocast dtype, as a Linear
+        # would run (the casts are differentiable, so the fp32 weight gets its gradient)
+        half = torch.get_autocast_dtype("cuda")
+        student_rows, student_weight = student_rows.to(half), student_weight.to(half)
+        student_bias = None if student_bias is None else student_bias.to(half)
+    loss = fused_linear_kl(student_rows, student_weight, teacher_rows, teacher_head.weight, weights,
                            divergence=divergence, beta=beta, temperature=temperature, reduction="sum",
-                           student_bias=student_head.bias, teacher_bias=teacher_head.bias, impl=impl)
+                           student_bias=student_bias, teacher_bias=teacher_head.bias, impl=impl)
     return LossOutput(loss, int((weights > 0).sum()))

@@ -74,6 +74,25 @@ def check_engine_options(config: TrainConfig, on_gpu: bool) -> None:
                          "--vllm-placement separate --vllm-device N, or synchronous rollouts")
 
 
+def training_dtypes(config: TrainConfig, use_bf16: bool) -> tuple[torch.dtype, torch.dtype]:
+    """(student, teacher) weight dtypes. Without bf16 (CPU) both fp32. With bf16: the student is
+    fp32 master weights under bf16 autocast, or bf16 itself (master_weights bf16, stepped with
+    stochastic rounding); the teacher, forward-only, is bf16 and follows the EMA by stochastic
+    rounding."""
+    if not use_bf16:
+        return torch.float32, torch.float32
+    return (torch.float32 if config.master_weights == "fp32" else torch.bfloat16), torch.bfloat16
+
+
+def make_optimizer(config: TrainConfig, student: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW; for bf16 weights the stochastic-rounding AdamW (plain bf16 steps round most updates away)."""
+    if next(student.parameters()).dtype == torch.bfloat16:
+        from caopd.optim import StochasticRoundingAdamW
+
+        return StochasticRoundingAdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
 def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> RolloutEngine:
     """The configured rollout engine, holding the student's current weights."""
     from caopd.engines.hf import TransformersEngine
@@ -89,7 +108,8 @@ def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> Roll
         tokenizer.save_pretrained(model_dir)
     elif config.tokenizer != "auto":
         tokenizer_dir = str(Path(config.output_dir) / "tokenizer")  # the trainer saved it there
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    use_bf16 = config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    dtype = "bfloat16" if use_bf16 else str(next(model.parameters()).dtype).removeprefix("torch.")
     engine = VLLMEngine(model_dir, tokenizer=tokenizer_dir, dtype=dtype,
                         max_model_len=config.max_prompt_length + config.max_completion_length,
                         placement=config.vllm_placement, device=None if config.vllm_device < 0 else config.vllm_device,
@@ -122,9 +142,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     else:
         corpus = [_text_of(e.prompt) + "\n" + demonstration(e, config.dataset) for e in examples]
         tokenizer = load_tokenizer(config.model, config.tokenizer, corpus=corpus)
-    # bf16 weights where the device supports it (as the paper's scripts): fp32 weights, Adam states
-    # and an fp32 EMA teacher of an 8B model would not fit one GPU.
-    student = load_model(config.model, tokenizer, dtype=torch.bfloat16 if use_bf16 else torch.float32,
+    student_dtype, teacher_dtype = training_dtypes(config, use_bf16)
+    student = load_model(config.model, tokenizer, dtype=student_dtype,
                          attn_implementation=config.attn_implementation, seed=config.seed)
     student.train()  # from_pretrained returns eval mode, where gradient checkpointing does nothing
     clear_earlier_run(out, earlier, log)  # --overwrite only, and only now that everything loaded
@@ -132,8 +151,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         tokenizer.save_pretrained(tokenizer_dir)
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    teacher = copy.deepcopy(student).to(teacher_dtype).requires_grad_(False).eval()
+    optimizer = make_optimizer(config, student)
     total_steps = config.max_steps or math.ceil(len(examples) * config.epochs / config.prompts_per_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(config.warmup_ratio * total_steps), total_steps))

@@ -46,3 +46,62 @@ def test_a_bf16_teacher_follows_the_fp32_ema():
     assert gap_closed(nearest.weight) < 0.25  # plain bf16: most small steps round away
     assert abs(gap_closed(teacher16.weight) - fp32) < 0.05  # stochastic rounding: the fp32 EMA, in expectation
     assert (teacher16.weight.detach().float() != start).float().mean() > 0.5
+
+
+def _train_steps(params, optimizer, grads):
+    for g in grads:
+        for p, gp in zip(params, g):
+            p.grad = gp.to(p.dtype)
+        optimizer.step()
+
+
+def test_bf16_adamw_with_stochastic_rounding_follows_the_fp32_rule():
+    """lr 2e-5 (the paper's), RMSNorm-like weights near 1 and small matrix entries: plain bf16
+    AdamW leaves most weights where they were; the stochastic-rounding one moves them as fp32 does."""
+    from caopd.optim import StochasticRoundingAdamW
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.ones(4096) + torch.randn(4096, generator=g) * 0.01, torch.randn(64, 64, generator=g) * 0.05]
+    grads = [[torch.randn(4096, generator=g), torch.randn(64, 64, generator=g)] for _ in range(20)]
+    fp32 = [p.clone().requires_grad_() for p in start]
+    plain = [p.to(torch.bfloat16).requires_grad_() for p in start]
+    rounded = [p.to(torch.bfloat16).requires_grad_() for p in start]
+    bf16_start = [p.detach().float().clone() for p in rounded]
+    _train_steps(fp32, torch.optim.AdamW(fp32, lr=2e-5, weight_decay=0.1), grads)
+    _train_steps(plain, torch.optim.AdamW(plain, lr=2e-5, weight_decay=0.1), grads)
+    _train_steps(rounded, StochasticRoundingAdamW(rounded, lr=2e-5, weight_decay=0.1, generator=g), grads)
+    for i in range(2):
+        moved32 = (fp32[i].detach() - start[i])  # what fp32 AdamW did to each weight
+        moved = rounded[i].detach().float() - bf16_start[i]
+        # in expectation the same step: the mean over many weights matches fp32's to a small share
+        assert abs(float((moved - moved32).mean())) < 0.05 * float(moved32.abs().mean()), i
+        assert float((plain[i].detach().float() - bf16_start[i]).abs().mean()) < 0.5 * float(moved32.abs().mean())
+    norm_like = rounded[0].detach().float()
+    # weights near 1 (ulp 2^-8..2^-7, 20 steps of ~2e-5): plain bf16 never moves one; with stochastic
+    # rounding a share of about (total step / ulp) of them moves by one ulp, the rest stay
+    assert (plain[0].detach().float() != bf16_start[0]).float().mean() == 0.0
+    assert (norm_like != bf16_start[0]).float().mean() > 0.01
+
+
+def test_bf16_adamw_refuses_fp32_parameters():
+    import pytest
+
+    from caopd.optim import StochasticRoundingAdamW
+
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(TypeError, match="takes bf16 parameters"):
+        StochasticRoundingAdamW([p]).step()
+
+
+def test_dtypes_and_optimizer_by_master_weights():
+    from caopd.config import TrainConfig
+    from caopd.optim import StochasticRoundingAdamW
+    from caopd.trainer import make_optimizer, training_dtypes
+
+    fp32, bf16 = TrainConfig(master_weights="fp32"), TrainConfig(master_weights="bf16")
+    assert training_dtypes(fp32, use_bf16=False) == training_dtypes(bf16, use_bf16=False) == (torch.float32,) * 2
+    assert training_dtypes(fp32, use_bf16=True) == (torch.float32, torch.bfloat16)
+    assert training_dtypes(bf16, use_bf16=True) == (torch.bfloat16, torch.bfloat16)
+    assert type(make_optimizer(fp32, torch.nn.Linear(2, 2))) is torch.optim.AdamW
+    assert type(make_optimizer(bf16, torch.nn.Linear(2, 2).to(torch.bfloat16))) is StochasticRoundingAdamW
