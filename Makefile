@@ -1,5 +1,5 @@
 # The two commands of the README's quick start. Each creates .venv on first use.
-.PHONY: demo test lint mutate clean
+.PHONY: demo test lint mutate gpu-check clean
 
 demo:
 	@bash scripts/setup_venv.sh
@@ -18,6 +18,9 @@ mutate:  # mutation testing of the pure-Python core (settings in setup.cfg); min
 	rm -rf mutants
 	.venv/bin/mutmut run --max-children 2 || true
 	.venv/bin/python scripts/mutation_summary.py
+
+gpu-check:  # on a machine with a CUDA GPU: kernels compiled, bf16 training rules, kernel benchmark
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf .venv runs build *.egg-info mutants

@@ -105,3 +105,33 @@ def test_dtypes_and_optimizer_by_master_weights():
     assert training_dtypes(bf16, use_bf16=True) == (torch.bfloat16, torch.bfloat16)
     assert type(make_optimizer(fp32, torch.nn.Linear(2, 2))) is torch.optim.AdamW
     assert type(make_optimizer(bf16, torch.nn.Linear(2, 2).to(torch.bfloat16))) is StochasticRoundingAdamW
+
+
+def test_gpu_check_stops_with_one_line_without_cuda():
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: run scripts/gpu_check.sh itself")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("gpu_check: no CUDA device here") and proc.stderr.count("\n") == 1
+
+
+def test_the_gpu_bf16_check_script_runs_dry_on_cpu():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "gpu_bf16_check.py"), "--dry-run"],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["failures"] == [] and result["rounding_mean_error"] < 1e-5
+    assert result["train_fp32"]["student_dtypes"] == ["torch.float32"] and len(result["train_bf16"]["losses"]) == 3

@@ -9,12 +9,32 @@ import math
 
 import pytest
 import torch
-from caopd_kernels import FusedLinearKL, fused_linear_kl
+from caopd_kernels import FusedLinearKL
+from caopd_kernels import fused_linear_kl as _fused_linear_kl
 from caopd_kernels.fused_linear_kl import chunk_tokens_for_budget, resolve_impl
 from caopd_kernels.torch_chunked import kl_rows_torch
-from caopd_kernels.triton_kl import kl_rows_triton
+from caopd_kernels.triton_kl import kl_rows_triton as _kl_rows_triton
 
 IMPLS = ["torch", "triton"]
+# Triton runs compiled on a GPU (scripts/gpu_check.sh) and interpreted on CPU: its inputs go where
+# it runs, and its results come back (both moves are differentiable, so gradients reach the leaves).
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def fused_linear_kl(*args, **kw):
+    if kw.get("impl") != "triton" or TRITON_DEVICE.type == "cpu":
+        return _fused_linear_kl(*args, **kw)
+    args, kw = [_to(a, TRITON_DEVICE) for a in args], {k: _to(v, TRITON_DEVICE) for k, v in kw.items()}
+    return _fused_linear_kl(*args, **kw).cpu()
+
+
+def kl_rows_triton(z, u, *args, **kw):
+    loss, grad = _kl_rows_triton(z.to(TRITON_DEVICE), u.to(TRITON_DEVICE), *args, **kw)
+    return loss.cpu(), None if grad is None else grad.cpu()
 DIVERGENCES = ["reverse", "forward", "jsd"]
 TEMPERATURES = [1.0, 0.7, 2.0]
 # (N, H, V, chunk_tokens): N = 1, N not a multiple of the chunk, V not a multiple of any block.
@@ -397,6 +417,8 @@ def test_triton_errors_on_cpu_without_the_interpreter_and_on_fp64(monkeypatch):
     hs, ws, ht, wt, mask, _ = make_inputs(5, 4, 100, torch.float32)
     with pytest.raises(ValueError, match="impl='triton' takes float32, bfloat16 or float16"):
         fused_linear_kl(hs.double(), ws.double(), ht.double(), wt.double(), impl="triton")
+    if TRITON_DEVICE.type == "cuda":
+        pytest.skip("the error for CPU tensors without the interpreter: checked where there is no GPU")
     monkeypatch.setattr(triton_kl, "interpreting", lambda: False)
     with pytest.raises(ValueError, match="needs CUDA tensors; on CPU set TRITON_INTERPRET=1"):
         fused_linear_kl(hs, ws, ht, wt, impl="triton")

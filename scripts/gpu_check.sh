@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One command for a lent GPU (issue 13, item 10): under 10 minutes, with whatever torch, triton and
+# transformers the machine already has (no network, no vLLM or flash-attn needed), from the
+# project's files alone. Writes benchmarks/results/gpu_check_<device>/ (logs, JSON) and
+# benchmarks/results/kernel_kl_<device>.{json,md,png}:
+#   1. the kernel tests with the Triton kernel compiled (no interpreter)
+#   2. the bf16 rules of training on the device (scripts/gpu_bf16_check.py)
+#   3. the kernel benchmark in bf16 at H = 4096 (against Liger if it is importable)
+# Without CUDA it stops with one line. Usage: bash scripts/gpu_check.sh  (or make gpu-check)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_check: no CUDA device here (torch.cuda.is_available() is false for $py); nothing was run" >&2
+  exit 1
+fi
+unset TRITON_INTERPRET
+# caopd_kernels is the folder kernels/ under another name: make it importable without installing
+shim=$(mktemp -d)
+ln -s "$PWD/kernels" "$shim/caopd_kernels"
+export PYTHONPATH="$PWD:$shim${PYTHONPATH:+:$PYTHONPATH}"
+device=$("$py" -c 'import torch, re; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-").lower())')
+out="benchmarks/results/gpu_check_$device"
+mkdir -p "$out"
+status=0
+echo "gpu_check: $device; logs in $out"
+"$py" -c 'import torch, triton, transformers; print(f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, cuda {torch.version.cuda}")' | tee "$out/versions.txt"
+timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_fused_linear_kl.py tests/test_bf16_training.py \
+  > "$out/kernel_tests.log" 2>&1 || status=1
+tail -1 "$out/kernel_tests.log"
+timeout 120 "$py" scripts/gpu_bf16_check.py > "$out/bf16_check.json" 2> "$out/bf16_check.log" || status=1
+cat "$out/bf16_check.json"
+impls="torch triton gemm_floor"
+"$py" -c 'import liger_kernel' 2>/dev/null && impls="$impls liger"
+timeout 240 "$py" benchmarks/kernel_kl.py --device cuda --dtype bfloat16 --hidden 4096 --ns 2048 8192 16384 \
+  --impls $impls > "$out/kernel_benchmark.log" 2>&1 || status=1
+tail -5 "$out/kernel_benchmark.log"
+rm -rf "$shim"
+echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED: see $out)"
+exit $status
