@@ -6,6 +6,11 @@ rounds weight and moments back to bf16 stochastically (``models.round_stochastic
 equals its fp32 value in expectation. With round-to-nearest, updates under half a bf16 ulp vanish:
 at lr 2e-5 only ~30 % of a model's weights change in a step and RMSNorm weights near 1 never move.
 Moments are kept in bf16 (half the memory of fp32 states). Decoupled weight decay, as AdamW.
+
+Gradients of several micro-batches are summed in fp32: a hook moves each bf16 gradient into an fp32
+buffer as soon as backward has produced it (a bf16 running sum drops every addition under half an
+ulp of the sum). So the gradients live here, not in ``p.grad``: clip them with this optimizer's
+``clip_grad_norm_``.
 """
 from __future__ import annotations
 
@@ -18,9 +23,51 @@ from caopd.models import round_stochastic_
 
 class StochasticRoundingAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, generator: torch.Generator | None = None):
+                 weight_decay: float = 0.01, generator: torch.Generator | None = None,
+                 fp32_grad_accumulation: bool = True):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.generator = generator
+        self.grads32: dict[torch.Tensor, torch.Tensor] = {}
+        if fp32_grad_accumulation:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        p.register_post_accumulate_grad_hook(self._accumulate)
+
+    def _accumulate(self, p: torch.Tensor) -> None:
+        total = self.grads32.get(p)
+        if total is None:
+            self.grads32[p] = p.grad.float()
+        else:
+            total.add_(p.grad)
+        p.grad = None
+
+    def gradient(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The fp32 gradient of ``p`` summed over the micro-batches since the last zero_grad."""
+        if p in self.grads32:
+            return self.grads32[p]
+        return None if p.grad is None else p.grad.float()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients so their global L2 norm is at most ``max_norm`` (inf: only measure);
+        returns the norm before clipping, as torch.nn.utils.clip_grad_norm_ does."""
+        grads = [g for group in self.param_groups for p in group["params"] if (g := self.gradient(p)) is not None]
+        if not grads:
+            return torch.zeros(())
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.grads32:
+                    self.grads32[p].mul_(factor)
+                elif p.grad is not None:
+                    p.grad.mul_(factor.to(p.grad.dtype))
+        return norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self.grads32.clear()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -28,7 +75,8 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                grad = self.gradient(p)
+                if grad is None:
                     continue
                 if p.dtype != torch.bfloat16:
                     raise TypeError(f"StochasticRoundingAdamW takes bf16 parameters, got {p.dtype}")
@@ -39,7 +87,6 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 step = float(state["step"])
-                grad = p.grad.float()
                 weight = p.float().mul_(1 - group["lr"] * group["weight_decay"])
                 exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
                 exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -153,6 +153,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         student.gradient_checkpointing_enable()
     teacher = copy.deepcopy(student).to(teacher_dtype).requires_grad_(False).eval()
     optimizer = make_optimizer(config, student)
+    raw_optimizer = optimizer  # accelerate wraps it; a bf16 one holds its own fp32 gradients (and clips them)
     total_steps = config.max_steps or math.ceil(len(examples) * config.epochs / config.prompts_per_step)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(config.warmup_ratio * total_steps), total_steps))
@@ -226,7 +227,10 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 accelerator.backward(result.loss * share)
                 loss_value += result.loss.item() * share
                 tokens += batch.completion_tokens
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm or math.inf)
+            if hasattr(raw_optimizer, "clip_grad_norm_"):
+                grad_norm = raw_optimizer.clip_grad_norm_(config.max_grad_norm or math.inf)
+            else:
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # free the gradients before the engine wakes up
             scheduler.step()

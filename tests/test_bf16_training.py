@@ -5,6 +5,7 @@ stochastic rounding keeps every step in expectation.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from caopd.models import ema_update_, round_stochastic_
@@ -135,3 +136,42 @@ def test_the_gpu_bf16_check_script_runs_dry_on_cpu():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["failures"] == [] and result["rounding_mean_error"] < 1e-5
     assert result["train_fp32"]["student_dtypes"] == ["torch.float32"] and len(result["train_bf16"]["losses"]) == 3
+
+
+def test_micro_batch_gradients_are_summed_in_fp32_and_clipped_there():
+    from caopd.optim import StochasticRoundingAdamW
+
+    p = torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
+    optimizer = StochasticRoundingAdamW([p], lr=1e-3)
+    for c in (1.0, 2**-9, 2**-9, 2**-9, 2**-9):  # a bf16 running sum keeps 1.0: each 2^-9 is under half an ulp
+        (p * c).sum().backward()
+    assert p.grad is None
+    assert optimizer.gradient(p).tolist() == [1.0 + 4 * 2**-9] * 4
+    bf16_sum = torch.tensor(1.0, dtype=torch.bfloat16)
+    for _ in range(4):
+        bf16_sum += torch.tensor(2**-9, dtype=torch.bfloat16)
+    assert float(bf16_sum) == 1.0
+    norm = optimizer.clip_grad_norm_(1.0)
+    assert float(norm) == pytest.approx(2 * (1.0 + 4 * 2**-9))
+    assert float(torch.linalg.vector_norm(optimizer.gradient(p))) == pytest.approx(1.0, rel=1e-5)
+    optimizer.step()
+    optimizer.zero_grad()
+    assert optimizer.gradient(p) is None and float(p.detach().float().mean()) < 1.0
+
+
+def test_a_bf16_training_step_through_the_trainer(tmp_path, monkeypatch):
+    """The bf16-weights path as on a GPU (forced here on CPU): stochastic-rounding AdamW, fp32
+    gradient sums, its clipping, a bf16 teacher."""
+    import caopd.trainer as trainer_module
+    from caopd.config import TrainConfig
+    from caopd.trainer import train
+
+    monkeypatch.setattr(trainer_module, "training_dtypes", lambda config, use_bf16: (torch.bfloat16,) * 2)
+    config = TrainConfig(model="tiny-qwen3", tokenizer="fast", output_dir=str(tmp_path / "run"), num_generations=2,
+                         prompts_per_step=4, micro_batch_prompts=2, max_prompt_length=256, max_completion_length=12,
+                         max_steps=2, learning_rate=1e-3, save_every=10, loss_impl="torch", teacher_ema=0.1)
+    result = train(config, quiet=True)
+    student, teacher = result["student"], result["teacher"]
+    assert {p.dtype for p in student.parameters()} == {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert all(0 < r["grad_norm"] < float("inf") for r in result["history"])
+    assert not torch.equal(student.state_dict()["model.norm.weight"], teacher.state_dict()["model.norm.weight"])
