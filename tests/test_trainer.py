@@ -76,6 +76,19 @@ def run(config, examples, stop_after_steps=None):
     engine = KnownVerdictEngine(examples, config.dataset, Path(config.output_dir))
     return train(config, engine=engine, stop_after_steps=stop_after_steps, quiet=True), engine
 
+@pytest.fixture
+def seen_targets(monkeypatch) -> list:
+    """Every DistillationTarget the trainer batches, in order (its make_batch, recorded)."""
+    import caopd.trainer as trainer_module
+    seen = []
+
+    def recording_make_batch(tokenizer, targets, *args, **kwargs):
+        seen.extend(targets)
+        return make_batch(tokenizer, targets, *args, **kwargs)
+    monkeypatch.setattr(trainer_module, "make_batch", recording_make_batch)
+    return seen
+
+
 
 def test_loss_equals_full_logit_computation(science_rows_path):
     examples = load_examples(science_rows_path, "science")[:2]
@@ -110,20 +123,13 @@ def test_loss_equals_full_logit_computation(science_rows_path):
 
 @pytest.mark.parametrize("dataset", ["science", "tooluse"])
 @pytest.mark.parametrize("calibrate", [True, False])
-def test_two_steps_p_acc_ema_and_no_teacher_grad(dataset, calibrate, tmp_path, request, monkeypatch):
+def test_two_steps_p_acc_ema_and_no_teacher_grad(dataset, calibrate, tmp_path, request, seen_targets):
     data, examples = subset(request.getfixturevalue(f"{dataset}_rows_path"), dataset, tmp_path)
     config = config_for(data, dataset, tmp_path / "run", empirical_calibration=calibrate)
-    import caopd.trainer as trainer_module
-    seen = []
-
-    def recording_make_batch(tokenizer, targets, *args, **kwargs):
-        seen.extend(targets)
-        return make_batch(tokenizer, targets, *args, **kwargs)
-    monkeypatch.setattr(trainer_module, "make_batch", recording_make_batch)
     result, engine = run(config, examples)
-    assert len(seen) == 2 * 3 * K
+    assert len(seen_targets) == 2 * 3 * K
     note = "The empirical confidence for this question is"
-    for target in seen:
+    for target in seen_targets:
         p_acc = correct_count(target.example.id) / K
         teacher = target.teacher_messages[-1]["content"]
         assert "0.97" not in teacher
@@ -231,32 +237,19 @@ def test_logged_lr_follows_the_schedule(science_rows_path, tmp_path):
 
 
 def test_train_rollouts_trains_on_that_many_completions_but_p_acc_uses_all(science_rows_path, tmp_path,
-                                                                           monkeypatch):
+                                                                           seen_targets):
     data, examples = subset(science_rows_path, "science", tmp_path)
-    import caopd.trainer as trainer_module
-    seen = []
-
-    def recording_make_batch(tokenizer, targets, *args, **kwargs):
-        seen.extend(targets)
-        return make_batch(tokenizer, targets, *args, **kwargs)
-    monkeypatch.setattr(trainer_module, "make_batch", recording_make_batch)
     result, _ = run(config_for(data, "science", tmp_path / "run", max_steps=1, train_rollouts=1), examples)
-    assert len(seen) == 3  # one completion for each of the 3 prompts, not K
-    assert [t.p_acc for t in seen] == [correct_count(examples[i].id) / K for i in result["history"][0]["prompts"]]
-    assert all(t.confidence_line == f"Confidence: {t.p_acc:.2f}" for t in seen)
+    assert len(seen_targets) == 3  # one completion for each of the 3 prompts, not K
+    prompts = result["history"][0]["prompts"]
+    assert [t.p_acc for t in seen_targets] == [correct_count(examples[i].id) / K for i in prompts]
+    assert all(t.confidence_line == f"Confidence: {t.p_acc:.2f}" for t in seen_targets)
 
 
-def test_correct_solution_context_shows_a_correct_rollout(science_rows_path, tmp_path, monkeypatch):
+def test_correct_solution_context_shows_a_correct_rollout(science_rows_path, tmp_path, seen_targets):
     data, examples = subset(science_rows_path, "science", tmp_path)
-    import caopd.trainer as trainer_module
-    seen = []
-
-    def recording_make_batch(tokenizer, targets, *args, **kwargs):
-        seen.extend(targets)
-        return make_batch(tokenizer, targets, *args, **kwargs)
-    monkeypatch.setattr(trainer_module, "make_batch", recording_make_batch)
     run(config_for(data, "science", tmp_path / "run", max_steps=1, teacher_context="correct_solution"), examples)
-    for target in seen:
+    for target in seen_targets:
         teacher = target.teacher_messages[-1]["content"]
         gold = TASKS["science"].render_answer(target.example.gold)
         if correct_count(target.example.id) == 0:
