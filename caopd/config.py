@@ -27,7 +27,7 @@ from caopd.errors import InputError
 GROUPS = ("model and data", "CaOPD", "sampling", "optimization", "run folder and checkpoints")
 MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
-    "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl",
+    "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
     "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization"})
 
 
@@ -101,6 +101,9 @@ class TrainConfig:
                                           "optimization")
     attn_implementation: str = option("sdpa", "attention kernels (sdpa: PyTorch's FlashAttention on GPU)",
                                       "optimization", ("sdpa", "flash_attention_2", "eager"))
+    shared_prefix: bool = option(False, "forward each prompt's prefix once for its K completions (a 4-D mask "
+                                 "keeps completions apart; the same loss and gradients as the padded path; sdpa)",
+                                 "optimization")
     loss_impl: str = option("auto", "fused loss implementation (auto: triton on CUDA, torch elsewhere)",
                             "optimization", ("auto", "triton", "torch"))
     seed: int = option(42, "seed of the data order, the rollouts and tiny-qwen3's weights", "optimization")

@@ -117,10 +117,18 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
     teacher_rows = torch.cat([teacher_hidden[b, s - 1:s - 1 + n]
                               for b, (s, n) in enumerate(zip(batch.teacher_start, batch.length))])
     weights = token_weights(batch, skip_tokens).to(device)
+    return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
+                      temperature=temperature, impl=impl)
+
+
+def fused_loss(student: torch.nn.Module, teacher: torch.nn.Module, student_rows: torch.Tensor,
+               teacher_rows: torch.Tensor, weights: torch.Tensor, *, divergence: str, beta: float,
+               temperature: float, impl: str) -> LossOutput:
+    """sum_i weights[i] * divergence of token i through both lm_heads, by fused_linear_kl."""
     student_head = student.get_output_embeddings()
     teacher_head = teacher.get_output_embeddings()
     student_weight, student_bias = student_head.weight, student_head.bias
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+    if student_rows.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         # fp32 master weights under autocast: the head's GEMMs in the autocast dtype, as a Linear
         # would run (the casts are differentiable, so the fp32 weight gets its gradient)
         half = torch.get_autocast_dtype("cuda")

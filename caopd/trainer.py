@@ -32,6 +32,7 @@ from caopd.loss import chat_ids, distillation_loss, make_batch
 from caopd.models import TINY_MODEL, ema_update_, load_model, load_tokenizer
 from caopd.prompts import demonstration, student_messages
 from caopd.run_folder import check_run_folder, clear_earlier_run
+from caopd.shared_prefix import make_shared_batch, shared_distillation_loss
 from caopd.tables import format_table
 
 
@@ -186,6 +187,10 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         print(json.dumps({"config": asdict(config), "total_steps": total_steps, "resumed_at_step": state.step,
                           "divergence": config.divergence, "method": "CaOPD" if config.empirical_calibration
                           else "OPD"}))
+    share_prefixes = config.shared_prefix and config.attn_implementation == "sdpa"
+    if config.shared_prefix and not share_prefixes:
+        log(f"--shared-prefix: needs attn_implementation sdpa (a 4-D attention mask), not "
+            f"{config.attn_implementation}; using the padded forwards")
     history = []
     bar = tqdm(total=total_steps, initial=state.step, desc=progress or "train", disable=quiet)
     last_step = total_steps if stop_after_steps is None else min(total_steps, state.step + stop_after_steps)
@@ -217,12 +222,13 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 micro = range(start, min(start + config.micro_batch_prompts, len(groups)))
                 micro_targets = [t for j in micro for t in targets[j]]
                 micro_prompts = [prompt_ids[indices[j]] for j in micro for _ in targets[j]]
-                batch = make_batch(tokenizer, micro_targets, micro_prompts, config.max_prompt_length,
-                                   config.max_completion_length, config.chat_template_kwargs)
+                batch = (make_shared_batch if share_prefixes else make_batch)(
+                    tokenizer, micro_targets, micro_prompts, config.max_prompt_length, config.max_completion_length,
+                    config.chat_template_kwargs)
                 with accelerator.autocast():
-                    result = distillation_loss(student, teacher, batch, divergence=config.divergence, beta=config.beta,
-                                               temperature=config.temperature, skip_tokens=config.skip_loss_tokens,
-                                               impl=config.loss_impl)
+                    result = (shared_distillation_loss if share_prefixes else distillation_loss)(
+                        student, teacher, batch, divergence=config.divergence, beta=config.beta,
+                        temperature=config.temperature, skip_tokens=config.skip_loss_tokens, impl=config.loss_impl)
                 share = len(micro_targets) / sequences
                 accelerator.backward(result.loss * share)
                 loss_value += result.loss.item() * share

@@ -1,0 +1,125 @@
+"""Stage 5, sharing prefixes: each prompt's prefix forwarded once for all its completions.
+
+A group is one prompt's trained completions with one teacher context. Its row holds the prefix
+once, then every completion:  [prefix | completion 1 | completion 2 | ...]. Position ids restart
+at len(prefix) for each completion, and a 4-D attention mask lets each completion see the prefix
+and itself (causally), never another completion. The hidden states are then exactly those of
+the padded path (one row per completion) — the same model layers, the same attention kernel
+(SDPA with a mask) — while the prefix is encoded once instead of K times on each side. The
+prefix's gradient is the sum over its completions, as autograd gives it. Completion token k is
+predicted from the position before it: the prefix's last token for k = 0 (shared by the group),
+else the completion's own previous token.
+
+Rows of a micro-batch are right-padded; a pad position attends only to itself (a fully masked
+row would give NaN) and nothing attends to it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from caopd.calibration import DistillationTarget
+from caopd.loss import LossOutput, chat_ids, completion_ids, fused_loss, token_weights
+
+
+@dataclass
+class SharedSide:
+    """One side (student or teacher) of a shared-prefix micro-batch, G rows of T tokens."""
+
+    ids: torch.Tensor  # [G, T]
+    positions: torch.Tensor  # [G, T]
+    mask: torch.Tensor  # [G, 1, T, T] bool: True where a query (row) may attend to a key (column)
+    rows: torch.Tensor  # [n]: flat index into [G * T] of the hidden state predicting each completion token
+
+
+@dataclass
+class SharedPrefixBatch:
+    student: SharedSide
+    teacher: SharedSide
+    length: list[int]  # tokens of each completion, in target order (token_weights reads it)
+    groups: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.length)
+
+
+def completion_mask(prefix: int, lengths: list[int]) -> torch.Tensor:
+    """[T, T] bool for one row: the prefix causal, each completion the prefix plus itself causally."""
+    total = prefix + sum(lengths)
+    segment = torch.zeros(total, dtype=torch.long)  # 0 = prefix, k = completion k (1-based)
+    start = prefix
+    for k, n in enumerate(lengths, start=1):
+        segment[start:start + n] = k
+        start += n
+    causal = torch.ones(total, total, dtype=torch.bool).tril_()
+    key_is_prefix = (segment == 0).unsqueeze(0)  # [1, T]
+    same_segment = segment.unsqueeze(1) == segment.unsqueeze(0)  # [T, T]
+    return causal & (key_is_prefix | same_segment)
+
+
+def _side(prefixes: list[list[int]], completions: list[list[list[int]]], pad: int) -> SharedSide:
+    rows_tokens, positions, masks, predicting = [], [], [], []
+    width = max(len(p) + sum(len(c) for c in cs) for p, cs in zip(prefixes, completions))
+    for g, (prefix, group) in enumerate(zip(prefixes, completions)):
+        tokens, pos = list(prefix), list(range(len(prefix)))
+        start = len(prefix)
+        for completion in group:
+            tokens += completion
+            pos += range(len(prefix), len(prefix) + len(completion))
+            # token j of this completion is predicted at the prefix's last position (j = 0) or at j - 1
+            predicting += [g * width + (len(prefix) - 1 if j == 0 else start + j - 1) for j in range(len(completion))]
+            start += len(completion)
+        mask = torch.eye(width, dtype=torch.bool)  # pads attend to themselves only
+        mask[:len(tokens), :len(tokens)] = completion_mask(len(prefix), [len(c) for c in group])
+        rows_tokens.append(tokens + [pad] * (width - len(tokens)))
+        positions.append(pos + [0] * (width - len(pos)))
+        masks.append(mask)
+    return SharedSide(torch.tensor(rows_tokens), torch.tensor(positions), torch.stack(masks).unsqueeze(1),
+                      torch.tensor(predicting))
+
+
+def make_shared_batch(tokenizer, targets: list[DistillationTarget], student_prompt_ids: list[list[int]],
+                      max_prompt_tokens: int, max_completion_tokens: int,
+                      chat_template_kwargs: dict | None = None) -> SharedPrefixBatch:
+    """Group consecutive targets with the same student prompt and teacher context (a fallback
+    context in correct_solution mode is a group of its own); the same tokens as make_batch."""
+    groups: list[tuple[list[int], list[dict], list[list[int]]]] = []
+    lengths = []
+    for target, prompt in zip(targets, student_prompt_ids, strict=True):
+        completion = completion_ids(tokenizer, target, max_completion_tokens)
+        lengths.append(len(completion))
+        if groups and groups[-1][0] is prompt and groups[-1][1] is target.teacher_messages:
+            groups[-1][2].append(completion)
+        else:
+            groups.append((prompt, target.teacher_messages, [completion]))
+    teacher_prefixes = {}
+    for _, messages, _ in groups:
+        if id(messages) not in teacher_prefixes:
+            teacher_prefixes[id(messages)] = chat_ids(tokenizer, messages, chat_template_kwargs)[-max_prompt_tokens:]
+    pad = tokenizer.pad_token_id
+    student = _side([p[-max_prompt_tokens:] for p, _, _ in groups], [cs for _, _, cs in groups], pad)
+    teacher = _side([teacher_prefixes[id(m)] for _, m, _ in groups], [cs for _, _, cs in groups], pad)
+    return SharedPrefixBatch(student, teacher, lengths, len(groups))
+
+
+def _hidden_rows(model: torch.nn.Module, side: SharedSide, device: torch.device) -> torch.Tensor:
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=side.ids.to(device), attention_mask=side.mask.to(device),
+                     position_ids=side.positions.to(device), use_cache=False).last_hidden_state  # [G, T, H]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, side.rows.to(device))  # [n, H]
+
+
+def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: SharedPrefixBatch, *,
+                             divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
+                             skip_tokens: int = 3, impl: str = "auto") -> LossOutput:
+    """The same loss as loss.distillation_loss (per sequence, then over sequences), from the
+    shared-prefix forwards."""
+    device = next(student.parameters()).device
+    student_rows = _hidden_rows(student, batch.student, device)
+    with torch.no_grad():
+        teacher_rows = _hidden_rows(teacher, batch.teacher, device)
+    weights = token_weights(batch, skip_tokens).to(device)
+    return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
+                      temperature=temperature, impl=impl)
