@@ -1,0 +1,140 @@
+"""One CaOPD loss step, padded vs shared prefix: tokens through the models, seconds, peak memory.
+
+The step is what the trainer does per micro-batch: the student forward and backward, the teacher
+forward, the fused loss over the full 151,936 vocabulary. The model is Qwen3-shaped with random
+weights: Qwen3-0.6B's widths (hidden 1024, intermediate 3072, 16 query / 8 KV heads of 128,
+tied embeddings; from its published config.json) with fewer layers so that it fits this CPU.
+Each setting runs in a fresh process (peak RSS is per process); a small warm-up step is excluded.
+
+    python -m benchmarks.forward_sharing                  # both settings, 4 layers, CPU
+    python -m benchmarks.forward_sharing --layers 28      # the whole 0.6B depth (GPU)
+Writes benchmarks/results/forward_sharing_<device>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NOTES = """Notes. "tokens" counts the positions both models process (student and teacher rows, padding
+included). The shared path puts a prompt's prefix and its K completions in one row with a 4-D mask,
+through SDPA: with a dense mask SDPA still computes every (query, key) pair of the row, masked ones
+included, so attention costs (P + K L)^2 instead of K (P + L)^2. Where the prefix dominates (a) the
+saving in tokens wins; where the completions dominate (b) the quadratic term loses. Skipping the
+masked blocks (flex_attention with a block mask, or FlashAttention's varlen kernels with the prefix
+as shared KV) is what (b) needs; until then --shared-prefix stays off by default."""
+SETTINGS = {"a (tool-use-like)": dict(prompt=1024, completion=256, k=8),
+            "b (science-like)": dict(prompt=256, completion=1024, k=8)}
+
+
+def qwen3_model(layers: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                         max_position_embeddings=40_960, rope_theta=1_000_000.0)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def batches(prompt: int, completion: int, k: int, seed: int = 0):
+    """The same K completions of one prompt as a padded batch and as a shared-prefix batch."""
+    from caopd.loss import DistillationBatch
+    from caopd.shared_prefix import SharedPrefixBatch, _side
+
+    g = torch.Generator().manual_seed(seed)
+    student_prefix = torch.randint(10, 150_000, (prompt,), generator=g).tolist()
+    teacher_prefix = torch.randint(10, 150_000, (prompt,), generator=g).tolist()
+    completions = [torch.randint(10, 150_000, (completion,), generator=g).tolist() for _ in range(k)]
+    student_ids = torch.tensor([student_prefix + c for c in completions])
+    teacher_ids = torch.tensor([teacher_prefix + c for c in completions])
+    ones = torch.ones_like(student_ids)
+    padded = DistillationBatch(student_ids, ones, teacher_ids, ones.clone(), [prompt] * k, [prompt] * k,
+                               [completion] * k)
+    shared = SharedPrefixBatch(_side([student_prefix], [completions], 0), _side([teacher_prefix], [completions], 0),
+                               [completion] * k, 1)
+    return padded, shared
+
+
+def step(kind: str, student, teacher, batch) -> None:
+    from caopd.loss import distillation_loss
+    from caopd.shared_prefix import shared_distillation_loss
+
+    loss_fn = distillation_loss if kind == "padded" else shared_distillation_loss
+    student.zero_grad(set_to_none=True)
+    loss_fn(student, teacher, batch, skip_tokens=3, impl="torch").loss.backward()
+
+
+def worker(kind: str, setting: str, layers: int) -> dict:
+    from benchmarks.kernel_kl import PeakRSS, rss_bytes
+
+    student, teacher = qwen3_model(layers), qwen3_model(layers, seed=1).requires_grad_(False)
+    warm_padded, warm_shared = batches(64, 16, 2)
+    step(kind, student, teacher, warm_padded if kind == "padded" else warm_shared)
+    padded, shared = batches(**SETTINGS[setting])
+    batch = padded if kind == "padded" else shared
+    tokens = (batch.student_ids.numel() + batch.teacher_ids.numel()) if kind == "padded" else \
+        (batch.student.ids.numel() + batch.teacher.ids.numel())
+    before = rss_bytes()
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        step(kind, student, teacher, batch)
+        seconds = time.perf_counter() - start
+    return {"kind": kind, "setting": setting, "tokens": tokens, "seconds": seconds,
+            "peak_extra_gib": (peak.peak - before) / 2**30}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--worker", nargs=2, metavar=("KIND", "SETTING"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.layers)))
+        return
+    rows = []
+    for setting in SETTINGS:
+        for kind in ("padded", "shared"):
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.forward_sharing", "--layers", str(args.layers),
+                                   "--worker", kind, setting], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parents[1])
+            if proc.returncode:
+                rows.append({"kind": kind, "setting": setting, "error": proc.stderr.strip().splitlines()[-1]})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    device = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = ["| setting | path | tokens through the models | seconds | peak extra GiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['kind']} | " + (f"error: {r['error']} | | |" if "error" in r else
+                                                               f"{r['tokens']} | {r['seconds']:.1f} | "
+                                                               f"{r['peak_extra_gib']:.2f} |"))
+    for setting in SETTINGS:
+        by_kind = {r["kind"]: r for r in rows if r["setting"] == setting and "error" not in r}
+        if len(by_kind) == 2:
+            pad, sh = by_kind["padded"], by_kind["shared"]
+            lines.append(f"\n{setting}: shared/padded tokens {sh['tokens'] / pad['tokens']:.2f}, time "
+                         f"{sh['seconds'] / pad['seconds']:.2f}, "
+                         f"peak memory {sh['peak_extra_gib'] / pad['peak_extra_gib']:.2f}")
+    table = "\n".join(lines)
+    stem = RESULTS / f"forward_sharing_{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    RESULTS.mkdir(exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"device": device, "commit": commit, "layers": args.layers,
+                                                     "settings": SETTINGS, "rows": rows}, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(f"# One CaOPD loss step: padded vs shared prefix\n\n{device}; commit "
+                                       f"{commit}; Qwen3-0.6B widths, {args.layers} layers, random weights, "
+                                       f"fp32.\n\n{table}\n\n{NOTES}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
