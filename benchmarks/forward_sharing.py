@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NOTES = """Notes. "tokens" counts the positions both models process (student and teacher rows, padding
-included). The shared path puts a prompt's prefix and its K completions in one row with a 4-D mask,
-through SDPA: with a dense mask SDPA still computes every (query, key) pair of the row, masked ones
-included, so attention costs (P + K L)^2 instead of K (P + L)^2. Where the prefix dominates (a) the
-saving in tokens wins; where the completions dominate (b) the quadratic term loses. Skipping the
-masked blocks (flex_attention with a block mask, or FlashAttention's varlen kernels with the prefix
-as shared KV) is what (b) needs; until then --shared-prefix stays off by default."""
+NOTES = """Notes. "tokens" counts the positions both models process (padding included). shared-mask puts
+a prompt's prefix and its K completions in one row with a 4-D mask through SDPA, which with a dense
+mask still computes every (query, key) pair of the row, masked ones included: attention costs
+(P + K L)^2. shared-cache forwards the prefix once and runs the K completions as a batch on its
+repeated keys and values: K L (P + L), the least there is; the trainer takes it unless gradient
+checkpointing is on (transformers then turns the KV cache off), where it takes shared-mask."""
 SETTINGS = {"a (tool-use-like)": dict(prompt=1024, completion=256, k=8),
             "b (science-like)": dict(prompt=256, completion=1024, k=8)}
 
@@ -47,7 +46,7 @@ def qwen3_model(layers: int, seed: int = 0):
 def batches(prompt: int, completion: int, k: int, seed: int = 0):
     """The same K completions of one prompt as a padded batch and as a shared-prefix batch."""
     from caopd.loss import DistillationBatch
-    from caopd.shared_prefix import SharedPrefixBatch, _side
+    from caopd.shared_prefix import SharedPrefixBatch, _cache_groups, _side
 
     g = torch.Generator().manual_seed(seed)
     student_prefix = torch.randint(10, 150_000, (prompt,), generator=g).tolist()
@@ -59,7 +58,8 @@ def batches(prompt: int, completion: int, k: int, seed: int = 0):
     padded = DistillationBatch(student_ids, ones, teacher_ids, ones.clone(), [prompt] * k, [prompt] * k,
                                [completion] * k)
     shared = SharedPrefixBatch(_side([student_prefix], [completions], 0), _side([teacher_prefix], [completions], 0),
-                               [completion] * k, 1)
+                               [completion] * k, 1, _cache_groups([student_prefix], [completions], 0),
+                               _cache_groups([teacher_prefix], [completions], 0))
     return padded, shared
 
 
@@ -67,9 +67,13 @@ def step(kind: str, student, teacher, batch) -> None:
     from caopd.loss import distillation_loss
     from caopd.shared_prefix import shared_distillation_loss
 
-    loss_fn = distillation_loss if kind == "padded" else shared_distillation_loss
     student.zero_grad(set_to_none=True)
-    loss_fn(student, teacher, batch, skip_tokens=3, impl="torch").loss.backward()
+    if kind == "padded":
+        result = distillation_loss(student, teacher, batch, skip_tokens=3, impl="torch")
+    else:  # "shared-mask" or "shared-cache"
+        result = shared_distillation_loss(student, teacher, batch, skip_tokens=3, impl="torch",
+                                          path=kind.removeprefix("shared-"))
+    result.loss.backward()
 
 
 def worker(kind: str, setting: str, layers: int) -> dict:
@@ -80,8 +84,12 @@ def worker(kind: str, setting: str, layers: int) -> dict:
     step(kind, student, teacher, warm_padded if kind == "padded" else warm_shared)
     padded, shared = batches(**SETTINGS[setting])
     batch = padded if kind == "padded" else shared
-    tokens = (batch.student_ids.numel() + batch.teacher_ids.numel()) if kind == "padded" else \
-        (batch.student.ids.numel() + batch.teacher.ids.numel())
+    if kind == "padded":
+        tokens = batch.student_ids.numel() + batch.teacher_ids.numel()
+    elif kind == "shared-mask":
+        tokens = batch.student.ids.numel() + batch.teacher.ids.numel()
+    else:
+        tokens = sum(g.prefix.numel() + g.completions.numel() for g in batch.student_groups + batch.teacher_groups)
     before = rss_bytes()
     with PeakRSS() as peak:
         start = time.perf_counter()
@@ -101,7 +109,7 @@ def main() -> None:
         return
     rows = []
     for setting in SETTINGS:
-        for kind in ("padded", "shared"):
+        for kind in ("padded", "shared-mask", "shared-cache"):
             proc = subprocess.run([sys.executable, "-m", "benchmarks.forward_sharing", "--layers", str(args.layers),
                                    "--worker", kind, setting], capture_output=True, text=True,
                                   cwd=Path(__file__).resolve().parents[1])
@@ -120,11 +128,13 @@ def main() -> None:
                                                                f"{r['peak_extra_gib']:.2f} |"))
     for setting in SETTINGS:
         by_kind = {r["kind"]: r for r in rows if r["setting"] == setting and "error" not in r}
-        if len(by_kind) == 2:
-            pad, sh = by_kind["padded"], by_kind["shared"]
-            lines.append(f"\n{setting}: shared/padded tokens {sh['tokens'] / pad['tokens']:.2f}, time "
-                         f"{sh['seconds'] / pad['seconds']:.2f}, "
-                         f"peak memory {sh['peak_extra_gib'] / pad['peak_extra_gib']:.2f}")
+        pad = by_kind.get("padded")
+        for kind in ("shared-mask", "shared-cache"):
+            if pad and kind in by_kind:
+                sh = by_kind[kind]
+                lines.append(f"\n{setting}: {kind}/padded tokens {sh['tokens'] / pad['tokens']:.2f}, time "
+                             f"{sh['seconds'] / pad['seconds']:.2f}, "
+                             f"peak memory {sh['peak_extra_gib'] / pad['peak_extra_gib']:.2f}")
     table = "\n".join(lines)
     stem = RESULTS / f"forward_sharing_{'cuda' if torch.cuda.is_available() else 'cpu'}"
     RESULTS.mkdir(exist_ok=True)

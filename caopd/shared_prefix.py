@@ -12,6 +12,13 @@ else the completion's own previous token.
 
 Rows of a micro-batch are right-padded; a pad position attends only to itself (a fully masked
 row would give NaN) and nothing attends to it.
+
+Two ways to run a group, the same hidden states (up to float rounding): ``mask`` (one row with the
+4-D mask above; SDPA then computes every (query, key) pair of the row, masked ones included) and
+``cache`` (the prefix forwarded once with ``use_cache``, its keys and values repeated for the K
+completions, which then run as a batch on top: attention costs K L (P + L), the least there is).
+The student takes ``cache`` unless gradient checkpointing is on (transformers turns the cache off
+then); the teacher, without gradients, always does.
 """
 from __future__ import annotations
 
@@ -34,11 +41,22 @@ class SharedSide:
 
 
 @dataclass
+class PrefixGroup:
+    """One group for the cache path: its prefix and its K completions (right-padded)."""
+
+    prefix: torch.Tensor  # [1, P]
+    completions: torch.Tensor  # [K, L]
+    lengths: list[int]
+
+
+@dataclass
 class SharedPrefixBatch:
     student: SharedSide
     teacher: SharedSide
     length: list[int]  # tokens of each completion, in target order (token_weights reads it)
     groups: int
+    student_groups: list[PrefixGroup] | None = None
+    teacher_groups: list[PrefixGroup] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -99,9 +117,44 @@ def make_shared_batch(tokenizer, targets: list[DistillationTarget], student_prom
         if id(messages) not in teacher_prefixes:
             teacher_prefixes[id(messages)] = chat_ids(tokenizer, messages, chat_template_kwargs)[-max_prompt_tokens:]
     pad = tokenizer.pad_token_id
-    student = _side([p[-max_prompt_tokens:] for p, _, _ in groups], [cs for _, _, cs in groups], pad)
-    teacher = _side([teacher_prefixes[id(m)] for _, m, _ in groups], [cs for _, _, cs in groups], pad)
-    return SharedPrefixBatch(student, teacher, lengths, len(groups))
+    student_prefixes = [p[-max_prompt_tokens:] for p, _, _ in groups]
+    teacher_side_prefixes = [teacher_prefixes[id(m)] for _, m, _ in groups]
+    completions = [cs for _, _, cs in groups]
+    return SharedPrefixBatch(_side(student_prefixes, completions, pad), _side(teacher_side_prefixes, completions, pad),
+                             lengths, len(groups), _cache_groups(student_prefixes, completions, pad),
+                             _cache_groups(teacher_side_prefixes, completions, pad))
+
+
+def _cache_groups(prefixes: list[list[int]], completions: list[list[list[int]]], pad: int) -> list[PrefixGroup]:
+    out = []
+    for prefix, group in zip(prefixes, completions):
+        width = max(len(c) for c in group)
+        padded = torch.tensor([c + [pad] * (width - len(c)) for c in group])
+        out.append(PrefixGroup(torch.tensor([prefix]), padded, [len(c) for c in group]))
+    return out
+
+
+def _hidden_rows_cached(model: torch.nn.Module, groups: list[PrefixGroup], device: torch.device) -> torch.Tensor:
+    """The rows predicting each completion token, by the prefix cache (see the module docstring)."""
+    decoder = getattr(model, model.base_model_prefix)
+    rows = []
+    for group in groups:
+        prefix, completions = group.prefix.to(device), group.completions.to(device)
+        k, width, p = completions.shape[0], completions.shape[1], prefix.shape[1]
+        first = decoder(input_ids=prefix, use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(k)  # [1, ...] -> [K, ...] keys and values of the prefix
+        attention = torch.zeros(k, p + width, dtype=torch.long, device=device)
+        attention[:, :p] = 1
+        for i, n in enumerate(group.lengths):
+            attention[i, p:p + n] = 1
+        positions = torch.arange(p, p + width, device=device).expand(k, width)
+        hidden = decoder(input_ids=completions, past_key_values=cache, attention_mask=attention,
+                         position_ids=positions, use_cache=True).last_hidden_state  # [K, L, H]
+        last_prefix = first.last_hidden_state[0, -1:]  # predicts every completion's first token
+        for i, n in enumerate(group.lengths):
+            rows += [last_prefix, hidden[i, :n - 1]]
+    return torch.cat(rows)
 
 
 def _hidden_rows(model: torch.nn.Module, side: SharedSide, device: torch.device) -> torch.Tensor:
@@ -113,13 +166,21 @@ def _hidden_rows(model: torch.nn.Module, side: SharedSide, device: torch.device)
 
 def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: SharedPrefixBatch, *,
                              divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
-                             skip_tokens: int = 3, impl: str = "auto") -> LossOutput:
+                             skip_tokens: int = 3, impl: str = "auto", path: str = "auto") -> LossOutput:
     """The same loss as loss.distillation_loss (per sequence, then over sequences), from the
-    shared-prefix forwards."""
+    shared-prefix forwards. path: "cache", "mask", or "auto" (cache unless the student
+    checkpoints its activations)."""
+    if path not in ("auto", "cache", "mask"):
+        raise ValueError(f"path must be auto, cache or mask, got {path!r}")
     device = next(student.parameters()).device
-    student_rows = _hidden_rows(student, batch.student, device)
+    cache_ok = batch.student_groups is not None and path != "mask"
+    if cache_ok and (path == "cache" or not getattr(student, "is_gradient_checkpointing", False)):
+        student_rows = _hidden_rows_cached(student, batch.student_groups, device)
+    else:
+        student_rows = _hidden_rows(student, batch.student, device)
     with torch.no_grad():
-        teacher_rows = _hidden_rows(teacher, batch.teacher, device)
+        teacher_rows = _hidden_rows_cached(teacher, batch.teacher_groups, device) if cache_ok else \
+            _hidden_rows(teacher, batch.teacher, device)
     weights = token_weights(batch, skip_tokens).to(device)
     return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
                       temperature=temperature, impl=impl)

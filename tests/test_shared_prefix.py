@@ -1,5 +1,5 @@
 """Shared-prefix forwards (issue 14, the exactness part): the loss and every gradient equal the
-padded path's (one row per completion), on tiny-qwen3 in fp32.
+padded path's (one row per completion), on tiny-qwen3 in fp32, by both ways (prefix cache, 4-D mask).
 
 Deliberate bug this catches: a mask that lets a completion see another completion
 (test_a_leaky_mask_is_caught).
@@ -56,16 +56,17 @@ def targets_for(science_rows_path, tokenizer, k_per_prompt, seed=0, fallback_spl
     return targets, prompts
 
 
-def loss_and_grads(loss_fn, student, teacher, batch):
+def loss_and_grads(loss_fn, student, teacher, batch, **kw):
     student.zero_grad()
-    result = loss_fn(student, teacher, batch, skip_tokens=2, temperature=0.9, impl="torch")
+    result = loss_fn(student, teacher, batch, skip_tokens=2, temperature=0.9, impl="torch", **kw)
     result.loss.backward()
     return result, {n: p.grad.clone() for n, p in student.named_parameters()}
 
 
+@pytest.mark.parametrize("path", ["cache", "mask"])
 @pytest.mark.parametrize("k_per_prompt, fallback_split", [([1], False), ([4, 4], False), ([8, 3, 1], False),
                                                            ([4, 2], True)])
-def test_loss_and_every_gradient_equal_the_padded_path(tiny, science_rows_path, k_per_prompt, fallback_split):
+def test_loss_and_every_gradient_equal_the_padded_path(tiny, science_rows_path, k_per_prompt, fallback_split, path):
     tokenizer, student, teacher = tiny
     targets, prompts = targets_for(science_rows_path, tokenizer, k_per_prompt, fallback_split=fallback_split)
     padded = make_batch(tokenizer, targets, prompts, 256, 40)
@@ -74,7 +75,7 @@ def test_loss_and_every_gradient_equal_the_padded_path(tiny, science_rows_path, 
     # a completion with a teacher context of its own splits its prompt's run: [0] [1] [2, 3] and [0] [1]
     assert shared.groups == (5 if fallback_split else len(k_per_prompt))
     expected, expected_grads = loss_and_grads(distillation_loss, student, teacher, padded)
-    ours, grads = loss_and_grads(shared_distillation_loss, student, teacher, shared)
+    ours, grads = loss_and_grads(shared_distillation_loss, student, teacher, shared, path=path)
     assert ours.counted_tokens == expected.counted_tokens
     assert torch.allclose(ours.loss, expected.loss, rtol=1e-5, atol=1e-7), (float(ours.loss), float(expected.loss))
     for name, grad in expected_grads.items():
@@ -90,11 +91,12 @@ def test_teacher_hidden_states_equal_the_padded_path(tiny, science_rows_path):
     shared = make_shared_batch(tokenizer, targets, prompts, 256, 40)
     with torch.no_grad():
         rows = shared_prefix._hidden_rows(teacher, shared.teacher, torch.device("cpu"))
+        cached = shared_prefix._hidden_rows_cached(teacher, shared.teacher_groups, torch.device("cpu"))
         hidden = teacher.model(input_ids=padded.teacher_ids, attention_mask=padded.teacher_attention,
                                use_cache=False).last_hidden_state
     expected = torch.cat([hidden[b, s - 1:s - 1 + n] for b, (s, n) in enumerate(zip(padded.teacher_start,
                                                                                     padded.length))])
-    assert torch.allclose(rows, expected, atol=1e-5)
+    assert torch.allclose(rows, expected, atol=1e-5) and torch.allclose(cached, expected, atol=1e-5)
 
 
 def test_a_leaky_mask_is_caught(tiny, science_rows_path, monkeypatch):
@@ -105,7 +107,7 @@ def test_a_leaky_mask_is_caught(tiny, science_rows_path, monkeypatch):
                         lambda prefix, lengths: torch.ones(prefix + sum(lengths), prefix + sum(lengths),
                                                            dtype=torch.bool).tril_())
     leaky = shared_distillation_loss(student, teacher, make_shared_batch(tokenizer, targets, prompts, 256, 40),
-                                     impl="torch")
+                                     impl="torch", path="mask")
     assert not torch.allclose(leaky.loss, expected.loss, rtol=1e-3)
 
 
@@ -129,3 +131,17 @@ def test_tiny_training_gives_the_same_losses_with_and_without_shared_prefixes(tm
                  "--attn-implementation", "eager", "--max-steps", "1", "--num-generations", "2",
                  "--max-completion-length", "8"]) == 0
     assert "--shared-prefix: needs attn_implementation sdpa" in capsys.readouterr().err
+
+
+def test_with_gradient_checkpointing_the_student_takes_the_mask_path(science_rows_path, monkeypatch):
+    tokenizer = load_tokenizer("tiny-qwen3", "fast")
+    student, teacher = load_model("tiny-qwen3", tokenizer, seed=1), load_model("tiny-qwen3", tokenizer, seed=2)
+    student.gradient_checkpointing_enable()  # transformers turns the KV cache off under it
+    targets, prompts = targets_for(science_rows_path, tokenizer, [3, 2])
+    padded = distillation_loss(student, teacher, make_batch(tokenizer, targets, prompts, 256, 40), impl="torch")
+    used = []
+    mask_rows = shared_prefix._hidden_rows
+    monkeypatch.setattr(shared_prefix, "_hidden_rows", lambda *a: used.append("mask") or mask_rows(*a))
+    ours = shared_distillation_loss(student, teacher, make_shared_batch(tokenizer, targets, prompts, 256, 40),
+                                    impl="torch")
+    assert used == ["mask"] and torch.allclose(ours.loss, padded.loss, rtol=1e-5)
