@@ -46,7 +46,7 @@ def qwen3_model(layers: int, seed: int = 0):
 def batches(prompt: int, completion: int, k: int, seed: int = 0):
     """The same K completions of one prompt as a padded batch and as a shared-prefix batch."""
     from caopd.loss import DistillationBatch
-    from caopd.shared_prefix import SharedPrefixBatch, _cache_groups, _side
+    from caopd.shared_prefix import SharedPrefixBatch
 
     g = torch.Generator().manual_seed(seed)
     student_prefix = torch.randint(10, 150_000, (prompt,), generator=g).tolist()
@@ -57,9 +57,7 @@ def batches(prompt: int, completion: int, k: int, seed: int = 0):
     ones = torch.ones_like(student_ids)
     padded = DistillationBatch(student_ids, ones, teacher_ids, ones.clone(), [prompt] * k, [prompt] * k,
                                [completion] * k)
-    shared = SharedPrefixBatch(_side([student_prefix], [completions], 0), _side([teacher_prefix], [completions], 0),
-                               [completion] * k, 1, _cache_groups([student_prefix], [completions], 0),
-                               _cache_groups([teacher_prefix], [completions], 0))
+    shared = SharedPrefixBatch([student_prefix], [teacher_prefix], [completions], 0)
     return padded, shared
 
 

@@ -22,7 +22,7 @@ DERIVED = ("tokenizer", "rollout_model")  # rewritten by every fresh run
 def earlier_run(out: Path) -> list[Path]:
     """The artifacts of an earlier run in ``out`` (an empty checkpoints/ folder does not count)."""
     found = [out / name for name in RUN_ARTIFACTS if (out / name).exists()]
-    return [p for p in found if p.name != "checkpoints" or checkpoints(p) or any(p.glob("step-*"))]
+    return [p for p in found if p.name != "checkpoints" or any(p.glob("step-*"))]
 
 
 def describe(artifacts: list[Path]) -> str:

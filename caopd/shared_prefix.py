@@ -23,6 +23,7 @@ then); the teacher, without gradients, always does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -51,12 +52,37 @@ class PrefixGroup:
 
 @dataclass
 class SharedPrefixBatch:
-    student: SharedSide
-    teacher: SharedSide
-    length: list[int]  # tokens of each completion, in target order (token_weights reads it)
-    groups: int
-    student_groups: list[PrefixGroup] | None = None
-    teacher_groups: list[PrefixGroup] | None = None
+    """Each group's student and teacher prefix and its completions' tokens; the inputs of either
+    path are built on first use (the mask path's [G, 1, T, T] masks only when it runs)."""
+
+    student_prefixes: list[list[int]]
+    teacher_prefixes: list[list[int]]
+    completions: list[list[list[int]]]  # per group, its completions' tokens
+    pad: int
+
+    @property
+    def length(self) -> list[int]:  # tokens of each completion, in target order (token_weights reads it)
+        return [len(c) for group in self.completions for c in group]
+
+    @property
+    def groups(self) -> int:
+        return len(self.completions)
+
+    @cached_property
+    def student(self) -> SharedSide:
+        return _side(self.student_prefixes, self.completions, self.pad)
+
+    @cached_property
+    def teacher(self) -> SharedSide:
+        return _side(self.teacher_prefixes, self.completions, self.pad)
+
+    @cached_property
+    def student_groups(self) -> list[PrefixGroup]:
+        return _cache_groups(self.student_prefixes, self.completions, self.pad)
+
+    @cached_property
+    def teacher_groups(self) -> list[PrefixGroup]:
+        return _cache_groups(self.teacher_prefixes, self.completions, self.pad)
 
     @property
     def completion_tokens(self) -> int:
@@ -104,10 +130,8 @@ def make_shared_batch(tokenizer, targets: list[DistillationTarget], student_prom
     """Group consecutive targets with the same student prompt and teacher context (a fallback
     context in correct_solution mode is a group of its own); the same tokens as make_batch."""
     groups: list[tuple[list[int], list[dict], list[list[int]]]] = []
-    lengths = []
     for target, prompt in zip(targets, student_prompt_ids, strict=True):
         completion = completion_ids(tokenizer, target, max_completion_tokens)
-        lengths.append(len(completion))
         if groups and groups[-1][0] is prompt and groups[-1][1] is target.teacher_messages:
             groups[-1][2].append(completion)
         else:
@@ -116,13 +140,9 @@ def make_shared_batch(tokenizer, targets: list[DistillationTarget], student_prom
     for _, messages, _ in groups:
         if id(messages) not in teacher_prefixes:
             teacher_prefixes[id(messages)] = chat_ids(tokenizer, messages, chat_template_kwargs)[-max_prompt_tokens:]
-    pad = tokenizer.pad_token_id
-    student_prefixes = [p[-max_prompt_tokens:] for p, _, _ in groups]
-    teacher_side_prefixes = [teacher_prefixes[id(m)] for _, m, _ in groups]
-    completions = [cs for _, _, cs in groups]
-    return SharedPrefixBatch(_side(student_prefixes, completions, pad), _side(teacher_side_prefixes, completions, pad),
-                             lengths, len(groups), _cache_groups(student_prefixes, completions, pad),
-                             _cache_groups(teacher_side_prefixes, completions, pad))
+    return SharedPrefixBatch([p[-max_prompt_tokens:] for p, _, _ in groups],
+                             [teacher_prefixes[id(m)] for _, m, _ in groups], [cs for _, _, cs in groups],
+                             tokenizer.pad_token_id)
 
 
 def _cache_groups(prefixes: list[list[int]], completions: list[list[list[int]]], pad: int) -> list[PrefixGroup]:
@@ -173,14 +193,13 @@ def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module,
     if path not in ("auto", "cache", "mask"):
         raise ValueError(f"path must be auto, cache or mask, got {path!r}")
     device = next(student.parameters()).device
-    cache_ok = batch.student_groups is not None and path != "mask"
-    if cache_ok and (path == "cache" or not getattr(student, "is_gradient_checkpointing", False)):
+    if path == "cache" or (path == "auto" and not getattr(student, "is_gradient_checkpointing", False)):
         student_rows = _hidden_rows_cached(student, batch.student_groups, device)
     else:
         student_rows = _hidden_rows(student, batch.student, device)
     with torch.no_grad():
-        teacher_rows = _hidden_rows_cached(teacher, batch.teacher_groups, device) if cache_ok else \
-            _hidden_rows(teacher, batch.teacher, device)
+        teacher_rows = _hidden_rows(teacher, batch.teacher, device) if path == "mask" else \
+            _hidden_rows_cached(teacher, batch.teacher_groups, device)
     weights = token_weights(batch, skip_tokens).to(device)
     return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
                       temperature=temperature, impl=impl)
