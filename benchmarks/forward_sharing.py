@@ -1,10 +1,12 @@
-"""One CaOPD loss step, padded vs shared prefix: tokens through the models, seconds, peak memory.
+"""One CaOPD loss step, padded vs packed vs shared prefix: tokens through the models, seconds, activation memory.
 
 The step is what the trainer does per micro-batch: the student forward and backward, the teacher
 forward, the fused loss over the full 151,936 vocabulary. The model is Qwen3-shaped with random
 weights: Qwen3-0.6B's widths (hidden 1024, intermediate 3072, 16 query / 8 KV heads of 128,
 tied embeddings; from its published config.json) with fewer layers so that it fits this CPU.
-Each setting runs in a fresh process (peak RSS is per process); a small warm-up step is excluded.
+Each setting runs in a fresh process (peak RSS is per process); a small warm-up step is excluded
+and leaves the parameters' gradients allocated, so the peak above the step's start is the
+activation memory (the gradients, the same for every layout, are not counted).
 
     python -m benchmarks.forward_sharing                  # both settings, 4 layers, CPU
     python -m benchmarks.forward_sharing --layers 28      # the whole 0.6B depth (GPU)
@@ -23,12 +25,17 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NOTES = """Notes. "tokens" counts the positions both models process (padding included). shared-mask puts
+NOTES = """Notes. "tokens" counts the positions both models process (padding included). packed puts
+all sequences of a side in one row without padding; under SDPA transformers turns the restarting
+position ids into a dense block-diagonal mask (attention over the whole row, masked pairs included;
+with flash-attn installed, `flash_attention_2` runs it as varlen). With the equal completion lengths
+here packing removes no tokens. shared-mask puts
 a prompt's prefix and its K completions in one row with a 4-D mask through SDPA, which with a dense
 mask still computes every (query, key) pair of the row, masked ones included: attention costs
 (P + K L)^2. shared-cache forwards the prefix once and runs the K completions as a batch on its
 repeated keys and values: K L (P + L), the least there is; the trainer takes it unless gradient
 checkpointing is on (transformers then turns the KV cache off), where it takes shared-mask."""
+KINDS = ("padded", "packed", "shared-mask", "shared-cache")
 SETTINGS = {"a (tool-use-like)": dict(prompt=1024, completion=256, k=8),
             "b (science-like)": dict(prompt=256, completion=1024, k=8)}
 
@@ -65,9 +72,9 @@ def step(kind: str, student, teacher, batch) -> None:
     from caopd.loss import distillation_loss
     from caopd.shared_prefix import shared_distillation_loss
 
-    student.zero_grad(set_to_none=True)
-    if kind == "padded":
-        result = distillation_loss(student, teacher, batch, skip_tokens=3, impl="torch")
+    student.zero_grad(set_to_none=False)  # gradients stay allocated: not part of the measured peak
+    if kind in ("padded", "packed"):
+        result = distillation_loss(student, teacher, batch, skip_tokens=3, impl="torch", layout=kind)
     else:  # "shared-mask" or "shared-cache"
         result = shared_distillation_loss(student, teacher, batch, skip_tokens=3, impl="torch",
                                           path=kind.removeprefix("shared-"))
@@ -79,11 +86,14 @@ def worker(kind: str, setting: str, layers: int) -> dict:
 
     student, teacher = qwen3_model(layers), qwen3_model(layers, seed=1).requires_grad_(False)
     warm_padded, warm_shared = batches(64, 16, 2)
-    step(kind, student, teacher, warm_padded if kind == "padded" else warm_shared)
+    unshared = kind in ("padded", "packed")
+    step(kind, student, teacher, warm_padded if unshared else warm_shared)
     padded, shared = batches(**SETTINGS[setting])
-    batch = padded if kind == "padded" else shared
+    batch = padded if unshared else shared
     if kind == "padded":
         tokens = batch.student_ids.numel() + batch.teacher_ids.numel()
+    elif kind == "packed":
+        tokens = int(batch.student_attention.sum() + batch.teacher_attention.sum())
     elif kind == "shared-mask":
         tokens = batch.student.ids.numel() + batch.teacher.ids.numel()
     else:
@@ -94,7 +104,7 @@ def worker(kind: str, setting: str, layers: int) -> dict:
         step(kind, student, teacher, batch)
         seconds = time.perf_counter() - start
     return {"kind": kind, "setting": setting, "tokens": tokens, "seconds": seconds,
-            "peak_extra_gib": (peak.peak - before) / 2**30}
+            "activation_gib": (peak.peak - before) / 2**30}
 
 
 def main() -> None:
@@ -107,7 +117,7 @@ def main() -> None:
         return
     rows = []
     for setting in SETTINGS:
-        for kind in ("padded", "shared-mask", "shared-cache"):
+        for kind in KINDS:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.forward_sharing", "--layers", str(args.layers),
                                    "--worker", kind, setting], capture_output=True, text=True,
                                   cwd=Path(__file__).resolve().parents[1])
@@ -119,26 +129,26 @@ def main() -> None:
     device = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = ["| setting | path | tokens through the models | seconds | peak extra GiB |", "|---|---|---|---|---|"]
+    lines = ["| setting | layout | tokens through the models | seconds | activation GiB |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['kind']} | " + (f"error: {r['error']} | | |" if "error" in r else
                                                                f"{r['tokens']} | {r['seconds']:.1f} | "
-                                                               f"{r['peak_extra_gib']:.2f} |"))
+                                                               f"{r['activation_gib']:.2f} |"))
     for setting in SETTINGS:
         by_kind = {r["kind"]: r for r in rows if r["setting"] == setting and "error" not in r}
         pad = by_kind.get("padded")
-        for kind in ("shared-mask", "shared-cache"):
+        for kind in KINDS[1:]:
             if pad and kind in by_kind:
                 sh = by_kind[kind]
                 lines.append(f"\n{setting}: {kind}/padded tokens {sh['tokens'] / pad['tokens']:.2f}, time "
                              f"{sh['seconds'] / pad['seconds']:.2f}, "
-                             f"peak memory {sh['peak_extra_gib'] / pad['peak_extra_gib']:.2f}")
+                             f"activation memory {sh['activation_gib'] / pad['activation_gib']:.2f}")
     table = "\n".join(lines)
     stem = RESULTS / f"forward_sharing_{'cuda' if torch.cuda.is_available() else 'cpu'}"
     RESULTS.mkdir(exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"device": device, "commit": commit, "layers": args.layers,
                                                      "settings": SETTINGS, "rows": rows}, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(f"# One CaOPD loss step: padded vs shared prefix\n\n{device}; commit "
+    stem.with_suffix(".md").write_text(f"# One CaOPD loss step: padded vs packed vs shared prefix\n\n{device}; commit "
                                        f"{commit}; Qwen3-0.6B widths, {args.layers} layers, random weights, "
                                        f"fp32.\n\n{table}\n\n{NOTES}\n")
     print(table)

@@ -101,9 +101,8 @@ class TrainConfig:
                                           "optimization")
     attn_implementation: str = option("sdpa", "attention kernels (sdpa: PyTorch's FlashAttention on GPU)",
                                       "optimization", ("sdpa", "flash_attention_2", "eager"))
-    shared_prefix: bool = option(False, "forward each prompt's prefix once for its K completions (a 4-D mask "
-                                 "keeps completions apart; the same loss and gradients as the padded path; sdpa)",
-                                 "optimization")
+    shared_prefix: bool = option(True, "forward each prompt's prefix once for its K completions on each side "
+                                 "(the same loss and gradients as one padded row per completion)", "optimization")
     loss_impl: str = option("auto", "fused loss implementation (auto: triton on CUDA, torch elsewhere)",
                             "optimization", ("auto", "triton", "torch"))
     seed: int = option(42, "seed of the data order, the rollouts and tiny-qwen3's weights", "optimization")

@@ -5,6 +5,12 @@ completion] without; only completion positions count (the first ``skip_tokens`` 
 The loss is the per-token divergence averaged over each sequence's counted tokens, then over
 sequences, computed by ``caopd_kernels.fused_linear_kl`` on final hidden states: the models'
 [tokens x vocab] logits are never materialized.
+
+Two layouts of the same sequences, the same hidden states: ``padded`` (one right-padded row per
+sequence) and ``packed`` (each side's sequences concatenated into one row without padding, position
+ids restarting at 0 per sequence, no attention mask: transformers reads the sequence boundaries
+from the position ids, as FlashAttention's varlen kernels under ``flash_attention_2``, as a
+block-diagonal mask under SDPA).
 """
 from __future__ import annotations
 
@@ -87,6 +93,21 @@ def final_hidden_states(model: torch.nn.Module, ids: torch.Tensor, attention: to
     return decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
 
 
+def packed_hidden_states(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """final_hidden_states of a right-padded batch, computed packed: the rows' real tokens in one
+    row, position ids restarting per row; returned [B, T, H] again (zeros at pads)."""
+    decoder = getattr(model, model.base_model_prefix)
+    lengths = attention.sum(1)
+    real = attention.bool()
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)[real]  # restarts at 0 per row
+    hidden = decoder(input_ids=ids[real].unsqueeze(0), position_ids=positions.unsqueeze(0),
+                     use_cache=False).last_hidden_state[0]  # [sum(lengths), H]
+    if int(lengths.min()) == ids.shape[1]:
+        return hidden.view(ids.shape[0], ids.shape[1], -1)
+    out = hidden.new_zeros(ids.shape[0], ids.shape[1], hidden.shape[-1])
+    return out.masked_scatter(real.unsqueeze(-1), hidden)
+
+
 def token_weights(batch: DistillationBatch, skip_tokens: int) -> torch.Tensor:
     """Per completion token: the weight 1 / (counted tokens of its sequence) / (sequences with
     any counted token), 0 for the first ``skip_tokens``."""
@@ -106,11 +127,15 @@ class LossOutput:
 
 def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: DistillationBatch, *,
                       divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
-                      skip_tokens: int = 3, impl: str = "auto") -> LossOutput:
+                      skip_tokens: int = 3, impl: str = "auto", layout: str = "padded") -> LossOutput:
+    """layout: "padded" or "packed" (see the module docstring); the same loss either way."""
+    if layout not in ("padded", "packed"):
+        raise ValueError(f"layout must be padded or packed, got {layout!r}")
+    forward = packed_hidden_states if layout == "packed" else final_hidden_states
     device = next(student.parameters()).device
-    student_hidden = final_hidden_states(student, batch.student_ids.to(device), batch.student_attention.to(device))
+    student_hidden = forward(student, batch.student_ids.to(device), batch.student_attention.to(device))
     with torch.no_grad():
-        teacher_hidden = final_hidden_states(teacher, batch.teacher_ids.to(device), batch.teacher_attention.to(device))
+        teacher_hidden = forward(teacher, batch.teacher_ids.to(device), batch.teacher_attention.to(device))
     # Position t predicts token t + 1: completion token k is predicted from position start + k - 1.
     student_rows = torch.cat([student_hidden[b, s - 1:s - 1 + n]
                               for b, (s, n) in enumerate(zip(batch.student_start, batch.length))])

@@ -18,7 +18,8 @@ Two ways to run a group, the same hidden states (up to float rounding): ``mask``
 ``cache`` (the prefix forwarded once with ``use_cache``, its keys and values repeated for the K
 completions, which then run as a batch on top: attention costs K L (P + L), the least there is).
 The student takes ``cache`` unless gradient checkpointing is on (transformers turns the cache off
-then); the teacher, without gradients, always does.
+then); the teacher, without gradients, always does. ``choose_layout`` picks among these and the
+unshared layouts of caopd.loss (padded, packed) from the attention implementation and the model.
 """
 from __future__ import annotations
 
@@ -29,6 +30,31 @@ import torch
 
 from caopd.calibration import DistillationTarget
 from caopd.loss import LossOutput, chat_ids, completion_ids, fused_loss, token_weights
+
+
+# Decoders whose layers take position ids, a 2-D mask over cached + new keys and a DynamicCache
+# (batch_repeat_interleave): the shared-prefix forwards are tested on qwen3; the others have the same
+# decoder structure in transformers.
+SHARED_PREFIX_ARCHITECTURES = ("qwen3", "qwen2", "llama", "mistral")
+
+
+def choose_layout(shared_prefix: bool, attn_implementation: str, model_type: str,
+                  gradient_checkpointing: bool) -> tuple[str, str | None]:
+    """The student's forward layout — "shared-cache", "shared-mask", "packed" or "padded" — and a
+    line saying why, where --shared-prefix asked for sharing and it cannot be done."""
+    unshared = "packed" if attn_implementation == "flash_attention_2" else "padded"  # varlen: no padding
+    if not shared_prefix:
+        return unshared, None
+    if model_type not in SHARED_PREFIX_ARCHITECTURES:
+        return unshared, (f"--shared-prefix: not supported for model type {model_type!r} (supported: "
+                          f"{', '.join(SHARED_PREFIX_ARCHITECTURES)}); using the {unshared} forwards")
+    if not gradient_checkpointing:
+        return "shared-cache", None
+    if attn_implementation == "sdpa":
+        return "shared-mask", None
+    return unshared, (f"--shared-prefix with gradient checkpointing needs attn_implementation sdpa (a 4-D "
+                      f"attention mask; checkpointing turns the KV cache off), not {attn_implementation}; "
+                      f"using the {unshared} forwards")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from caopd.loss import chat_ids, distillation_loss, make_batch
 from caopd.models import TINY_MODEL, ema_update_, load_model, load_tokenizer
 from caopd.prompts import demonstration, student_messages
 from caopd.run_folder import check_run_folder, clear_earlier_run
-from caopd.shared_prefix import make_shared_batch, shared_distillation_loss
+from caopd.shared_prefix import choose_layout, make_shared_batch, shared_distillation_loss
 from caopd.tables import format_table
 
 
@@ -183,14 +183,16 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                                   seed=config.seed * 1_000_003 + step)
         return RolloutRequest([prompt_ids[i] for i in indices], config.num_generations, sampling)
 
+    layout, why = choose_layout(config.shared_prefix, config.attn_implementation, model.config.model_type,
+                                config.gradient_checkpointing)
+    if why:
+        log(why)
+    share_prefixes = layout.startswith("shared")
+    layout_kwargs = {"path": layout.removeprefix("shared-")} if share_prefixes else {"layout": layout}
     if not quiet and progress is None:
         print(json.dumps({"config": asdict(config), "total_steps": total_steps, "resumed_at_step": state.step,
-                          "divergence": config.divergence, "method": "CaOPD" if config.empirical_calibration
-                          else "OPD"}))
-    share_prefixes = config.shared_prefix and config.attn_implementation == "sdpa"
-    if config.shared_prefix and not share_prefixes:
-        log(f"--shared-prefix: needs attn_implementation sdpa (a 4-D attention mask), not "
-            f"{config.attn_implementation}; using the padded forwards")
+                          "divergence": config.divergence, "forward_layout": layout,
+                          "method": "CaOPD" if config.empirical_calibration else "OPD"}))
     history = []
     bar = tqdm(total=total_steps, initial=state.step, desc=progress or "train", disable=quiet)
     last_step = total_steps if stop_after_steps is None else min(total_steps, state.step + stop_after_steps)
@@ -228,7 +230,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 with accelerator.autocast():
                     result = (shared_distillation_loss if share_prefixes else distillation_loss)(
                         student, teacher, batch, divergence=config.divergence, beta=config.beta,
-                        temperature=config.temperature, skip_tokens=config.skip_loss_tokens, impl=config.loss_impl)
+                        temperature=config.temperature, skip_tokens=config.skip_loss_tokens, impl=config.loss_impl,
+                        **layout_kwargs)
                 share = len(micro_targets) / sequences
                 accelerator.backward(result.loss * share)
                 loss_value += result.loss.item() * share

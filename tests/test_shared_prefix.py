@@ -1,8 +1,11 @@
-"""Shared-prefix forwards (issue 14, the exactness part): the loss and every gradient equal the
-padded path's (one row per completion), on tiny-qwen3 in fp32, by both ways (prefix cache, 4-D mask).
+"""Shared-prefix and packed forwards (issue 14): the loss and every gradient equal the padded
+path's (one row per completion), on tiny-qwen3 in fp32, by every layout (prefix cache, 4-D mask,
+packed).
 
-Deliberate bug this catches: a mask that lets a completion see another completion
-(test_a_leaky_mask_is_caught).
+Deliberate bugs these catch: a mask that lets a completion see another completion
+(test_a_leaky_mask_is_caught); packed position ids that do not restart per sequence (then the
+sequences attend to each other: test_packed_layout_equals_padded); a layout rule that shares where
+the model or the attention implementation cannot (test_choose_layout).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from caopd.data import load_examples
 from caopd.loss import chat_ids, distillation_loss, make_batch
 from caopd.models import load_model, load_tokenizer
 from caopd.prompts import student_messages
-from caopd.shared_prefix import completion_mask, make_shared_batch, shared_distillation_loss
+from caopd.shared_prefix import choose_layout, completion_mask, make_shared_batch, shared_distillation_loss
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +131,11 @@ def test_tiny_training_gives_the_same_losses_with_and_without_shared_prefixes(tm
     assert len(built) == 3  # one micro-batch a step took the shared path (tiny: all 4 prompts in one)
     capsys.readouterr()
     assert main(["train", "--config", "tiny", "--output-dir", str(tmp_path / "eager"), "--shared-prefix", "true",
-                 "--attn-implementation", "eager", "--max-steps", "1", "--num-generations", "2",
-                 "--max-completion-length", "8"]) == 0
-    assert "--shared-prefix: needs attn_implementation sdpa" in capsys.readouterr().err
+                 "--attn-implementation", "eager", "--gradient-checkpointing", "true", "--max-steps", "1",
+                 "--num-generations", "2", "--max-completion-length", "8"]) == 0
+    out = capsys.readouterr()
+    assert "needs attn_implementation sdpa (a 4-D attention mask" in out.err
+    assert '"forward_layout": "padded"' in out.out
 
 
 def test_with_gradient_checkpointing_the_student_takes_the_mask_path(science_rows_path, monkeypatch):
@@ -145,3 +150,35 @@ def test_with_gradient_checkpointing_the_student_takes_the_mask_path(science_row
     ours = shared_distillation_loss(student, teacher, make_shared_batch(tokenizer, targets, prompts, 256, 40),
                                     impl="torch")
     assert used == ["mask"] and torch.allclose(ours.loss, padded.loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k_per_prompt", [[1], [8, 3, 1]])
+def test_packed_layout_equals_padded(tiny, science_rows_path, k_per_prompt):
+    tokenizer, student, teacher = tiny
+    targets, prompts = targets_for(science_rows_path, tokenizer, k_per_prompt)
+    batch = make_batch(tokenizer, targets, prompts, 256, 40)
+    assert int(batch.student_attention.sum()) < batch.student_attention.numel() or len(targets) == 1  # has pads
+    expected, expected_grads = loss_and_grads(distillation_loss, student, teacher, batch)
+    ours, grads = loss_and_grads(distillation_loss, student, teacher, batch, layout="packed")
+    assert torch.allclose(ours.loss, expected.loss, rtol=1e-5, atol=1e-7), (float(ours.loss), float(expected.loss))
+    for name, grad in expected_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max())), name
+    with pytest.raises(ValueError, match="layout must be padded or packed"):
+        distillation_loss(student, teacher, batch, layout="shared")
+
+
+@pytest.mark.parametrize("shared, attn, model_type, checkpointing, layout, says", [
+    (False, "sdpa", "qwen3", False, "padded", None),
+    (False, "flash_attention_2", "qwen3", False, "packed", None),  # varlen: no pads
+    (True, "sdpa", "qwen3", False, "shared-cache", None),
+    (True, "eager", "qwen3", False, "shared-cache", None),  # a 2-D mask over cached keys: any attention
+    (True, "flash_attention_2", "llama", False, "shared-cache", None),
+    (True, "sdpa", "qwen3", True, "shared-mask", None),  # checkpointing turns the cache off
+    (True, "eager", "qwen3", True, "padded", "needs attn_implementation sdpa"),  # eager adds a bool mask
+    (True, "flash_attention_2", "qwen3", True, "packed", "needs attn_implementation sdpa"),
+    (True, "sdpa", "gpt2", False, "padded", "not supported for model type 'gpt2'"),
+])
+def test_choose_layout(shared, attn, model_type, checkpointing, layout, says):
+    chosen, why = choose_layout(shared, attn, model_type, checkpointing)
+    assert chosen == layout
+    assert (why is None) if says is None else (says in why and layout in why)
