@@ -31,7 +31,6 @@ import torch
 from caopd.calibration import DistillationTarget
 from caopd.loss import LossOutput, chat_ids, completion_ids, fused_loss, token_weights
 
-
 # Decoders whose layers take position ids, a 2-D mask over cached + new keys and a DynamicCache
 # (batch_repeat_interleave): the shared-prefix forwards are tested on qwen3; the others have the same
 # decoder structure in transformers.
