@@ -4,9 +4,9 @@ The step is what the trainer does per micro-batch: the student forward and backw
 forward, the fused loss over the full 151,936 vocabulary. The model is Qwen3-shaped with random
 weights: Qwen3-0.6B's widths (hidden 1024, intermediate 3072, 16 query / 8 KV heads of 128,
 tied embeddings; from its published config.json) with fewer layers so that it fits this CPU.
-Each setting runs in a fresh process (peak RSS is per process); a small warm-up step is excluded
-and leaves the parameters' gradients allocated, so the peak above the step's start is the
-activation memory (the gradients, the same for every layout, are not counted).
+Each setting runs in a fresh process (peak RSS is per process); a small warm-up step is excluded.
+"peak extra" is the peak RSS above the step's start; "activation" is that less the parameters'
+gradients (fp32, allocated by the step's backward, the same for every layout).
 
     python -m benchmarks.forward_sharing                  # both settings, 4 layers, CPU
     python -m benchmarks.forward_sharing --layers 28      # the whole 0.6B depth (GPU)
@@ -72,7 +72,7 @@ def step(kind: str, student, teacher, batch) -> None:
     from caopd.loss import distillation_loss
     from caopd.shared_prefix import shared_distillation_loss
 
-    student.zero_grad(set_to_none=False)  # gradients stay allocated: not part of the measured peak
+    student.zero_grad(set_to_none=True)
     if kind in ("padded", "packed"):
         result = distillation_loss(student, teacher, batch, skip_tokens=3, impl="torch", layout=kind)
     else:  # "shared-mask" or "shared-cache"
@@ -104,7 +104,8 @@ def worker(kind: str, setting: str, layers: int) -> dict:
         step(kind, student, teacher, batch)
         seconds = time.perf_counter() - start
     return {"kind": kind, "setting": setting, "tokens": tokens, "seconds": seconds,
-            "activation_gib": (peak.peak - before) / 2**30}
+            "peak_extra_gib": (peak.peak - before) / 2**30,
+            "activation_gib": (peak.peak - before - 4 * sum(p.numel() for p in student.parameters())) / 2**30}
 
 
 def main() -> None:
@@ -129,10 +130,12 @@ def main() -> None:
     device = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = ["| setting | layout | tokens through the models | seconds | activation GiB |", "|---|---|---|---|---|"]
+    lines = ["| setting | layout | tokens through the models | seconds | peak extra GiB | activation GiB |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['kind']} | " + (f"error: {r['error']} | | |" if "error" in r else
+        lines.append(f"| {r['setting']} | {r['kind']} | " + (f"error: {r['error']} | | | |" if "error" in r else
                                                                f"{r['tokens']} | {r['seconds']:.1f} | "
+                                                               f"{r['peak_extra_gib']:.2f} | "
                                                                f"{r['activation_gib']:.2f} |"))
     for setting in SETTINGS:
         by_kind = {r["kind"]: r for r in rows if r["setting"] == setting and "error" not in r}
