@@ -47,7 +47,7 @@ setup(
     python_requires=">=3.10",
     packages=["caopd", "caopd_kernels"],
     package_dir={"caopd": "caopd", "caopd_kernels": "kernels"},
-    package_data={"caopd": ["examples/*.jsonl", "configs/*.yaml"]},
+    package_data={"caopd": ["examples/*.jsonl", "configs/*.yaml", "configs/accelerate/*.yaml"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["caopd = caopd.cli:main"]},

@@ -9,6 +9,9 @@ A checkpoint is a folder ``step-000012`` written as ``step-000012.tmp`` and rena
                            run's config (compared on --resume)
     manifest.json          written last: each file's size, so a truncated checkpoint is detected
 
+With FSDP2 (many processes) the three tensor files are one per process, each holding that
+process's shards (``model.rank00000-of-00002.safetensors``, ...): see save_sharded_checkpoint.
+
 Nothing here unpickles: tensors are safetensors, everything else JSON. A checkpoint without a
 manifest, or whose files are missing or of another size, is incomplete; ``resume`` then falls back
 to the newest complete one that loads, with a warning.
@@ -51,14 +54,15 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=1) + "\n")
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors as ``state.<param index>.<name>``, JSON-able rest) of an optimizer's state_dict."""
+def _optimizer_tensors(optimizer, local=lambda t: t) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors as ``state.<param index>.<name>``, JSON-able rest) of an optimizer's state_dict;
+    ``local`` takes a sharded tensor to this process's shard."""
     state = optimizer.state_dict()
     tensors, plain = {}, {}
     for index, entries in state["state"].items():
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{index}.{name}"] = local(value.detach()).cpu().contiguous()
             else:
                 plain.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "plain_state": plain}
@@ -103,6 +107,86 @@ def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimi
     os.replace(tmp, final)
     _fsync(final.parent)
     return final
+
+
+def _local_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from caopd.distributed import local
+
+    return {name: local(p.detach()).cpu().contiguous() for name, p in module.named_parameters()}
+
+
+def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher, optimizer, scheduler, config: dict,
+                            ranks) -> Path:
+    """save_checkpoint for FSDP2-sharded models: each process writes its own shards
+    (``model.rank00000-of-00002.safetensors``, teacher and optimizer state likewise, as
+    safetensors: nothing here or in the load unpickles); the main process then writes
+    trainer_state.json and the manifest over all files, and renames the folder. Loads on the same
+    number of processes."""
+    from caopd.distributed import barrier, local
+
+    final = Path(directory) / f"step-{state.step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if ranks.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(ranks)
+    suffix = f"rank{ranks.rank:05d}-of-{ranks.world:05d}.safetensors"
+    save_file(_local_tensors(student), str(tmp / f"model.{suffix}"))
+    save_file(_local_tensors(teacher), str(tmp / f"teacher.{suffix}"))
+    tensors, optimizer_rest = _optimizer_tensors(optimizer, local)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / f"state.{suffix}"))
+    for name in (f"model.{suffix}", f"teacher.{suffix}", f"state.{suffix}"):
+        _fsync(tmp / name)
+    barrier(ranks)
+    if ranks.is_main:
+        _write_json(tmp / TRAINER_STATE, {"state": asdict(state), "scheduler": scheduler.state_dict(),
+                                          "optimizer": optimizer_rest, "world_size": ranks.world, "config": config})
+        files = sorted(p.name for p in tmp.iterdir())
+        _fsync(tmp / TRAINER_STATE)
+        _write_json(tmp / MANIFEST, {"step": state.step, "files": {n: (tmp / n).stat().st_size for n in files}})
+        _fsync(tmp / MANIFEST)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(final.parent)
+    barrier(ranks)
+    return final
+
+
+def load_sharded_checkpoint(path: Path, student, teacher, optimizer, scheduler, ranks) -> TrainState:
+    """Restore a save_sharded_checkpoint into models sharded the same way on as many processes."""
+    from torch.distributed.tensor import DTensor
+
+    from caopd.distributed import local
+
+    path = Path(path)
+    saved = json.loads((path / TRAINER_STATE).read_text())
+    if saved.get("world_size") != ranks.world:
+        raise InputError(f"--resume: {path} was written by {saved.get('world_size', 1)} process(es); this run has "
+                         f"{ranks.world}: resume on as many")
+    suffix = f"rank{ranks.rank:05d}-of-{ranks.world:05d}.safetensors"
+    for module, name in ((student, "model"), (teacher, "teacher")):
+        tensors = load_file(str(path / f"{name}.{suffix}"))
+        params = dict(module.named_parameters())
+        if set(tensors) != set(params):
+            raise ValueError(f"{name}.{suffix} holds other parameters than the model")
+        with torch.no_grad():
+            for key, param in params.items():
+                local(param).copy_(tensors[key])
+    tensors = load_file(str(path / f"state.{suffix}"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state_dict = _optimizer_state_dict(tensors, saved["optimizer"])
+    for index, entries in state_dict["state"].items():
+        param = params[index]
+        for key, value in entries.items():
+            if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.dim() > 0:
+                entries[key] = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                                  shape=param.shape, stride=param.stride())
+    optimizer.load_state_dict(state_dict)
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return TrainState(**saved["state"])
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -162,15 +246,20 @@ def load_checkpoint(path: Path, student, teacher, optimizer, scheduler) -> Train
     return TrainState(**saved["state"])
 
 
-def resume(directory: Path, student, teacher, optimizer, scheduler, warn=print) -> tuple[Path, TrainState]:
+def resume(directory: Path, student, teacher, optimizer, scheduler, warn=print, ranks=None) -> tuple[Path, TrainState]:
     """Load the newest checkpoint under ``directory`` that is complete and loads, warning about each
-    newer one passed over. One-line InputError when there is none."""
+    newer one passed over. One-line InputError when there is none. ``ranks``: sharded models
+    (load_sharded_checkpoint); every process must find the same checkpoint whole."""
     candidates = checkpoints(directory)
     for path in reversed(candidates):
         reason = incomplete_reason(path)
         if reason is None:
             try:
+                if ranks is not None:
+                    return path, load_sharded_checkpoint(path, student, teacher, optimizer, scheduler, ranks)
                 return path, load_checkpoint(path, student, teacher, optimizer, scheduler)
+            except InputError:
+                raise
             except Exception as e:  # a damaged file: any reader's error means the same
                 reason = f"it does not load ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
         warn(f"warning: skipping checkpoint {path}: {reason}")

@@ -28,7 +28,7 @@ GROUPS = ("model and data", "CaOPD", "sampling", "optimization", "run folder and
 MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
-    "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization"})
+    "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload"})
 
 
 def option(default, help: str, group: str, choices: tuple | None = None):
@@ -103,6 +103,10 @@ class TrainConfig:
                                       "optimization", ("sdpa", "flash_attention_2", "eager"))
     shared_prefix: bool = option(True, "forward each prompt's prefix once for its K completions on each side "
                                  "(the same loss and gradients as one padded row per completion)", "optimization")
+    fsdp: bool = option(False, "shard the student and the EMA teacher with FSDP2 across the processes of a torchrun / "
+                        "accelerate launch (needed for more than one process)", "optimization")
+    fsdp_cpu_offload: bool = option(False, "with --fsdp: keep the parameter shards, gradients and optimizer states in "
+                                    "CPU memory between uses", "optimization")
     loss_impl: str = option("auto", "fused loss implementation (auto: triton on CUDA, torch elsewhere)",
                             "optimization", ("auto", "triton", "torch"))
     seed: int = option(42, "seed of the data order, the rollouts and tiny-qwen3's weights", "optimization")
@@ -216,8 +220,9 @@ def load_config(config: str | None, overrides: list[str]) -> TrainConfig:
         if not path.suffix and not path.exists():
             path = Path(str(resources.files("caopd") / "configs" / f"{config}.yaml"))
         if not path.is_file():
-            raise InputError(f"{config}: no such config file (packaged configs: "
-                             f"{', '.join(sorted(p.stem for p in (resources.files('caopd') / 'configs').iterdir()))})")
+            packaged = sorted(p.stem for p in (resources.files("caopd") / "configs").iterdir()
+                              if p.name.endswith(".yaml"))
+            raise InputError(f"{config}: no such config file (packaged configs: {', '.join(packaged)})")
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -38,22 +38,24 @@ SHARED_PREFIX_ARCHITECTURES = ("qwen3", "qwen2", "llama", "mistral")
 
 
 def choose_layout(shared_prefix: bool, attn_implementation: str, model_type: str,
-                  gradient_checkpointing: bool) -> tuple[str, str | None]:
-    """The student's forward layout — "shared-cache", "shared-mask", "packed" or "padded" — and a
-    line saying why, where --shared-prefix asked for sharing and it cannot be done."""
+                  gradient_checkpointing: bool, fsdp: bool = False) -> tuple[str, str | None]:
+    """The forward layout — "shared-cache", "shared-mask", "packed" or "padded" — and a line saying
+    why, where --shared-prefix asked for sharing and it cannot be done. Under FSDP every process must
+    run each sharded layer equally often: one forward a side (the cache path runs one per group)."""
     unshared = "packed" if attn_implementation == "flash_attention_2" else "padded"  # varlen: no padding
     if not shared_prefix:
         return unshared, None
     if model_type not in SHARED_PREFIX_ARCHITECTURES:
         return unshared, (f"--shared-prefix: not supported for model type {model_type!r} (supported: "
                           f"{', '.join(SHARED_PREFIX_ARCHITECTURES)}); using the {unshared} forwards")
-    if not gradient_checkpointing:
+    if not (gradient_checkpointing or fsdp):
         return "shared-cache", None
     if attn_implementation == "sdpa":
         return "shared-mask", None
-    return unshared, (f"--shared-prefix with gradient checkpointing needs attn_implementation sdpa (a 4-D "
-                      f"attention mask; checkpointing turns the KV cache off), not {attn_implementation}; "
-                      f"using the {unshared} forwards")
+    needs = "gradient checkpointing" if gradient_checkpointing else "--fsdp"
+    return unshared, (f"--shared-prefix with {needs} needs attn_implementation sdpa (a 4-D attention mask; "
+                      f"{'checkpointing turns the KV cache off' if gradient_checkpointing else 'one forward a side'}"
+                      f"), not {attn_implementation}; using the {unshared} forwards")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -21,10 +22,19 @@ from pathlib import Path
 import torch
 
 from caopd.calibration import build_targets, verify_rollouts
-from caopd.checkpoint import TrainState, rotate_checkpoints, save_checkpoint, truncate_metrics
+from caopd.checkpoint import TrainState, rotate_checkpoints, save_checkpoint, save_sharded_checkpoint, truncate_metrics
 from caopd.checkpoint import resume as resume_checkpoint
 from caopd.config import TrainConfig
 from caopd.data import load_examples
+from caopd.distributed import (
+    all_gather,
+    barrier,
+    full_state_dict,
+    grad_norm_and_clip,
+    join_process_group,
+    rank_slice,
+    shard,
+)
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import RolloutEngine, SamplingParams
 from caopd.errors import InputError
@@ -65,6 +75,26 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 def _text_of(prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def step_stats(groups, targets, indices: list[int], tokens: int, loss: float) -> dict:
+    """What the metrics row needs from one process's share of a step (JSON-like, to gather)."""
+    return {"p_acc": [g.p_acc for g in groups], "correct": [float(c) for g in groups for c in g.correct],
+            "format_adherence": [g.format_adherence for g in groups],
+            "reasons": [r for g in groups for r in g.reasons if r],
+            "confidences": [c for g in groups for c in g.confidences],
+            "fallbacks": sum(t[0].used_fallback for t in targets if t), "tokens": tokens, "loss": loss,
+            "prompts": list(indices)}
+
+
+def merge_step_stats(per_process: list[dict]) -> dict:
+    """The processes' step_stats in rank order (= the step's prompt order) as one process's."""
+    merged = {key: [] for key in ("p_acc", "correct", "format_adherence", "reasons", "confidences", "prompts")}
+    for stats in per_process:
+        for key in merged:
+            merged[key] += stats[key]
+    merged.update({key: sum(stats[key] for stats in per_process) for key in ("fallbacks", "tokens", "loss")})
+    return merged
 
 
 def check_engine_options(config: TrainConfig, on_gpu: bool) -> None:
@@ -126,12 +156,22 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     from accelerate import Accelerator
     from tqdm import tqdm
 
+    ranks = join_process_group()
+    quiet = quiet or not ranks.is_main  # one process logs, prints and writes the run's files
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
     check_engine_options(config, on_gpu=torch.cuda.is_available())
+    # an accelerate config with distributed_type FSDP (and fsdp_offload_params) turns these on too
+    fsdp = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    cpu_offload = config.fsdp_cpu_offload or os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
+    if ranks.world > 1 and not fsdp:
+        raise InputError(f"{ranks.world} processes need --fsdp true (each process would otherwise hold and train a "
+                         "whole model of its own)")
+    my_prompts = rank_slice(config.prompts_per_step, ranks)
     earlier = check_run_folder(config, log)  # one-line errors before any work; nothing deleted yet
     out = Path(config.output_dir)
     use_bf16 = config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 and not fsdp else "no",
+                              cpu=not torch.cuda.is_available())
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
@@ -143,16 +183,25 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     else:
         corpus = [_text_of(e.prompt) + "\n" + demonstration(e, config.dataset) for e in examples]
         tokenizer = load_tokenizer(config.model, config.tokenizer, corpus=corpus)
-    student_dtype, teacher_dtype = training_dtypes(config, use_bf16)
+    # FSDP2: fp32 shards, bf16 compute by its mixed-precision policy
+    student_dtype, teacher_dtype = training_dtypes(config, use_bf16 and not fsdp)
     student = load_model(config.model, tokenizer, dtype=student_dtype,
                          attn_implementation=config.attn_implementation, seed=config.seed)
     student.train()  # from_pretrained returns eval mode, where gradient checkpointing does nothing
-    clear_earlier_run(out, earlier, log)  # --overwrite only, and only now that everything loaded
-    if not run_tokenizer:
-        tokenizer.save_pretrained(tokenizer_dir)
+    barrier(ranks)  # every process loaded before the main one deletes anything
+    if ranks.is_main:
+        clear_earlier_run(out, earlier, log)  # --overwrite only, and only now that everything loaded
+        if not run_tokenizer:
+            tokenizer.save_pretrained(tokenizer_dir)
+    barrier(ranks)
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     teacher = copy.deepcopy(student).to(teacher_dtype).requires_grad_(False).eval()
+    sharded = None
+    if fsdp:  # the rollout engine generates from a whole copy on each process, refreshed every step
+        whole = copy.deepcopy(student).requires_grad_(False).to(accelerator.device,
+                                                               torch.bfloat16 if use_bf16 else torch.float32)
+        sharded = shard(student, teacher, bf16=use_bf16, cpu_offload=cpu_offload)
     optimizer = make_optimizer(config, student)
     raw_optimizer = optimizer  # accelerate wraps it; a bf16 one holds its own fp32 gradients (and clips them)
     total_steps = config.max_steps or math.ceil(len(examples) * config.epochs / config.prompts_per_step)
@@ -161,30 +210,37 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     state = TrainState()
     checkpoints = out / "checkpoints"
     if config.resume:
-        last, state = resume_checkpoint(checkpoints, student, teacher, optimizer, scheduler, warn=log)
-        dropped = truncate_metrics(out / "metrics.jsonl", state.step)
+        last, state = resume_checkpoint(checkpoints, student, teacher, optimizer, scheduler, warn=log,
+                                        ranks=ranks if fsdp else None)
+        dropped = truncate_metrics(out / "metrics.jsonl", state.step) if ranks.is_main else 0
         log(f"resuming from {last} (step {state.step})"
             + (f"; dropped {dropped} metrics row(s) the stopped run logged after it" if dropped else ""))
-    student, optimizer = accelerator.prepare(student, optimizer)
-    teacher.to(accelerator.device)
-    model = accelerator.unwrap_model(student)
+    if fsdp:
+        model = student
+        whole.load_state_dict(full_state_dict(student))  # a resumed run's weights
+    else:
+        student, optimizer = accelerator.prepare(student, optimizer)
+        teacher.to(accelerator.device)
+        model = whole = accelerator.unwrap_model(student)
     own_engine = engine is None
     if own_engine:
-        engine = build_engine(config, model, tokenizer)
+        engine = build_engine(config, whole, tokenizer)
     prompt_ids = [chat_ids(tokenizer, student_messages(e), config.chat_template_kwargs) for e in examples]
 
     def step_indices(step: int) -> list[int]:
-        """The examples of step ``step``: a function of the step alone, whatever the timing."""
-        return prompts_at(step * config.prompts_per_step, config.prompts_per_step, len(examples), config.seed)
+        """This process's examples of step ``step`` (all of them in one process): a function of the
+        step alone, whatever the timing."""
+        return prompts_at(step * config.prompts_per_step, config.prompts_per_step, len(examples),
+                          config.seed)[my_prompts]
 
     def request(step: int) -> RolloutRequest:
         indices = step_indices(step)
         sampling = SamplingParams(config.sampling_temperature, config.top_p, config.max_completion_length,
-                                  seed=config.seed * 1_000_003 + step)
+                                  seed=config.seed * 1_000_003 + step, first_prompt=my_prompts.start)
         return RolloutRequest([prompt_ids[i] for i in indices], config.num_generations, sampling)
 
     layout, why = choose_layout(config.shared_prefix, config.attn_implementation, model.config.model_type,
-                                config.gradient_checkpointing)
+                                config.gradient_checkpointing, fsdp)
     if why:
         log(why)
     share_prefixes = layout.startswith("shared")
@@ -218,7 +274,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                                      pick)[:config.train_rollouts or None] for g in groups]
             t2 = time.perf_counter()
 
-            sequences = sum(len(t) for t in targets)
+            sequences = sum(all_gather(sum(len(t) for t in targets), ranks))  # the whole step's
             loss_value, tokens = 0.0, 0
             for start in range(0, len(groups), config.micro_batch_prompts):
                 micro = range(start, min(start + config.micro_batch_prompts, len(groups)))
@@ -227,63 +283,82 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 batch = (make_shared_batch if share_prefixes else make_batch)(
                     tokenizer, micro_targets, micro_prompts, config.max_prompt_length, config.max_completion_length,
                     config.chat_template_kwargs)
-                with accelerator.autocast():
-                    result = (shared_distillation_loss if share_prefixes else distillation_loss)(
-                        student, teacher, batch, divergence=config.divergence, beta=config.beta,
-                        temperature=config.temperature, skip_tokens=config.skip_loss_tokens, impl=config.loss_impl,
-                        **layout_kwargs)
+                loss_fn = shared_distillation_loss if share_prefixes else distillation_loss
+                options = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
+                               skip_tokens=config.skip_loss_tokens, impl=config.loss_impl, **layout_kwargs)
                 share = len(micro_targets) / sequences
-                accelerator.backward(result.loss * share)
-                loss_value += result.loss.item() * share
+                if fsdp:  # FSDP2 averages the processes' gradients: each adds its share of the sum
+                    loss, _ = sharded(loss_fn, batch, **options)
+                    (loss * share * ranks.world).backward()
+                else:
+                    with accelerator.autocast():
+                        loss = loss_fn(student, teacher, batch, **options).loss
+                    accelerator.backward(loss * share)
+                loss_value += loss.item() * share
                 tokens += batch.completion_tokens
-            if hasattr(raw_optimizer, "clip_grad_norm_"):
+            if fsdp:
+                grad_norm = grad_norm_and_clip(list(student.parameters()), config.max_grad_norm or math.inf)
+            elif hasattr(raw_optimizer, "clip_grad_norm_"):
                 grad_norm = raw_optimizer.clip_grad_norm_(config.max_grad_norm or math.inf)
             else:
                 grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.max_grad_norm or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # free the gradients before the engine wakes up
             scheduler.step()
-            ema_update_(teacher, model, config.teacher_ema)
+            ema_update_(teacher, model, config.teacher_ema)  # sharded: shard by shard
+            if fsdp:
+                whole.load_state_dict(full_state_dict(model))
             if rollouts is not None:
-                rollouts.publish({k: v.detach().clone() for k, v in model.state_dict().items()}, state.step + 1)
+                rollouts.publish({k: v.detach().clone() for k, v in whole.state_dict().items()}, state.step + 1)
             else:
-                engine.update_weights(model)
+                engine.update_weights(whole)
             t3 = time.perf_counter()
 
             state.step += 1
+            stats = merge_step_stats(all_gather(step_stats(groups, targets, indices, tokens, loss_value), ranks))
             record = {
-                "step": state.step, "loss": loss_value, "kl": loss_value, "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0], "mean_p_acc": sum(g.p_acc for g in groups) / len(groups),
-                "rollout_accuracy": sum(sum(g.correct) for g in groups) / sum(len(g.correct) for g in groups),
-                "format_adherence": sum(g.format_adherence for g in groups) / len(groups),
-                "wrong_reasons": dict(Counter(r for g in groups for r in g.reasons if r)),
-                "mean_confidence": statistics.fmean(stated) if (stated := [c for g in groups
-                                                                           for c in g.confidences]) else None,
-                "mean_completion_tokens": tokens / sequences,
-                "teacher_fallbacks": sum(t[0].used_fallback for t in targets),
-                "tokens_per_s": tokens / (t3 - t0), "time_generate": t1 - t0, "time_verify": t2 - t1,
+                "step": state.step, "loss": stats["loss"], "kl": stats["loss"], "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0], "mean_p_acc": statistics.fmean(stats["p_acc"]),
+                "rollout_accuracy": statistics.fmean(stats["correct"]),
+                "format_adherence": statistics.fmean(stats["format_adherence"]),
+                "wrong_reasons": dict(Counter(stats["reasons"])),
+                "mean_confidence": statistics.fmean(stats["confidences"]) if stats["confidences"] else None,
+                "mean_completion_tokens": stats["tokens"] / sequences,
+                "teacher_fallbacks": stats["fallbacks"],
+                "tokens_per_s": stats["tokens"] / (t3 - t0), "time_generate": t1 - t0, "time_verify": t2 - t1,
                 "time_forward_backward": t3 - t2, "policy_version": policy_version,
-                "prompts": indices,
+                "prompts": stats["prompts"],
             }
             history.append(record)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if ranks.is_main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
             if state.step % config.save_every == 0 or state.step == total_steps:
-                save_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler, asdict(config))
-                rotate_checkpoints(checkpoints, config.save_total_limit, state.step)
+                if fsdp:
+                    save_sharded_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler, asdict(config),
+                                            ranks)
+                else:
+                    save_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler, asdict(config))
+                if ranks.is_main:
+                    rotate_checkpoints(checkpoints, config.save_total_limit, state.step)
+                barrier(ranks)
     finally:
         if rollouts is not None:
             rollouts.close()
         if own_engine and hasattr(engine, "close"):
             engine.close()
     bar.close()
-    if state.step == total_steps:
-        model.save_pretrained(out / "final")
+    if fsdp:  # whole copies for the caller: the student's is current, the teacher's gathered now
+        teacher = copy.deepcopy(whole).to(teacher_dtype)
+        teacher.load_state_dict(full_state_dict(sharded.teacher))
+    if state.step == total_steps and ranks.is_main:
+        whole.save_pretrained(out / "final")
         tokenizer.save_pretrained(out / "final")
+    barrier(ranks)
     if history and not quiet and progress is None:
         keys = ["loss", "mean_p_acc", "rollout_accuracy", "format_adherence", "time_generate", "time_verify",
                 "time_forward_backward"]
         print(format_table(["step", *keys], [[r["step"], *(r[k] for k in keys)] for r in history]))
-    return {"history": history, "state": state, "student": model, "teacher": teacher, "tokenizer": tokenizer}
+    return {"history": history, "state": state, "student": whole, "teacher": teacher, "tokenizer": tokenizer}

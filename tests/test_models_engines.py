@@ -1,6 +1,7 @@
 """tiny-qwen3 with both tokenizers, the TransformersEngine, and the train command."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -47,6 +48,22 @@ def test_transformers_engine_batches_seeds_and_updates_weights(tiny):
     # top_p keeps the smallest set of tokens whose probability reaches it: near 0, only the argmax
     nucleus = engine.generate(prompts, 2, SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=5, seed=1))
     assert nucleus == greedy
+
+
+def test_a_prompts_samples_do_not_depend_on_the_other_prompts_of_the_call(tiny):
+    """World-size invariance (issue 15): a step's prompts split across two calls (two processes,
+    each with its first_prompt) sample exactly what one call of all of them samples."""
+    tokenizer, model = tiny
+    engine = TransformersEngine(model, tokenizer)
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}])
+               for q in ["What is 2+2?", "Name a colour.", "A long question about many things, please?", "Hi"]]
+    sampling = SamplingParams(temperature=1.0, max_tokens=10, seed=11)
+    whole = engine.generate(prompts, 3, sampling)
+    halves = engine.generate(prompts[:2], 3, sampling) + \
+        engine.generate(prompts[2:], 3, dataclasses.replace(sampling, first_prompt=2))
+    assert halves == whole
+    assert engine.generate(prompts[2:], 3, sampling) != whole[2:]  # the index, not the call, seeds a prompt
+    assert whole[0] != whole[1]
 
 
 def test_transformers_engine_generates_from_updated_weights(tiny):

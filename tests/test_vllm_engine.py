@@ -3,6 +3,7 @@ TransformersEngine, in-place weight updates, seeded n = K sampling, and the trai
 Sleep/wake (colocated placement) needs a GPU and is skipped elsewhere."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -84,6 +85,9 @@ def test_n_samples_distinct_and_seeds_reproducible(tiny, engine):
     assert engine.generate(prompts, 4, sampling) == first
     second = engine.generate(prompts, 4, SamplingParams(temperature=1.0, max_tokens=16, seed=6))
     assert not set(second[0]) & set(first[0])  # the next call's seed shares no sample stream with this one
+    split = engine.generate(prompts[:1], 4, sampling) + \
+        engine.generate(prompts[1:], 4, dataclasses.replace(sampling, first_prompt=1))
+    assert split == first  # a prompt's samples depend on its index in the step, not on the call (issue 15)
 
 
 @needs_vllm

@@ -19,6 +19,15 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 1024
     seed: int = 0  # the same seed and weights give the same completions
+    # this call's prompt i is prompt first_prompt + i of the step: each prompt's samples are seeded by
+    # prompt_seed(seed, first_prompt + i, n), so they do not depend on which other prompts share the
+    # call (a step split across processes samples what one process would)
+    first_prompt: int = 0
+
+
+def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
+    """The seed of a prompt's n samples (vLLM seeds the i-th of n with seed + i: each prompt its own range)."""
+    return (seed * 1_000_003 + prompt_index * n) % (2**31 - 1)
 
 
 class RolloutEngine(Protocol):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from caopd.engines.base import SamplingParams
+from caopd.engines.base import SamplingParams, prompt_seed
 from caopd.errors import InputError
 
 INSTALL_HINT = ("the vLLM engine needs vllm: pip install -e '.[gpu]' on a GPU machine (vllm==0.32.0), "
@@ -33,11 +33,6 @@ PLACEMENTS = ("colocate", "separate")
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
-
-
-def _request_seed(seed: int, prompt_index: int, n: int) -> int:
-    """vLLM seeds the i-th of n samples with seed + i: give each prompt (and each call) its own range."""
-    return (seed * 1_000_003 + prompt_index * n) % (2**31 - 1)
 
 
 class VLLMEngine:
@@ -89,8 +84,8 @@ class VLLMEngine:
     def _generate(self, prompts, n, sampling, VLLMSamplingParams) -> list[list[str]]:
         self._wake()
         params = [VLLMSamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                     max_tokens=sampling.max_tokens, seed=_request_seed(sampling.seed, i, n),
-                                     detokenize=False)
+                                     max_tokens=sampling.max_tokens,
+                                     seed=prompt_seed(sampling.seed, sampling.first_prompt + i, n), detokenize=False)
                   for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         if self.sleeps:  # give the training step the memory; the weights come back with the update
