@@ -1,4 +1,4 @@
-"""``caopd train | eval | demo``: parse arguments, call one function each, turn bad input into one line."""
+"""``caopd train | eval | demo | memory``: parse arguments, call one function each, turn bad input into one line."""
 from __future__ import annotations
 
 import argparse
@@ -113,7 +113,52 @@ def run_train(args: argparse.Namespace) -> dict:
     return train(load_config(args.config, overrides))
 
 
-COMMANDS = {"train": (_train_parser, run_train), "eval": (_eval_parser, run_eval), "demo": (_demo_parser, run_demo)}
+def _memory_parser(sub) -> None:
+    p = sub.add_parser("memory", help="estimate a run's peak memory per GPU before launching it",
+                       description="An analytic estimate per component (caopd/memory.py), whether it fits, the "
+                       "largest micro-batch that fits, and the levers that would make it fit.")
+    p.add_argument("--model", required=True, help="Qwen3-0.6B ... Qwen3-32B, random:<size>, tiny-qwen3, a model "
+                   "folder or a config.json")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    p.add_argument("--prompt-tokens", type=int, default=1024)
+    p.add_argument("--completion-tokens", type=int, default=1024)
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--prompts-per-step", type=int, default=32)
+    p.add_argument("--micro-batch-prompts", type=int, default=1)
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--lora-r", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-shared-prefix", action="store_true", help="one padded row per completion")
+    p.add_argument("--rollout-engine", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--optimizer-offload", action="store_true", help="Adam states in CPU memory (with --fsdp)")
+    p.add_argument("--master-weights", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: fp32, one process")
+
+
+def run_memory(args: argparse.Namespace) -> dict:
+    from caopd.memory import Plan, estimate, report
+    from caopd.model_shapes import RANDOM_PREFIX
+
+    for flag in ("gpus", "prompt_tokens", "completion_tokens", "num_generations", "prompts_per_step",
+                 "micro_batch_prompts"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    plan = Plan(args.model.removeprefix(RANDOM_PREFIX), gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
+                prompt_tokens=args.prompt_tokens, completion_tokens=args.completion_tokens,
+                num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
+                micro_batch_prompts=args.micro_batch_prompts, fsdp=args.fsdp, lora_r=args.lora_r,
+                gradient_checkpointing=args.gradient_checkpointing, shared_prefix=not args.no_shared_prefix,
+                rollout_engine=args.rollout_engine, vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                optimizer_offload=args.optimizer_offload, master_weights=args.master_weights, device=args.device)
+    print(report(plan))
+    result = estimate(plan)
+    return {"peak_bytes": result.peak, "rows": result.rows}
+
+
+COMMANDS = {"train": (_train_parser, run_train), "eval": (_eval_parser, run_eval), "demo": (_demo_parser, run_demo),
+            "memory": (_memory_parser, run_memory)}
 
 
 class OneLineParser(argparse.ArgumentParser):

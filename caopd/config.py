@@ -42,9 +42,11 @@ def option(default, help: str, group: str, choices: tuple | None = None):
 
 @dataclass
 class TrainConfig:
-    model: str = option("tiny-qwen3", "tiny-qwen3 (built here, random weights), a local folder, or a hub id "
-                        "(from_pretrained)", "model and data")
-    tokenizer: str = option("auto", "auto (the model's own; fast for tiny-qwen3), fast (trained here), qwen3 "
+    model: str = option("tiny-qwen3", "tiny-qwen3 (built here, random weights), random:Qwen3-0.6B ... random:Qwen3-32B "
+                        "or random:<config.json> (the real architecture, random weights), a local folder, or a hub "
+                        "id (from_pretrained)", "model and data")
+    tokenizer: str = option("auto", "auto (the model's own; fast for tiny-qwen3, qwen3 for random:), fast (trained "
+                            "here), qwen3 "
                             "(the real Qwen3 files), or a folder or hub id", "model and data")
     dataset: str = option("science", "prompt format and verifier", "model and data", ("science", "tooluse"))
     data: str = option("caopd:examples/arith_mc.jsonl", "training data: a JSON Lines file, a saved Hugging Face "

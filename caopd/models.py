@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from caopd.errors import InputError
+from caopd.model_shapes import is_random, random_config
 
 TINY_MODEL = "tiny-qwen3"
 CHAT_TEMPLATE = (
@@ -61,8 +62,8 @@ def load_tokenizer(model: str, tokenizer: str = "auto", corpus: list[str] | None
     ``auto``: the model's own tokenizer, or ``fast`` for tiny-qwen3."""
     from transformers import AutoTokenizer
 
-    if tokenizer == "auto":
-        tokenizer = "fast" if model == TINY_MODEL else model
+    if tokenizer == "auto":  # random: models have the Qwen3 vocabulary
+        tokenizer = "fast" if model == TINY_MODEL else "qwen3" if is_random(model) else model
     if tokenizer == "fast":
         return fast_tokenizer(corpus)
     if tokenizer == "qwen3":
@@ -90,7 +91,8 @@ def tiny_qwen3_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, h
 
 def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                seed: int = 0, **tiny_sizes):
-    """A causal LM: ``tiny-qwen3`` built with random weights (seeded), else from_pretrained."""
+    """A causal LM: ``tiny-qwen3`` or ``random:<Qwen3 size or config.json>`` built with random weights
+    (seeded, no download), else from_pretrained."""
     from transformers import AutoModelForCausalLM
 
     if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -104,6 +106,14 @@ def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, att
             torch.manual_seed(seed)
             config = tiny_qwen3_config(vocab, **tiny_sizes)
             return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).to(dtype)
+    if is_random(model):
+        config = random_config(model)
+        if len(tokenizer) > config.vocab_size:
+            raise InputError(f"--model {model}: its vocabulary ({config.vocab_size}) is smaller than the tokenizer's "
+                             f"({len(tokenizer)})")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:  # not a model folder, or a hub id that cannot be reached

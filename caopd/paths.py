@@ -21,7 +21,13 @@ def looks_like_path(name: str) -> bool:
 
 
 def check_local_source(name: str, flag: str) -> None:
-    """A ``--model``/``--tokenizer`` value that looks like a path must be an existing folder or file."""
+    """A ``--model``/``--tokenizer`` value that looks like a path must be an existing folder or file;
+    a ``random:`` model a known size or a readable config.json."""
+    from caopd.model_shapes import RANDOM_PREFIX, is_random, shape_values
+
+    if is_random(name):
+        shape_values(name.removeprefix(RANDOM_PREFIX))
+        return
     if looks_like_path(name) and not Path(name).expanduser().exists():
         raise InputError(f"{flag} {name}: no such file or directory (a hub id has the form owner/name)")
 

@@ -39,6 +39,7 @@ from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import RolloutEngine, SamplingParams
 from caopd.errors import InputError
 from caopd.loss import chat_ids, distillation_loss, make_batch
+from caopd.model_shapes import is_random
 from caopd.models import TINY_MODEL, ema_update_, load_model, load_tokenizer
 from caopd.prompts import demonstration, student_messages
 from caopd.run_folder import check_run_folder, clear_earlier_run
@@ -133,7 +134,7 @@ def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> Roll
     from caopd.engines.vllm_engine import VLLMEngine
 
     model_dir, tokenizer_dir = config.model, None
-    if config.model == TINY_MODEL:  # vLLM loads from a directory: write the built model there
+    if config.model == TINY_MODEL or is_random(config.model):  # vLLM loads from a directory: write the model there
         model_dir = str(Path(config.output_dir) / "rollout_model")
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
