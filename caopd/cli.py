@@ -79,7 +79,7 @@ def _train_parser(sub) -> None:
                        "[may change on resume] may differ from the run's saved config on --resume; any other "
                        "difference refuses it.")
     p.add_argument("--config", default="tiny", help="a YAML file, or a packaged config name (tiny, "
-                   "science-qwen3-8b-h200, tooluse-qwen3-8b-h200)")
+                   "science-qwen3-8b-h200, tooluse-qwen3-8b-h200, science-qwen3-32b-8xh200)")
     p.add_argument("--no-empirical-calibration", action="store_true",
                    help="plain OPD/SDFT: no P_acc replacement, the teacher keeps Confidence: 1.00")
     hints = typing.get_type_hints(TrainConfig)
@@ -132,7 +132,9 @@ def _memory_parser(sub) -> None:
     p.add_argument("--no-shared-prefix", action="store_true", help="one padded row per completion")
     p.add_argument("--rollout-engine", choices=["transformers", "vllm"], default="transformers")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)
-    p.add_argument("--optimizer-offload", action="store_true", help="Adam states in CPU memory (with --fsdp)")
+    p.add_argument("--optimizer-offload", action="store_true", help="with --fsdp: shards, gradients and Adam states "
+                   "in CPU memory (--fsdp-cpu-offload); without: Adam states only")
+    p.add_argument("--liger-kernels", action="store_true", help="Liger's fused RMSNorm, SwiGLU, RoPE")
     p.add_argument("--master-weights", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: fp32, one process")
 
@@ -151,7 +153,8 @@ def run_memory(args: argparse.Namespace) -> dict:
                 micro_batch_prompts=args.micro_batch_prompts, fsdp=args.fsdp, lora_r=args.lora_r,
                 gradient_checkpointing=args.gradient_checkpointing, shared_prefix=not args.no_shared_prefix,
                 rollout_engine=args.rollout_engine, vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                optimizer_offload=args.optimizer_offload, master_weights=args.master_weights, device=args.device)
+                optimizer_offload=args.optimizer_offload, liger_kernels=args.liger_kernels,
+                master_weights=args.master_weights, device=args.device)
     print(report(plan))
     result = estimate(plan)
     return {"peak_bytes": result.peak, "rows": result.rows}

@@ -28,7 +28,7 @@ GROUPS = ("model and data", "CaOPD", "sampling", "optimization", "run folder and
 MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
-    "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload"})
+    "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels"})
 
 
 def option(default, help: str, group: str, choices: tuple | None = None):
@@ -105,6 +105,8 @@ class TrainConfig:
                                       "optimization", ("sdpa", "flash_attention_2", "eager"))
     shared_prefix: bool = option(True, "forward each prompt's prefix once for its K completions on each side "
                                  "(the same loss and gradients as one padded row per completion)", "optimization")
+    liger_kernels: bool = option(False, "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE for Qwen3 (CUDA; pip install "
+                                 "liger-kernel): fewer saved activations; its loss patches off", "optimization")
     fsdp: bool = option(False, "shard the student and the EMA teacher with FSDP2 across the processes of a torchrun / "
                         "accelerate launch (needed for more than one process)", "optimization")
     fsdp_cpu_offload: bool = option(False, "with --fsdp: keep the parameter shards, gradients and optimizer states in "

@@ -62,9 +62,11 @@ class Shape:
     def parameters(self) -> int:
         return self.layers * self.layer_parameters + self.embedding_parameters + self.hidden
 
-    @property
-    def saved_per_token_layer(self) -> int:
-        """Elements autograd keeps per token per decoder layer (see the module docstring)."""
+    def saved_per_token_layer(self, liger: bool = False) -> int:
+        """Elements autograd keeps per token per decoder layer (see the module docstring); with
+        Liger's SwiGLU (gate and up only) and in-place RoPE (no rotated copies kept)."""
+        if liger:
+            return 4 * self.hidden + 3 * self.q_width + 1 * self.kv_width + 2 * self.intermediate
         return 4 * self.hidden + 5 * self.q_width + 3 * self.kv_width + 4 * self.intermediate
 
 
@@ -85,6 +87,7 @@ class Plan:
     rollout_engine: str = "transformers"
     vllm_gpu_memory_utilization: float = 0.3
     optimizer_offload: bool = False
+    liger_kernels: bool = False
     master_weights: str = "fp32"  # or bf16 (stochastic-rounding AdamW)
     device: str = "cuda"  # "cpu": fp32 everywhere, no CUDA context, no vLLM share
 
@@ -123,13 +126,18 @@ def estimate(plan: Plan, values: dict | None = None) -> Estimate:
     else:
         rows.append(("trained weights" + (" (fp32 master)" if master == 4 and not cpu else ""), n * master / shard))
     moments = 2 * trainable * (4 if master == 4 else 2) / shard
-    rows.append(("Adam moments" + (" (offloaded to CPU)" if plan.optimizer_offload else ""),
-                 0.0 if plan.optimizer_offload else moments))
+    rows.append(("Adam moments" + (" (offloaded to CPU)" if plan.optimizer_offload and not plan.fsdp else ""),
+                 0.0 if plan.optimizer_offload and not plan.fsdp else moments))
     if lora:
         rows.append(("EMA teacher (adapters; the base is shared)", trainable * 4 / shard))
     else:
         teacher_bytes = 4 if cpu or plan.fsdp else 2
         rows.append(("EMA teacher", n * teacher_bytes / shard))
+    offloaded = plan.fsdp and plan.optimizer_offload and not cpu  # FSDP2's CPUOffloadPolicy: shards, grads, Adam
+    if offloaded:
+        host = sum(b for _, b in rows) + trainable * 4 / shard  # + the gradients
+        rows = [(f"{name} (in CPU memory)", 0.0) for name, _ in rows]
+        rows.append((f"host memory per process, not on the GPU: {host / GIB:.1f} GiB", 0.0))
     if plan.fsdp and not cpu:  # both roots (embeddings, lm_heads) gathered in bf16 through the step
         rows.append(("FSDP gathered roots + 2 layers in flight", 2 * (shape.embedding_parameters * 2)
                      + 2 * 2 * shape.layer_parameters * 2))
@@ -142,8 +150,8 @@ def estimate(plan: Plan, values: dict | None = None) -> Estimate:
     # training phase, one micro-batch
     p, c, k, mb = plan.prompt_tokens, plan.completion_tokens, plan.num_generations, plan.micro_batch_prompts
     student_tokens = mb * (p + k * c) if plan.shared_prefix else mb * k * (p + c)
-    grads = trainable * 4 / shard
-    per_layer = shape.saved_per_token_layer * compute
+    grads = 0.0 if offloaded else trainable * 4 / shard
+    per_layer = shape.saved_per_token_layer(plan.liger_kernels) * compute
     if plan.gradient_checkpointing:
         saved = student_tokens * shape.hidden * compute * shape.layers + student_tokens * per_layer
     else:
@@ -191,10 +199,12 @@ def levers(plan: Plan, values: dict | None = None) -> list[str]:
     if plan.micro_batch_prompts > 1:
         options.append(("--micro-batch-prompts 1", replace(plan, micro_batch_prompts=1)))
     if plan.fsdp and not plan.optimizer_offload:
-        options.append(("--fsdp-cpu-offload true (optimizer states in CPU memory)",
+        options.append(("--fsdp-cpu-offload true (shards, gradients, Adam states in CPU memory)",
                         replace(plan, optimizer_offload=True)))
     if not plan.fsdp or plan.gpus == 1:
         options.append(("--fsdp true on 8 GPUs", replace(plan, fsdp=True, gpus=8)))
+    if not plan.liger_kernels and plan.device != "cpu":
+        options.append(("--liger-kernels true", replace(plan, liger_kernels=True)))
     if plan.lora_r == 0:
         options.append(("--lora-r 16", replace(plan, lora_r=16)))
     if plan.master_weights == "fp32" and plan.device != "cpu" and plan.lora_r == 0:

@@ -120,6 +120,22 @@ def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, att
         raise InputError(f"--model {model}: cannot be loaded ({_first_line(e)})") from None
 
 
+def apply_liger_kernels(model) -> None:
+    """Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in a Qwen3 model, in place (fewer saved
+    activations: SwiGLU keeps gate and up only, RoPE rotates in place). Its cross-entropy patches
+    stay off: the loss is caopd's own. Triton on CUDA only."""
+    if model.config.model_type != "qwen3":
+        raise InputError(f"--liger-kernels: for Qwen3 models, not {model.config.model_type}")
+    if not torch.cuda.is_available():
+        raise InputError("--liger-kernels needs a CUDA GPU (Liger's kernels are Triton)")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+    except ImportError:
+        raise InputError("--liger-kernels needs liger-kernel: pip install liger-kernel") from None
+    apply_liger_kernel_to_qwen3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+
+
 def round_stochastic_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None = None) -> None:
     """target (bf16) <- value (fp32) rounded up or down at random, with the probability that makes
     the result unbiased: E[target] = value. Rounding to nearest would drop every change under half

@@ -40,7 +40,7 @@ from caopd.engines.base import RolloutEngine, SamplingParams
 from caopd.errors import InputError
 from caopd.loss import chat_ids, distillation_loss, make_batch
 from caopd.model_shapes import is_random
-from caopd.models import TINY_MODEL, ema_update_, load_model, load_tokenizer
+from caopd.models import TINY_MODEL, apply_liger_kernels, ema_update_, load_model, load_tokenizer
 from caopd.prompts import demonstration, student_messages
 from caopd.run_folder import check_run_folder, clear_earlier_run
 from caopd.shared_prefix import choose_layout, make_shared_batch, shared_distillation_loss
@@ -189,6 +189,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     student = load_model(config.model, tokenizer, dtype=student_dtype,
                          attn_implementation=config.attn_implementation, seed=config.seed)
     student.train()  # from_pretrained returns eval mode, where gradient checkpointing does nothing
+    if config.liger_kernels:
+        apply_liger_kernels(student)  # before the teacher and rollout copies: they get the same layers
     barrier(ranks)  # every process loaded before the main one deletes anything
     if ranks.is_main:
         clear_earlier_run(out, earlier, log)  # --overwrite only, and only now that everything loaded

@@ -200,8 +200,8 @@ def test_optional_strings(text, value):
 def test_config_files_and_their_errors(tmp_path):
     with pytest.raises(InputError) as info:
         load_config("nope", [])
-    assert str(info.value) == "nope: no such config file (packaged configs: science-qwen3-8b-h200, tiny, " \
-                              "tooluse-qwen3-8b-h200)"
+    assert str(info.value) == "nope: no such config file (packaged configs: science-qwen3-32b-8xh200, " \
+                              "science-qwen3-8b-h200, tiny, tooluse-qwen3-8b-h200)"
     plain = tmp_path / "myconfig"  # no suffix, but a file: read as it is, not as a packaged name
     plain.write_text("num_generations: 3\n")
     assert load_config(str(plain), []).num_generations == 3

@@ -38,22 +38,27 @@ def test_the_persistent_parts_of_qwen3_8b_by_hand():
     assert sharded["trained weights (fp32 master)"] == n * 4 / 8 and sharded["Adam moments"] == n * 8 / 8
     assert sharded["EMA teacher"] == n * 4 / 8  # fp32 shards under FSDP
     assert sharded["whole rollout copy (per process)"] == n * 2
-    offloaded = parts(Plan("Qwen3-8B", fsdp=True, gpus=8, optimizer_offload=True))
-    assert offloaded["Adam moments (offloaded to CPU)"] == 0
+    offloaded = parts(Plan("Qwen3-8B", fsdp=True, gpus=8, optimizer_offload=True))  # FSDP2 CPUOffloadPolicy
+    assert offloaded["Adam moments (in CPU memory)"] == 0 and offloaded["gradients"] == 0
+    assert offloaded["trained weights (fp32 master) (in CPU memory)"] == 0
+    assert f"host memory per process, not on the GPU: {n * 20 / 8 / GIB:.1f} GiB" in offloaded  # w, teacher, g, 2 m
+    assert parts(Plan("Qwen3-8B", optimizer_offload=True))["Adam moments (offloaded to CPU)"] == 0
 
 
 def test_activations_follow_tokens_and_checkpointing():
     shape = Shape.of(shape_values("Qwen3-0.6B"))
     base = Plan("Qwen3-0.6B", prompt_tokens=1000, completion_tokens=100, num_generations=4, shared_prefix=False)
     padded = parts(base)["student activations (saved for backward)"]
-    assert padded == 4 * 1100 * shape.saved_per_token_layer * 2 * shape.layers
+    assert padded == 4 * 1100 * shape.saved_per_token_layer() * 2 * shape.layers
     shared = parts(dataclasses.replace(base, shared_prefix=True))["student activations (saved for backward)"]
     repeated_prefix = 4 * 1000 * (2 * shape.kv_width + 2 * shape.q_width) * 2 * shape.layers
-    assert shared == (1000 + 4 * 100) * shape.saved_per_token_layer * 2 * shape.layers + repeated_prefix
+    assert shared == (1000 + 4 * 100) * shape.saved_per_token_layer() * 2 * shape.layers + repeated_prefix
     assert shared < padded
     checkpointed = parts(dataclasses.replace(base, gradient_checkpointing=True))
     assert checkpointed["student activations (saved for backward)"] == \
-        4 * 1100 * (shape.hidden * shape.layers + shape.saved_per_token_layer) * 2
+        4 * 1100 * (shape.hidden * shape.layers + shape.saved_per_token_layer()) * 2
+    liger = parts(dataclasses.replace(base, liger_kernels=True))["student activations (saved for backward)"]
+    assert liger == 4 * 1100 * shape.saved_per_token_layer(liger=True) * 2 * shape.layers < padded
     two = parts(dataclasses.replace(base, micro_batch_prompts=2))
     assert two["student activations (saved for backward)"] == 2 * padded
 

@@ -82,3 +82,27 @@ def test_one_caopd_step_of_qwen3_0_6b_on_this_cpu(science_path, tmp_path):
     assert row["step"] == 1 and row["loss"] > 0 and row["grad_norm"] > 0 and row["mean_completion_tokens"] > 3
     saved = json.loads((out / "final" / "config.json").read_text())
     assert (saved["num_hidden_layers"], saved["hidden_size"], saved["vocab_size"]) == (28, 1024, 151_936)
+
+
+def test_liger_kernels_patch_the_model_without_their_loss(monkeypatch):
+    """--liger-kernels: Liger's RMSNorm, SwiGLU and RoPE on the model itself, never its cross-entropy
+    patches (caopd's loss is its own). CUDA only: on this CPU a one-line refusal; the call is checked
+    with CUDA faked and Liger's patch function recorded."""
+    import liger_kernel.transformers
+
+    from caopd.models import apply_liger_kernels
+
+    tokenizer = load_tokenizer("tiny-qwen3", "fast")
+    model = load_model("tiny-qwen3", tokenizer)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--liger-kernels needs a CUDA GPU"):
+            apply_liger_kernels(model)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(liger_kernel.transformers, "apply_liger_kernel_to_qwen3", lambda **kw: calls.append(kw))
+    apply_liger_kernels(model)
+    assert calls == [dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                          fused_linear_cross_entropy=False, model=model)]
+    model.config.model_type = "llama"
+    with pytest.raises(InputError, match="--liger-kernels: for Qwen3 models, not llama"):
+        apply_liger_kernels(model)
