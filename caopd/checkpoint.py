@@ -78,15 +78,26 @@ def _optimizer_state_dict(tensors: dict[str, torch.Tensor], saved: dict) -> dict
     return {"state": state, "param_groups": groups}
 
 
+def _trainable(module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimizer, scheduler,
-                    config: dict) -> Path:
-    """Write checkpoint ``step-<state.step>`` under ``directory`` atomically; returns its path."""
+                    config: dict, trainable_only: bool = False) -> Path:
+    """Write checkpoint ``step-<state.step>`` under ``directory`` atomically; returns its path.
+    ``trainable_only`` (LoRA): the student's trainable tensors and the teacher's own state only (the
+    frozen base is rebuilt from --model on resume)."""
     final = Path(directory) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(student, str(tmp / "model.safetensors"))
-    save_model(teacher, str(tmp / "teacher.safetensors"))
+    if trainable_only:
+        save_file(_trainable(student), str(tmp / "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()},
+                  str(tmp / "teacher.safetensors"))
+    else:
+        save_model(student, str(tmp / "model.safetensors"))
+        save_model(teacher, str(tmp / "teacher.safetensors"))
     tensors, optimizer_rest = _optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -225,13 +236,22 @@ def saved_config(path: Path) -> dict:
     return json.loads((Path(path) / TRAINER_STATE).read_text())["config"]
 
 
-def load_checkpoint(path: Path, student, teacher, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, student, teacher, optimizer, scheduler, trainable_only: bool = False) -> TrainState:
     """Restore everything from the complete checkpoint ``path``; raises on a damaged one."""
     path = Path(path)
     saved = json.loads((path / TRAINER_STATE).read_text())
     tensors = load_file(str(path / "state.safetensors"))
-    for target, name in ((student, "model.safetensors"), (teacher, "teacher.safetensors")):
-        load_model(target, str(path / name), strict=True)
+    if trainable_only:
+        weights, params = load_file(str(path / "model.safetensors")), dict(student.named_parameters())
+        if set(weights) != {n for n, p in params.items() if p.requires_grad}:
+            raise ValueError("model.safetensors holds other trainable tensors than the model's")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        teacher.load_state_dict(load_file(str(path / "teacher.safetensors")), strict=True)
+    else:
+        for target, name in ((student, "model.safetensors"), (teacher, "teacher.safetensors")):
+            load_model(target, str(path / name), strict=True)
     optimizer.load_state_dict(_optimizer_state_dict(tensors, saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
     version, internal, gauss = saved["rng"]["python"]
@@ -246,7 +266,8 @@ def load_checkpoint(path: Path, student, teacher, optimizer, scheduler) -> Train
     return TrainState(**saved["state"])
 
 
-def resume(directory: Path, student, teacher, optimizer, scheduler, warn=print, ranks=None) -> tuple[Path, TrainState]:
+def resume(directory: Path, student, teacher, optimizer, scheduler, warn=print, ranks=None,
+           trainable_only: bool = False) -> tuple[Path, TrainState]:
     """Load the newest checkpoint under ``directory`` that is complete and loads, warning about each
     newer one passed over. One-line InputError when there is none. ``ranks``: sharded models
     (load_sharded_checkpoint); every process must find the same checkpoint whole."""
@@ -257,7 +278,7 @@ def resume(directory: Path, student, teacher, optimizer, scheduler, warn=print, 
             try:
                 if ranks is not None:
                     return path, load_sharded_checkpoint(path, student, teacher, optimizer, scheduler, ranks)
-                return path, load_checkpoint(path, student, teacher, optimizer, scheduler)
+                return path, load_checkpoint(path, student, teacher, optimizer, scheduler, trainable_only)
             except InputError:
                 raise
             except Exception as e:  # a damaged file: any reader's error means the same

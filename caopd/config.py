@@ -28,7 +28,7 @@ GROUPS = ("model and data", "CaOPD", "sampling", "optimization", "run folder and
 MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
-    "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels"})
+    "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels", "merge_lora"})
 
 
 def option(default, help: str, group: str, choices: tuple | None = None):
@@ -105,6 +105,13 @@ class TrainConfig:
                                       "optimization", ("sdpa", "flash_attention_2", "eager"))
     shared_prefix: bool = option(True, "forward each prompt's prefix once for its K completions on each side "
                                  "(the same loss and gradients as one padded row per completion)", "optimization")
+    lora_r: int = option(0, "train rank-R LoRA adapters (peft) over a frozen base; the teacher is the EMA of the "
+                         "adapters over the same base (0: full fine-tuning)", "optimization")
+    lora_alpha: float = option(0.0, "LoRA scale numerator (0: 2 x lora_r)", "optimization")
+    lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                      "comma-separated module names that get adapters", "optimization")
+    merge_lora: bool = option(False, "also save the merged weights (final/merged, a plain model) beside the "
+                              "adapters", "run folder and checkpoints")
     liger_kernels: bool = option(False, "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE for Qwen3 (CUDA; pip install "
                                  "liger-kernel): fewer saved activations; its loss patches off", "optimization")
     fsdp: bool = option(False, "shard the student and the EMA teacher with FSDP2 across the processes of a torchrun / "

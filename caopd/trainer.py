@@ -38,6 +38,7 @@ from caopd.distributed import (
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import RolloutEngine, SamplingParams
 from caopd.errors import InputError
+from caopd.lora import AdapterTeacher, add_lora, save_adapters
 from caopd.loss import chat_ids, distillation_loss, make_batch
 from caopd.model_shapes import is_random
 from caopd.models import TINY_MODEL, apply_liger_kernels, ema_update_, load_model, load_tokenizer
@@ -118,11 +119,12 @@ def training_dtypes(config: TrainConfig, use_bf16: bool) -> tuple[torch.dtype, t
 
 def make_optimizer(config: TrainConfig, student: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW; for bf16 weights the stochastic-rounding AdamW (plain bf16 steps round most updates away)."""
-    if next(student.parameters()).dtype == torch.bfloat16:
+    trained = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
+    if trained[0].dtype == torch.bfloat16:
         from caopd.optim import StochasticRoundingAdamW
 
-        return StochasticRoundingAdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        return StochasticRoundingAdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def build_engine(config: TrainConfig, model: torch.nn.Module, tokenizer) -> RolloutEngine:
@@ -164,6 +166,9 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     # an accelerate config with distributed_type FSDP (and fsdp_offload_params) turns these on too
     fsdp = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     cpu_offload = config.fsdp_cpu_offload or os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
+    if config.lora_r and (fsdp or config.rollout_engine == "vllm"):
+        raise InputError("--lora-r works with one process and the transformers engine for now (not with --fsdp or "
+                         "--rollout-engine vllm)")
     if ranks.world > 1 and not fsdp:
         raise InputError(f"{ranks.world} processes need --fsdp true (each process would otherwise hold and train a "
                          "whole model of its own)")
@@ -199,7 +204,14 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     barrier(ranks)
     if config.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    teacher = copy.deepcopy(student).to(teacher_dtype).requires_grad_(False).eval()
+    if config.lora_r:  # adapters over the frozen base; the teacher: the EMA of the adapters, same base
+        add_lora(student, config.lora_r, config.lora_alpha or 2 * config.lora_r,
+                 [m.strip() for m in config.lora_target_modules.split(",") if m.strip()])
+        if config.gradient_checkpointing:
+            student.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+        teacher = AdapterTeacher(student)
+    else:
+        teacher = copy.deepcopy(student).to(teacher_dtype).requires_grad_(False).eval()
     sharded = None
     if fsdp:  # the rollout engine generates from a whole copy on each process, refreshed every step
         whole = copy.deepcopy(student).requires_grad_(False).to(accelerator.device,
@@ -214,7 +226,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     checkpoints = out / "checkpoints"
     if config.resume:
         last, state = resume_checkpoint(checkpoints, student, teacher, optimizer, scheduler, warn=log,
-                                        ranks=ranks if fsdp else None)
+                                        ranks=ranks if fsdp else None, trainable_only=bool(config.lora_r))
         dropped = truncate_metrics(out / "metrics.jsonl", state.step) if ranks.is_main else 0
         log(f"resuming from {last} (step {state.step})"
             + (f"; dropped {dropped} metrics row(s) the stopped run logged after it" if dropped else ""))
@@ -223,7 +235,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         whole.load_state_dict(full_state_dict(student))  # a resumed run's weights
     else:
         student, optimizer = accelerator.prepare(student, optimizer)
-        teacher.to(accelerator.device)
+        if not config.lora_r:
+            teacher.to(accelerator.device)
         model = whole = accelerator.unwrap_model(student)
     own_engine = engine is None
     if own_engine:
@@ -308,7 +321,10 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # free the gradients before the engine wakes up
             scheduler.step()
-            ema_update_(teacher, model, config.teacher_ema)  # sharded: shard by shard
+            if config.lora_r:
+                teacher.ema_update_(config.teacher_ema)
+            else:
+                ema_update_(teacher, model, config.teacher_ema)  # sharded: shard by shard
             if fsdp:
                 whole.load_state_dict(full_state_dict(model))
             if rollouts is not None:
@@ -343,7 +359,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                     save_sharded_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler, asdict(config),
                                             ranks)
                 else:
-                    save_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler, asdict(config))
+                    save_checkpoint(checkpoints, state, model, teacher, optimizer, scheduler, asdict(config),
+                                    trainable_only=bool(config.lora_r))
                 if ranks.is_main:
                     rotate_checkpoints(checkpoints, config.save_total_limit, state.step)
                 barrier(ranks)
@@ -357,7 +374,10 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         teacher = copy.deepcopy(whole).to(teacher_dtype)
         teacher.load_state_dict(full_state_dict(sharded.teacher))
     if state.step == total_steps and ranks.is_main:
-        whole.save_pretrained(out / "final")
+        if config.lora_r:
+            save_adapters(whole, out / "final", config.model, merge=config.merge_lora)
+        else:
+            whole.save_pretrained(out / "final")
         tokenizer.save_pretrained(out / "final")
     barrier(ranks)
     if history and not quiet and progress is None:
