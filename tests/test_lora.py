@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 pytest.importorskip("peft", reason="LoRA needs peft (pip install -e .[lora]; make test installs it)")
 
 from caopd.config import load_config  # noqa: E402
-from caopd.lora import QWEN3_PROJECTIONS, AdapterTeacher, add_lora, adapter_parameters, merged_state_dict  # noqa: E402
+from caopd.lora import QWEN3_PROJECTIONS, AdapterTeacher, adapter_parameters, add_lora, merged_state_dict  # noqa: E402
 from caopd.loss import distillation_loss, make_batch  # noqa: E402
 from caopd.models import load_model, load_tokenizer  # noqa: E402
 from caopd.shared_prefix import make_shared_batch, shared_distillation_loss  # noqa: E402
@@ -64,8 +64,7 @@ def test_loss_and_adapter_gradients_equal_a_merged_reference(science_rows_path, 
     assert torch.allclose(ours.loss, expected.loss, rtol=1e-5), (float(ours.loss), float(expected.loss))
     assert all(p.grad is None for n, p in student.named_parameters() if "lora_" not in n)  # the base is frozen
     scale = 8 / 4
-    for layer, module in (("model.layers.0.self_attn.q_proj", "self_attn.q_proj"),
-                          ("model.layers.1.mlp.down_proj", "mlp.down_proj")):
+    for layer in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         a, b = (student.get_parameter(f"{layer}.lora_{x}.default.weight") for x in "AB")
         a0, b0 = (before[f"{layer}.lora_{x}.default.weight"] for x in "AB")
         d_w = reference_student.get_parameter(f"{layer}.weight").grad  # dL/dW of W + scale B A
