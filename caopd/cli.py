@@ -10,40 +10,139 @@ from caopd.errors import InputError
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="score completions for accuracy and calibration")
-    p.add_argument("--dataset", required=True, choices=["science", "tooluse"])
-    p.add_argument("--input", required=True, help="completions JSONL: {\"id\": int, \"completion\": str}")
-    p.add_argument("--data", help="dataset JSONL file or saved dataset dir "
-                   "(default: ../shared/data/caopd/<dataset>_eval.jsonl)")
+    p = sub.add_parser("eval", help="score a completions file, or generate with a model then score, or compare "
+                       "runs", description="One of: --input FILE (score completions made elsewhere), --model "
+                       "PATH_OR_ID (generate, then score), --compare METRICS.json ... (one table of several runs).")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--input", help="completions JSONL: {\"id\": int, \"completion\": str}")
+    what.add_argument("--model", help="a model folder, hub id, random:<size> or tiny-qwen3: generate, then score")
+    what.add_argument("--compare", nargs="+", metavar="METRICS_JSON", help="metrics files of earlier evals")
+    p.add_argument("--dataset", choices=["science", "tooluse"])
+    p.add_argument("--data", help="dataset JSONL file or saved dataset dir (default: the first one under "
+                   "$CAOPD_DATA_DIR/<dataset>/)")
     p.add_argument("--split", help="split of a saved DatasetDict directory")
     p.add_argument("--output", help="metrics JSON to write")
     p.add_argument("--plot", help="reliability diagram PNG to write")
     p.add_argument("--missing-confidence", choices=["exclude", "zero"], default="exclude",
                    help="completions with no confidence: excluded (default) or counted as 0")
+    g = p.add_argument_group("generation (with --model)")
+    g.add_argument("--tokenizer", default="auto", help="as caopd train's --tokenizer")
+    g.add_argument("--samples", type=int, default=1, help="completions a question (K)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the paper's evaluation")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=2048)
+    g.add_argument("--limit", type=int, help="the first N questions only")
+    g.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="auto: vLLM when installed and --model is a folder, else transformers")
+    g.add_argument("--batch-size", type=int, default=16, help="questions an engine call")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-completions", help="completions JSONL (default: beside --output, or "
+                   "eval-<dataset>-completions.jsonl); a rerun with the same arguments resumes it")
 
 
 def run_eval(args: argparse.Namespace) -> dict:
-    from caopd.data import load_examples
-    from caopd.evaluate import load_completions, report_rows, score_completions, summarize
     from caopd.paths import check_output_file
-    from caopd.tables import format_table
 
-    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+    for flag, path in (("--output", args.output), ("--plot", args.plot), ("--save-completions",
+                                                                            getattr(args, "save_completions", None))):
         if path:  # before the scoring, which a bad output path would otherwise throw away
             check_output_file(path, flag)
-    data = args.data or f"../shared/data/caopd/{args.dataset}_eval.jsonl"
-    examples = load_examples(data, args.dataset, split=args.split)
-    scored = score_completions(examples, load_completions(args.input), args.dataset)
-    report = summarize(scored, args.dataset, args.missing_confidence)
+    if args.compare:
+        return run_compare(args)
+    if not args.dataset:
+        raise InputError("--dataset science|tooluse is needed with --input and --model")
+    return run_generate_and_score(args) if args.model else run_score(args)
+
+
+def _examples(args: argparse.Namespace):
+    from caopd.benchmark_eval import default_data
+    from caopd.data import load_examples
+
+    data = args.data or default_data(args.dataset)
+    return data, load_examples(data, args.dataset, split=args.split)
+
+
+def _report(args: argparse.Namespace, report, label: str, extra: dict) -> dict:
+    from caopd.evaluate import report_rows
+    from caopd.tables import format_table
+
     print(format_table(["metric", "value"], report_rows(report)))
-    result = report.to_dict() | {"data": str(data), "input": str(args.input)}
+    result = report.to_dict() | extra
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.output}")
     if args.plot:
         from caopd.plots import save_reliability_diagrams
 
-        save_reliability_diagrams({f"{args.dataset}: {Path(args.input).name}": report.metrics}, args.plot)
+        save_reliability_diagrams({f"{args.dataset}: {label}": report.metrics}, args.plot)
+        print(f"wrote {args.plot}")
+    return result
+
+
+def run_score(args: argparse.Namespace) -> dict:
+    from caopd.evaluate import load_completions, score_completions, summarize
+
+    data, examples = _examples(args)
+    scored = score_completions(examples, load_completions(args.input), args.dataset)
+    report = summarize(scored, args.dataset, args.missing_confidence)
+    return _report(args, report, Path(args.input).name, {"data": str(data), "input": str(args.input)})
+
+
+def run_generate_and_score(args: argparse.Namespace) -> dict:
+    from caopd.benchmark_eval import GenerationSettings, build_eval_engine, generate_and_score, sample_mean_view
+    from caopd.tables import format_table
+
+    for flag in ("samples", "max_tokens", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    data, examples = _examples(args)
+    examples = examples[:args.limit] if args.limit else examples
+    completions = Path(args.save_completions or (Path(args.output).with_suffix("").as_posix() + "-completions.jsonl"
+                                                 if args.output else f"eval-{args.dataset}-completions.jsonl"))
+    settings = GenerationSettings(args.samples, args.temperature, args.top_p, args.max_tokens, args.seed,
+                                  args.batch_size)
+    engine, tokenizer = build_eval_engine(args.model, args.tokenizer, args.engine, args.max_tokens, args.seed)
+    try:
+        report, scored = generate_and_score(engine, tokenizer, examples, args.dataset, settings, completions,
+                                            args.missing_confidence, {"enable_thinking": False})
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    extra = {"data": str(data), "model": args.model, "completions": str(completions),
+             "generation": vars(settings) | {"engine": type(engine).__name__}}
+    if args.samples > 1:
+        extra["samples_view"] = view = sample_mean_view(scored)
+        print(format_table(["K-sample view", "value"], [[k, v] for k, v in view.items()]))
+    print(f"completions in {completions}")
+    return _report(args, report, args.model, extra)
+
+
+def run_compare(args: argparse.Namespace) -> dict:
+    """One table of several evals (the paper's columns) and their reliability diagrams side by side."""
+    from caopd.metrics import CalibrationMetrics
+    from caopd.tables import format_table
+
+    runs = {}
+    for path in args.compare:
+        try:
+            saved = json.loads(Path(path).read_text())
+            metrics = CalibrationMetrics.from_dict(saved["metrics"])
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: not a caopd eval metrics file ({type(e).__name__}: {e})") from None
+        runs[path] = metrics  # labelled by the metrics file: one model may be evaluated several ways
+    rows = [[name, m.accuracy, m.ece, m.brier, m.spr, m.ocg, m.auroc, m.n] for name, m in runs.items()]
+    print(format_table(["run", "accuracy", "ECE", "Brier", "SPR", "OCG", "AUROC", "scored"], rows))
+    result = {"runs": {name: m.to_dict() for name, m in runs.items()}}
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        from caopd.plots import save_overlaid_reliability
+
+        save_overlaid_reliability(runs, args.plot)
         print(f"wrote {args.plot}")
     return result
 

@@ -1,6 +1,6 @@
 """Dataset rows as typed ``Example`` objects, from JSON Lines or a saved Hugging Face dataset dir.
 
-JSON Lines: one object a line (the format of ``../shared/data/caopd``). A directory: what
+JSON Lines: one object a line (the rows of the paper's evaluation sets). A directory: what
 ``datasets.Dataset.save_to_disk`` writes (``state.json`` + Arrow stream files), as published
 with the paper's code (``data/science_data/eval_data``, ``data/tooluse_data/train_data``, ...);
 a ``DatasetDict`` directory needs ``split=``. An example's id is its ``id`` field when present,

@@ -22,17 +22,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from caopd.benchmark_eval import GenerationSettings, generate_and_score
 from caopd.config import TrainConfig
 from caopd.data import Example, load_examples
 from caopd.demo_task import build_splits, candidate_count, write_jsonl
-from caopd.engines.base import SamplingParams
 from caopd.engines.hf import TransformersEngine
 from caopd.errors import InputError
-from caopd.evaluate import Completion, EvalReport, score_completions, summarize
-from caopd.loss import chat_ids
+from caopd.evaluate import EvalReport
 from caopd.models import TINY_MODEL, fast_tokenizer, load_model
 from caopd.paths import check_output_dir
-from caopd.prompts import demonstration, student_messages, teacher_messages
+from caopd.prompts import demonstration, teacher_messages
 from caopd.run_folder import earlier_run
 from caopd.tables import format_table
 from caopd.trainer import train
@@ -89,16 +88,13 @@ def train_config(settings: DemoSettings, base_dir: Path, train_path: Path, out: 
 
 def evaluate_model(model, tokenizer, examples: list[Example], samples: int, seed: int,
                    completions_path: Path) -> tuple[EvalReport, dict]:
-    """Sample ``samples`` completions a question (temperature 1, as the rollouts), save them in
-    ``caopd eval``'s input format and score them (a missing confidence counts as 0); also the
-    accuracy and mean stated confidence per candidate count."""
-    engine = TransformersEngine(model, tokenizer)
-    prompts = [chat_ids(tokenizer, student_messages(e)) for e in examples]
-    outputs = engine.generate(prompts, samples, SamplingParams(temperature=1.0, max_tokens=24, seed=seed))
-    completions = [Completion(e.id, text, "demo") for e, texts in zip(examples, outputs) for text in texts]
-    write_jsonl([{"id": c.id, "completion": c.text} for c in completions], completions_path)
-    scored = score_completions(examples, completions, DATASET)
-    report = summarize(scored, DATASET, missing_confidence="zero")
+    """``caopd eval --model``'s generate-and-score (benchmark_eval) at the rollouts' temperature 1,
+    ``samples`` completions a question saved in ``caopd eval``'s input format (a missing confidence
+    counts as 0); also the accuracy and mean stated confidence per candidate count."""
+    settings = GenerationSettings(samples=samples, temperature=1.0, max_tokens=24, seed=seed, batch_size=len(examples))
+    Path(completions_path).unlink(missing_ok=True)  # a fresh sample of this model, never a resumed one
+    report, scored = generate_and_score(TransformersEngine(model, tokenizer), tokenizer, examples, DATASET, settings,
+                                        completions_path, missing_confidence="zero", progress=None)
     candidates = {e.id: candidate_count(e.prompt[-1]["content"]) for e in examples}
     by_count: dict[int, list] = {}
     for s in scored:

@@ -85,3 +85,22 @@ def save_demo_figure(per_seed: list[dict], path: str | Path, split: str = "heldo
            title=f"training ({len(per_seed)} seed{'s' * (len(per_seed) > 1)})")
     ax.legend(fontsize=7, loc="lower left")
     return _save(fig, path)
+
+
+def save_overlaid_reliability(runs: dict[str, CalibrationMetrics], path: str | Path) -> Path:
+    """One reliability diagram with a line per run (accuracy against mean confidence per non-empty
+    bin, marker size by count): several models compared on the same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    for name, metrics in runs.items():
+        filled = [b for b in metrics.bins if b.count]
+        ax.plot([b.mean_confidence for b in filled], [b.accuracy for b in filled], "-o", lw=1.2,
+                markersize=3, label=f"{name} (ECE {metrics.ece:.3f}, OCG {metrics.ocg:+.2f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title="reliability")
+    ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,160 @@
+"""``caopd eval --model``: generate completions for an evaluation set, then score them.
+
+The student prompt is built exactly as training builds it (``prompts.student_messages``, the same
+chat-template kwargs); generation goes through the project's rollout engines (vLLM when installed,
+transformers otherwise), greedy by default as the paper's evaluation; the scoring is
+``evaluate.score_completions``. Completions are appended to a JSONL file (``caopd eval``'s input
+format) as each batch finishes, so an interrupted run resumes: a rerun with the same arguments
+skips the questions already there. The demo evaluates its models through ``generate_and_score`` too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from caopd.data import Example, iter_jsonl
+from caopd.engines.base import SamplingParams
+from caopd.errors import InputError
+from caopd.evaluate import Completion, EvalReport, ScoredCompletion, score_completions, summarize
+from caopd.loss import chat_ids
+from caopd.prompts import student_messages
+
+DATA_DIR_VARIABLE = "CAOPD_DATA_DIR"
+DATA_HELP = ("the evaluation sets are the CaOPD paper's (github.com/SalesforceAIResearch/CaOPD, data/; licence CC "
+             "BY-NC 4.0): pass --data FILE_OR_DIR, or put them under ${CAOPD_DATA_DIR}/<dataset>/")
+
+
+def default_data(dataset: str) -> Path:
+    """Without --data: the first JSONL file or saved dataset directory under $CAOPD_DATA_DIR/<dataset>/."""
+    root = os.environ.get(DATA_DIR_VARIABLE)
+    if not root:
+        raise InputError(f"--data is needed: {DATA_HELP}")
+    folder = Path(root).expanduser() / dataset
+    if (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists():
+        return folder
+    found = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    if not found:
+        raise InputError(f"{folder}: no JSONL file or saved dataset there; {DATA_HELP}")
+    return found[0]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 2048
+    seed: int = 0
+    batch_size: int = 16  # prompts an engine call (each a progress-bar tick and a file append)
+
+
+def done_ids(path: Path, samples: int) -> set[int]:
+    """Questions with all their samples already in the completions file (a resumed run skips them);
+    a question with fewer (a run stopped mid-write) is generated again, its old rows dropped."""
+    if not path.exists():
+        return set()
+    counts: dict[int, int] = {}
+    for row, _ in iter_jsonl(path):
+        counts[row["id"]] = counts.get(row["id"], 0) + 1
+    return {i for i, n in counts.items() if n >= samples}
+
+
+def _keep_rows(path: Path, ids: set[int]) -> None:
+    """Rewrite ``path`` keeping the rows of ``ids`` (atomically)."""
+    rows = [row for row, _ in iter_jsonl(path) if row["id"] in ids]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def generate_completions(engine, tokenizer, examples: list[Example], settings: GenerationSettings, path: Path,
+                         chat_template_kwargs: dict | None = None, progress: str | None = "generate") -> None:
+    """Append ``settings.samples`` completions of every example not yet in ``path`` to ``path``."""
+    from tqdm import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    finished = done_ids(path, settings.samples)
+    if path.exists():
+        _keep_rows(path, finished)
+    todo = [e for e in examples if e.id not in finished]
+    positions = {e.id: i for i, e in enumerate(examples)}  # seeds follow the question, not the batch
+    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=progress, disable=progress is None)
+    for batch in _consecutive_batches(todo, positions, settings.batch_size):
+        prompts = [chat_ids(tokenizer, student_messages(e), chat_template_kwargs) for e in batch]
+        # each question's samples are seeded by its index in the set, whatever batch it falls in
+        sampling = SamplingParams(settings.temperature, settings.top_p, settings.max_tokens, settings.seed,
+                                  first_prompt=positions[batch[0].id])
+        outputs = engine.generate(prompts, settings.samples, sampling)
+        with path.open("a") as f:
+            for example, texts in zip(batch, outputs):
+                f.writelines(json.dumps({"id": example.id, "completion": t}) + "\n" for t in texts)
+        bar.update(len(batch))
+    bar.close()
+
+
+def _consecutive_batches(todo: list[Example], positions: dict[int, int], size: int):
+    """``todo`` in batches of at most ``size`` examples at consecutive positions of the set."""
+    batch: list[Example] = []
+    for example in todo:
+        if batch and (len(batch) == size or positions[example.id] != positions[batch[-1].id] + 1):
+            yield batch
+            batch = []
+        batch.append(example)
+    if batch:
+        yield batch
+
+
+def load_generated(path: Path, examples: list[Example]) -> list[Completion]:
+    wanted = {e.id for e in examples}
+    return [Completion(row["id"], row["completion"], where) for row, where in iter_jsonl(path) if row["id"] in wanted]
+
+
+def sample_mean_view(scored: list[ScoredCompletion]) -> dict:
+    """With K > 1 samples a question: the spread of per-question accuracy, and the calibration of
+    the K-sample mean accuracy used as the confidence (the paper's P_acc view)."""
+    from caopd.metrics import calibration_metrics
+
+    by_question: dict[int, list[ScoredCompletion]] = {}
+    for s in scored:
+        by_question.setdefault(s.id, []).append(s)
+    accuracy = [statistics.fmean(x.correct for x in rows) for rows in by_question.values()]
+    mean_view = calibration_metrics([x.correct for rows in by_question.values() for x in rows],
+                                    [a for a, rows in zip(accuracy, by_question.values()) for _ in rows])
+    return {"questions": len(accuracy), "accuracy_mean": statistics.fmean(accuracy),
+            "accuracy_stdev": statistics.pstdev(accuracy), "all_right": sum(a == 1.0 for a in accuracy),
+            "all_wrong": sum(a == 0.0 for a in accuracy), "p_acc_ece": mean_view.ece, "p_acc_brier": mean_view.brier}
+
+
+def generate_and_score(engine, tokenizer, examples: list[Example], dataset: str, settings: GenerationSettings,
+                       path: Path, missing_confidence: str = "exclude", chat_template_kwargs: dict | None = None,
+                       progress: str | None = "generate") -> tuple[EvalReport, list[ScoredCompletion]]:
+    """Generate (resuming ``path``), then score every example's completions."""
+    generate_completions(engine, tokenizer, examples, settings, path, chat_template_kwargs, progress)
+    scored = score_completions(examples, load_generated(path, examples), dataset)
+    return summarize(scored, dataset, missing_confidence), scored
+
+
+def build_eval_engine(model: str, tokenizer_name: str, engine: str, max_tokens: int, seed: int):
+    """(engine, tokenizer) for ``caopd eval --model``: vLLM (when installed, or asked for) or transformers."""
+    from caopd.engines.vllm_engine import vllm_available
+    from caopd.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model, tokenizer_name)
+    if engine == "auto":
+        engine = "vllm" if vllm_available() and Path(model).is_dir() else "transformers"
+    if engine == "vllm":
+        from caopd.engines.vllm_engine import VLLMEngine
+
+        if not Path(model).is_dir():
+            raise InputError(f"--engine vllm loads a model folder; {model} is not one (use --engine transformers)")
+        positions = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 1 << 30)
+        length = min(max_tokens + 4096, positions)  # prompts up to 4,096 tokens, within the model's positions
+        return VLLMEngine(model, tokenizer=None if tokenizer_name == "auto" else tokenizer_name,
+                          max_model_len=length, seed=seed), tokenizer
+    from caopd.engines.hf import TransformersEngine
+
+    return TransformersEngine(load_model(model, tokenizer, seed=seed).eval(), tokenizer), tokenizer
