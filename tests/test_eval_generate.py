@@ -115,3 +115,14 @@ def test_the_product_never_points_into_shared():
     offenders = [str(p.relative_to(ROOT)) for folder in ("caopd", "kernels") for p in (ROOT / folder).rglob("*.py")
                  if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_eval_a_random_architecture_from_its_config(science_rows_path, tmp_path):
+    config = {"model_type": "qwen3", "vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "m.json"
+    assert main(["eval", "--model", f"random:{tmp_path / 'config.json'}", "--tokenizer", "fast", "--dataset",
+                 "science", "--data", str(science_rows_path), "--limit", "2", "--max-tokens", "4", "--output",
+                 str(out)]) == 0
+    assert json.loads(out.read_text())["n_completions"] == 2
