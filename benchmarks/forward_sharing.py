@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -127,9 +126,9 @@ def main() -> None:
             else:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    device = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from benchmarks.kernel_kl import device_name, git_sha
+
+    device, commit = device_name("cuda" if torch.cuda.is_available() else "cpu"), git_sha()
     lines = ["| setting | layout | tokens through the models | seconds | peak extra GiB | activation GiB |",
              "|---|---|---|---|---|---|"]
     for r in rows:

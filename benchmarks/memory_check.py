@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -81,9 +80,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     import torch
 
-    device = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from benchmarks.kernel_kl import device_name, git_sha
+
+    device, commit = device_name("cuda" if torch.cuda.is_available() else "cpu"), git_sha()
     lines = ["| run | prompt tokens | measured peak extra GiB | estimated GiB | estimate / measured |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['prompt_tokens']} | {r['measured_gib']:.3f} | {r['estimated_gib']:.3f} | "

@@ -108,16 +108,21 @@ def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimi
         "state": asdict(state), "scheduler": scheduler.state_dict(), "optimizer": optimizer_rest,
         "rng": {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]},
         "config": config})
+    _seal(tmp, final, state.step)
+    return final
+
+
+def _seal(tmp: Path, final: Path, step: int) -> None:
+    """Sync every file of ``tmp``, write the manifest last, rename ``tmp`` to ``final``."""
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         _fsync(tmp / name)
-    _write_json(tmp / MANIFEST, {"step": state.step, "files": {name: (tmp / name).stat().st_size for name in files}})
+    _write_json(tmp / MANIFEST, {"step": step, "files": {name: (tmp / name).stat().st_size for name in files}})
     _fsync(tmp / MANIFEST)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(final.parent)
-    return final
 
 
 def _local_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -153,14 +158,7 @@ def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher
     if ranks.is_main:
         _write_json(tmp / TRAINER_STATE, {"state": asdict(state), "scheduler": scheduler.state_dict(),
                                           "optimizer": optimizer_rest, "world_size": ranks.world, "config": config})
-        files = sorted(p.name for p in tmp.iterdir())
-        _fsync(tmp / TRAINER_STATE)
-        _write_json(tmp / MANIFEST, {"step": state.step, "files": {n: (tmp / n).stat().st_size for n in files}})
-        _fsync(tmp / MANIFEST)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(final.parent)
+        _seal(tmp, final, state.step)
     barrier(ranks)
     return final
 
