@@ -18,6 +18,8 @@ from .torch_chunked import TORCH_BUFFERS, chunked_linear_kl, kl_rows_torch
 DIVERGENCES = ("reverse", "forward", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch", "reference")
+VOCAB_RULES = ("equal", "common")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DEFAULT_MEMORY_BUDGET = 768 << 20
 MIN_CHUNK_TOKENS = 1
 
@@ -94,10 +96,6 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
                          "(V from teacher_weight, H_s from student_hidden)")
     if teacher_hidden.shape[1] != h_t:
         raise ValueError(f"teacher_hidden has H_t = {teacher_hidden.shape[1]} but teacher_weight has {h_t}")
-    if student_hidden.dtype != student_weight.dtype:
-        raise ValueError(f"student_hidden is {student_hidden.dtype} but student_weight is {student_weight.dtype}")
-    if teacher_hidden.dtype != teacher_weight.dtype:
-        raise ValueError(f"teacher_hidden is {teacher_hidden.dtype} but teacher_weight is {teacher_weight.dtype}")
     devices = {t.device for t in named.values()}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -177,6 +175,11 @@ class FusedLinearKLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        with torch.autocast(grad_output.device.type, enabled=False):  # as the forward: no autocast GEMMs
+            return FusedLinearKLFunction._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         options = ctx.options
         if options.reduction == "none":
             (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -199,13 +202,46 @@ class FusedLinearKLFunction(torch.autograd.Function):
                 grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None, None)
 
 
+def _common_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                   vocab: str):
+    """Unequal vocabularies (vocab="common": the first min(V_s, V_t) rows of both heads) and mixed
+    dtypes (a hidden state and its weight of different floating types: both cast to the wider one,
+    as a GEMM in that type; the casts are differentiable, so each gradient returns in its input's
+    dtype). Anything else passes through for _check_inputs to judge."""
+    if vocab not in VOCAB_RULES:
+        raise ValueError(f"vocab must be one of {VOCAB_RULES}, got {vocab!r}")
+    weights = (student_weight, teacher_weight)
+    if all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights) and \
+            student_weight.shape[0] != teacher_weight.shape[0]:
+        v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+        if vocab != "common":
+            raise ValueError(f"student_weight has V_s = {v_s} rows but teacher_weight has V_t = {v_t}: pass "
+                             f"vocab='common' to compare the distributions over the first min(V_s, V_t) = "
+                             f"{min(v_s, v_t)} rows (the token ids both heads share)")
+        v = min(v_s, v_t)
+        student_weight, teacher_weight = student_weight[:v], teacher_weight[:v]
+        student_bias = None if student_bias is None else student_bias[:v]
+        teacher_bias = None if teacher_bias is None else teacher_bias[:v]
+    sides = []
+    for hidden, weight, bias in ((student_hidden, student_weight, student_bias),
+                                 (teacher_hidden, teacher_weight, teacher_bias)):
+        if isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor) and hidden.dtype != weight.dtype \
+                and hidden.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES:
+            wide = torch.promote_types(hidden.dtype, weight.dtype)
+            hidden, weight = hidden.to(wide), weight.to(wide)
+            bias = None if bias is None else bias.to(wide)
+        sides.append((hidden, weight, bias))
+    (student_hidden, student_weight, student_bias), (teacher_hidden, teacher_weight, teacher_bias) = sides
+    return student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias
+
+
 def fused_linear_kl(
     student_hidden: torch.Tensor, student_weight: torch.Tensor,
     teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
     mask: torch.Tensor | None = None, *, divergence: str = "reverse", beta: float = 0.5,
     temperature: float = 1.0, student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
     reduction: str = "mean", impl: str = "auto", chunk_tokens: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET, vocab: str = "equal",
 ) -> torch.Tensor:
     """Per-token divergence between softmax(W_s h_s / T) and softmax(W_t h_t / T), reduced.
 
@@ -219,7 +255,14 @@ def fused_linear_kl(
     chunk_tokens: tokens per chunk; None picks it from ``memory_budget`` bytes (the chunk's
     transient [C, V] buffers; default 768 MiB). Returns fp32
     (fp64 for fp64 inputs).
+
+    A hidden state and its weight may have different floating dtypes (autocast: bf16 hidden, fp32
+    weight): that side's GEMM runs in the wider type and each gradient comes back in its input's
+    dtype. vocab: "equal" (default: V_s != V_t is an error naming the option) or "common" (both
+    distributions over the first min(V_s, V_t) rows; the student's other rows get zero gradient).
     """
+    student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias = _common_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, vocab)
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias, teacher_bias,
                   divergence, beta, temperature, reduction, chunk_tokens, memory_budget)
     if impl == "reference":
@@ -232,9 +275,10 @@ def fused_linear_kl(
     if chunk_tokens is None:
         chunk_tokens = chunk_tokens_for_budget(student_weight.shape[0], impl, divergence, memory_budget)
     options = KLOptions(divergence, float(beta), float(temperature), reduction, impl, int(chunk_tokens))
-    return FusedLinearKLFunction.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                                       teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-                                       mask, options)
+    with torch.autocast(student_hidden.device.type, enabled=False):  # the GEMMs in the inputs' (widened) dtype
+        return FusedLinearKLFunction.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                                           teacher_weight.detach(),
+                                           None if teacher_bias is None else teacher_bias.detach(), mask, options)
 
 
 class FusedLinearKL(torch.nn.Module):
@@ -242,10 +286,10 @@ class FusedLinearKL(torch.nn.Module):
 
     def __init__(self, divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
                  reduction: str = "mean", impl: str = "auto", chunk_tokens: int | None = None,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET):
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, vocab: str = "equal"):
         super().__init__()
         self.options = dict(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
-                            impl=impl, chunk_tokens=chunk_tokens, memory_budget=memory_budget)
+                            impl=impl, chunk_tokens=chunk_tokens, memory_budget=memory_budget, vocab=vocab)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None,
                 student_bias=None, teacher_bias=None) -> torch.Tensor:
