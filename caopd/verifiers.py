@@ -81,10 +81,44 @@ def _empty_if_none(arguments: Any) -> Any:
     return {} if arguments is None else arguments
 
 
+MAX_JSON_DEPTH = 64  # deeper arguments are refused, whatever sys.getrecursionlimit() another library set
+
+
+def _json_depth(text: str, start: int) -> int:
+    """Nesting depth of the JSON value at ``start`` (0 for a scalar), scanning only until that value
+    closes or the depth passes MAX_JSON_DEPTH: linear, and independent of the recursion limit that
+    json's parser would otherwise hit (imported libraries raise it)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                break
+        elif c in "]}":
+            depth -= 1
+            if depth <= 0:
+                break
+        elif depth == 0 and not c.isspace():
+            break  # a scalar
+    return deepest
+
+
 def parse_tool_call(completion: str) -> tuple[str, Any]:
     """The first ``Action:`` name and the JSON value after the next ``Action Input:`` ({} when
     there is none, or it says none/null/nothing). Raises ToolCallError when there is no call or
-    its input is malformed JSON, nested beyond the parser's recursion limit, or holds a number
+    its input is malformed JSON, nested deeper than MAX_JSON_DEPTH, or holds a number
     over Python's integer-digit limit."""
     action = _ACTION.search(completion)
     if action is None:
@@ -93,6 +127,8 @@ def parse_tool_call(completion: str) -> tuple[str, Any]:
     start = _ACTION_INPUT.search(completion, action.end())
     if start is None or _NO_ARGUMENTS.match(completion, start.end()):
         return name, {}
+    if _json_depth(completion, start.end()) > MAX_JSON_DEPTH:
+        raise ToolCallError("over-deep call", f"JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
         arguments, _ = json.JSONDecoder().raw_decode(completion, start.end())
     except json.JSONDecodeError as e:

@@ -110,6 +110,25 @@ def test_tool_calls_that_fail_are_wrong_with_a_reason(completion, reason):
     assert not verdict.correct and verdict.reason == reason
 
 
+def test_over_deep_does_not_depend_on_the_recursion_limit():
+    """Imported libraries raise sys.getrecursionlimit(); a 1,000-deep call must stay over-deep (it
+    was read as merely malformed once vLLM had been imported), and 64 levels stay fine."""
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        assert check_tooluse("Action: get_page\nAction Input: " + "[" * 1000, GOLD).reason == "over-deep call"
+        deep_ok = '{"page": ' + "[" * 63 + "1" + "]" * 63 + ', "size": 3}'
+        assert check_tooluse("Action: get_page\nAction Input: " + deep_ok, GOLD).reason == "wrong call"
+        text_brackets = 'Action: get_page\nAction Input: {"page": 1, "size": 3}\n' + "[" * 1000
+        assert check_tooluse(text_brackets, GOLD).correct  # brackets after the call do not count
+        in_a_string = 'Action: get_page\nAction Input: {"page": 1, "size": 3, "n": "' + "[" * 1000 + '"}'
+        assert check_tooluse(in_a_string, GOLD).reason == "wrong call"  # brackets in a string are text
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 @pytest.mark.parametrize("completion, gold_input, correct", [
     ('Action: f\nAction Input: {"page": 3.0}', '{"page": 3}', True),  # one JSON number type: 3.0 == 3
     ('Action: f\nAction Input: {"page": true}', '{"page": 1}', False),  # a boolean is not a number
@@ -152,7 +171,7 @@ def test_eval_counts_wrong_answers_by_reason():
 
 def test_tool_call_errors_say_why():
     cases = {"Action Input: {}": "no call: no 'Action:' line",
-             "Action: f\nAction Input: " + '{"a": ' * 5000: "over-deep call: JSON nested too deeply",
+             "Action: f\nAction Input: " + '{"a": ' * 5000: "over-deep call: JSON nested deeper than 64",
              'Action: f\nAction Input: {"a" 1}': "malformed call: Expecting ':' delimiter"}
     for text, message in cases.items():
         with pytest.raises(ToolCallError) as info:
