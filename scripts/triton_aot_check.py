@@ -52,10 +52,9 @@ def main() -> int:
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile", file=sys.stderr)
         return 2
     import triton
+    from caopd_kernels.triton_kl import _DIVERGENCE_CODE, GPU_BLOCK_V, _kl_rows_kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from caopd_kernels.triton_kl import GPU_BLOCK_V, _DIVERGENCE_CODE, _kl_rows_kernel
 
     rows, failed = [], False
     for arch, (divergence, code), grad in itertools.product(ARCHS, _DIVERGENCE_CODE.items(), (False, True)):
