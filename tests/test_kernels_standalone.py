@@ -18,7 +18,7 @@ import importlib.abc, sys
 class Forbidden(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {"transformers", "accelerate", "vllm", "peft", "caopd", "liger_kernel"}:
-            raise ImportError(f"{name} is not part of caopd_kernels' environment")
+            raise ModuleNotFoundError(f"{name} is not part of caopd_kernels' environment")
 sys.meta_path.insert(0, Forbidden())
 import caopd_kernels, pytest
 assert caopd_kernels.__file__.startswith(sys.argv[1]), caopd_kernels.__file__
