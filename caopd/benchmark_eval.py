@@ -114,19 +114,24 @@ def load_generated(path: Path, examples: list[Example]) -> list[Completion]:
 
 
 def sample_mean_view(scored: list[ScoredCompletion]) -> dict:
-    """With K > 1 samples a question: the spread of per-question accuracy, and the calibration of
-    the K-sample mean accuracy used as the confidence (the paper's P_acc view)."""
+    """With K > 1 samples a question (the paper's P_acc view): the spread of per-question accuracy
+    P_acc, and how the K-sample mean of the *stated* confidence matches it — the ECE and Brier of
+    each sample scored with its question's mean stated confidence, and the mean |mean stated - P_acc|
+    over questions (a missing confidence counts as 0 here)."""
     from caopd.metrics import calibration_metrics
 
     by_question: dict[int, list[ScoredCompletion]] = {}
     for s in scored:
         by_question.setdefault(s.id, []).append(s)
-    accuracy = [statistics.fmean(x.correct for x in rows) for rows in by_question.values()]
+    p_acc = {q: statistics.fmean(x.correct for x in rows) for q, rows in by_question.items()}
+    stated = {q: statistics.fmean(x.confidence or 0.0 for x in rows) for q, rows in by_question.items()}
     mean_view = calibration_metrics([x.correct for rows in by_question.values() for x in rows],
-                                    [a for a, rows in zip(accuracy, by_question.values()) for _ in rows])
-    return {"questions": len(accuracy), "accuracy_mean": statistics.fmean(accuracy),
-            "accuracy_stdev": statistics.pstdev(accuracy), "all_right": sum(a == 1.0 for a in accuracy),
-            "all_wrong": sum(a == 0.0 for a in accuracy), "p_acc_ece": mean_view.ece, "p_acc_brier": mean_view.brier}
+                                    [stated[q] for q, rows in by_question.items() for _ in rows])
+    return {"questions": len(p_acc), "accuracy_mean": statistics.fmean(p_acc.values()),
+            "accuracy_stdev": statistics.pstdev(p_acc.values()), "all_right": sum(a == 1.0 for a in p_acc.values()),
+            "all_wrong": sum(a == 0.0 for a in p_acc.values()), "mean_stated_ece": mean_view.ece,
+            "mean_stated_brier": mean_view.brier,
+            "mean_abs_stated_minus_p_acc": statistics.fmean(abs(stated[q] - p_acc[q]) for q in p_acc)}
 
 
 def generate_and_score(engine, tokenizer, examples: list[Example], dataset: str, settings: GenerationSettings,

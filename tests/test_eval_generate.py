@@ -98,6 +98,20 @@ def test_k_samples_report_the_spread_and_the_p_acc_view(saved_tiny, science_rows
     assert view["all_right"] + view["all_wrong"] <= 3
 
 
+def test_the_p_acc_view_by_hand():
+    from caopd.benchmark_eval import sample_mean_view
+    from caopd.evaluate import ScoredCompletion
+
+    # question 1: 2 of 4 right, stated 0.9 each; question 2: 0 of 4, stated 0.1, 0.1, 0.3, none
+    scored = [ScoredCompletion(1, c, 0.9, False) for c in (True, True, False, False)]
+    scored += [ScoredCompletion(2, False, c, False) for c in (0.1, 0.1, 0.3, None)]
+    view = sample_mean_view(scored)
+    assert view["accuracy_mean"] == pytest.approx(0.25) and view["accuracy_stdev"] == pytest.approx(0.25)
+    assert (view["all_right"], view["all_wrong"]) == (0, 1)
+    assert view["mean_abs_stated_minus_p_acc"] == pytest.approx(((0.9 - 0.5) + (0.125 - 0.0)) / 2)
+    assert view["mean_stated_ece"] == pytest.approx((4 * 0.4 + 4 * 0.125) / 8)  # two bins, 4 samples each
+
+
 def test_data_comes_from_data_or_caopd_data_dir(tmp_path, monkeypatch, science_rows_path):
     monkeypatch.delenv("CAOPD_DATA_DIR", raising=False)
     with pytest.raises(InputError, match="--data is needed: the evaluation sets are the CaOPD paper's .*CC BY-NC"):
