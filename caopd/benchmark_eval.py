@@ -62,12 +62,14 @@ def done_ids(path: Path, samples: int) -> set[int]:
     return {i for i, n in counts.items() if n >= samples}
 
 
-def _keep_rows(path: Path, ids: set[int]) -> None:
-    """Rewrite ``path`` keeping the rows of ``ids`` (atomically)."""
-    rows = [row for row, _ in iter_jsonl(path) if row["id"] in ids]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+def _drop_partial_questions(path: Path, finished: set[int]) -> None:
+    """Rewrite ``path`` (atomically) without the rows of questions not in ``finished``, if it has any."""
+    rows = [row for row, _ in iter_jsonl(path)]
+    kept = [row for row in rows if row["id"] in finished]
+    if len(kept) < len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
 
 
 def generate_completions(engine, tokenizer, examples: list[Example], settings: GenerationSettings, path: Path,
@@ -79,7 +81,7 @@ def generate_completions(engine, tokenizer, examples: list[Example], settings: G
     path.parent.mkdir(parents=True, exist_ok=True)
     finished = done_ids(path, settings.samples)
     if path.exists():
-        _keep_rows(path, finished)
+        _drop_partial_questions(path, finished)
     todo = [e for e in examples if e.id not in finished]
     positions = {e.id: i for i, e in enumerate(examples)}  # seeds follow the question, not the batch
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=progress, disable=progress is None)
