@@ -60,11 +60,12 @@ class AdapterTeacher(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         object.__setattr__(self, "_model", model)  # not a submodule: the teacher does not own the base
-        self.adapters = {name: p.detach().clone() for name, p in adapter_parameters(model).items()}
+        self._student = adapter_parameters(model)  # the student's adapter Parameters (.to() keeps the objects)
+        self.adapters = {name: p.detach().clone() for name, p in self._student.items()}
 
     @contextlib.contextmanager
     def swapped(self):
-        params = adapter_parameters(self._model)
+        params = self._student
         student = {name: p.data for name, p in params.items()}
         try:
             for name, p in params.items():
@@ -100,7 +101,7 @@ class AdapterTeacher(torch.nn.Module):
     def ema_update_(self, alpha: float) -> None:
         """teacher adapters <- (1 - alpha) teacher + alpha student (alpha 0: frozen)."""
         if alpha:
-            for name, p in adapter_parameters(self._model).items():
+            for name, p in self._student.items():
                 self.adapters[name] = self.adapters[name].to(p.device).lerp_(p.detach().float(), alpha)
 
 
