@@ -161,20 +161,24 @@ class FusedLinearKLFunction(torch.autograd.Function):
             divergence=options.divergence, beta=options.beta, temperature=options.temperature,
             chunk_tokens=options.chunk_tokens, kl_rows=_kl_rows(options.impl), acc=acc)
         weighted = result.loss if mask_weight is None else result.loss * mask_weight
+        rows = slice(None) if counted is None else counted
+        token_losses = torch.zeros(student_hidden.shape[0], dtype=acc, device=student_hidden.device)
+        token_losses[rows] = result.loss  # unweighted, 0 where masked: a second output, never differentiated
+        ctx.mark_non_differentiable(token_losses)
         ctx.options = options
         if options.reduction == "none":
             per_token = torch.zeros(student_hidden.shape[0], dtype=acc, device=student_hidden.device)
-            per_token[slice(None) if counted is None else counted] = weighted
+            per_token[rows] = weighted
             ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                   teacher_bias, counted, mask_weight)
-            return per_token
+            return per_token, token_losses
         if needs_grad:
             ctx.grads = _full_grads(result, counted, student_hidden, student_weight, student_bias)
         total = weighted.sum()
-        return total / total_weight if options.reduction == "mean" and total_weight > 0 else total
+        return (total / total_weight if options.reduction == "mean" and total_weight > 0 else total), token_losses
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_token_losses):
         with torch.autocast(grad_output.device.type, enabled=False):  # as the forward: no autocast GEMMs
             return FusedLinearKLFunction._backward(ctx, grad_output)
 
@@ -241,8 +245,8 @@ def fused_linear_kl(
     mask: torch.Tensor | None = None, *, divergence: str = "reverse", beta: float = 0.5,
     temperature: float = 1.0, student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
     reduction: str = "mean", impl: str = "auto", chunk_tokens: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET, vocab: str = "equal",
-) -> torch.Tensor:
+    memory_budget: int = DEFAULT_MEMORY_BUDGET, vocab: str = "equal", return_token_losses: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token divergence between softmax(W_s h_s / T) and softmax(W_t h_t / T), reduced.
 
     student_hidden [N, H_s] and student_weight [V, H_s] (and student_bias [V]) get gradients;
@@ -260,15 +264,25 @@ def fused_linear_kl(
     weight): that side's GEMM runs in the wider type and each gradient comes back in its input's
     dtype. vocab: "equal" (default: V_s != V_t is an error naming the option) or "common" (both
     distributions over the first min(V_s, V_t) rows; the student's other rows get zero gradient).
+    return_token_losses: also return each token's divergence [N] (unweighted, 0 where masked, no
+    gradient), e.g. to log a token mean beside a loss weighted otherwise; it costs no extra pass.
     """
     student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias = _common_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, vocab)
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, student_bias, teacher_bias,
                   divergence, beta, temperature, reduction, chunk_tokens, memory_budget)
     if impl == "reference":
-        return fused_linear_kl_reference(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, mask, divergence=divergence, beta=beta,
-            temperature=temperature, student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction)
+        kwargs = dict(divergence=divergence, beta=beta, temperature=temperature, student_bias=student_bias,
+                      teacher_bias=teacher_bias)
+        loss = fused_linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                                         reduction=reduction, **kwargs)
+        if not return_token_losses:
+            return loss
+        with torch.no_grad():
+            counts = None if mask is None else (mask != 0)
+            tokens = fused_linear_kl_reference(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                               counts, reduction="none", **kwargs)
+        return loss, tokens
     impl = resolve_impl(impl, student_hidden.device)
     if impl == "triton" and student_hidden.dtype == torch.float64:
         raise ValueError("impl='triton' takes float32, bfloat16 or float16; use impl='torch' for float64")
@@ -276,9 +290,10 @@ def fused_linear_kl(
         chunk_tokens = chunk_tokens_for_budget(student_weight.shape[0], impl, divergence, memory_budget)
     options = KLOptions(divergence, float(beta), float(temperature), reduction, impl, int(chunk_tokens))
     with torch.autocast(student_hidden.device.type, enabled=False):  # the GEMMs in the inputs' (widened) dtype
-        return FusedLinearKLFunction.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                                           teacher_weight.detach(),
-                                           None if teacher_bias is None else teacher_bias.detach(), mask, options)
+        loss, token_losses = FusedLinearKLFunction.apply(
+            student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(), mask, options)
+    return (loss, token_losses) if return_token_losses else loss
 
 
 class FusedLinearKL(torch.nn.Module):

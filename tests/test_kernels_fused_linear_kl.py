@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from caopd_kernels import FusedLinearKL
+from caopd_kernels import FusedLinearKL, fused_linear_kl_reference
 from caopd_kernels import fused_linear_kl as _fused_linear_kl
 from caopd_kernels.fused_linear_kl import chunk_tokens_for_budget, resolve_impl
 from caopd_kernels.torch_chunked import kl_rows_torch
@@ -29,7 +29,8 @@ def fused_linear_kl(*args, **kw):
     if kw.get("impl") != "triton" or TRITON_DEVICE.type == "cpu":
         return _fused_linear_kl(*args, **kw)
     args, kw = [_to(a, TRITON_DEVICE) for a in args], {k: _to(v, TRITON_DEVICE) for k, v in kw.items()}
-    return _fused_linear_kl(*args, **kw).cpu()
+    out = _fused_linear_kl(*args, **kw)
+    return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
 
 
 def kl_rows_triton(z, u, *args, **kw):
@@ -162,6 +163,30 @@ def test_float_mask_weights_tokens(impl, reduction):
         assert torch.allclose(ours[0], per_token.sum(), rtol=1e-6)
     with pytest.raises(ValueError, match="finite and >= 0"):
         fused_linear_kl(*inputs[:4], -weights)
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_losses_are_each_tokens_unweighted_divergence(impl, reduction):
+    """return_token_losses: the per-token divergence beside the loss (0 where the weight is 0), the
+    loss and its gradients unchanged."""
+    inputs = list(make_inputs(19, 12, 1000, torch.float32, bias=True))
+    weights = torch.rand(19, generator=torch.Generator().manual_seed(5)) * 3
+    weights[[2, 7]] = 0.0
+    inputs[4] = weights
+    hs, ws, ht, wt, _, bs = (t.detach().clone() for t in inputs)
+    hs.requires_grad_()
+    kw = dict(student_bias=bs, temperature=1.3, impl=impl, reduction=reduction)
+    loss, tokens = fused_linear_kl(hs, ws, ht, wt, weights, return_token_losses=True, chunk_tokens=4, **kw)
+    assert not tokens.requires_grad and tokens.shape == (19,)
+    expected = fused_linear_kl_reference(hs.detach(), ws, ht, wt, (weights > 0), student_bias=bs, temperature=1.3,
+                                         reduction="none")
+    assert_close([tokens.double()], [expected.double()], 1e-5, 1e-4, f"{impl} token losses")
+    assert float(tokens[2]) == 0.0 and float(tokens[7]) == 0.0 and bool((tokens[weights > 0] > 0).all())
+    (loss.sum() if loss.dim() else loss).backward()
+    alone = run(impl, inputs, grad_output=1.0, chunk_tokens=4, temperature=1.3,
+                reduction="sum" if reduction == "none" else reduction)  # d(sum of "none")/dh = d("sum")/dh
+    assert_close([hs.grad.double()], [alone[1]], 1e-5, 1e-4, f"{impl} gradient beside the token losses")
 
 
 def test_chunk_size_from_memory_budget_matches_one_chunk():
