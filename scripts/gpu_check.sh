@@ -6,6 +6,7 @@
 #   1. the kernel tests with the Triton kernel compiled (no interpreter)
 #   2. the bf16 rules of training on the device (scripts/gpu_bf16_check.py)
 #   3. the kernel benchmark in bf16 at H = 4096 (against Liger if it is importable)
+#   4. the TRL SDFT step benchmark (benchmarks/trl_step.py, whole Qwen3-0.6B depth) if TRL is importable
 # Without CUDA it stops with one line. Usage: bash scripts/gpu_check.sh  (or make gpu-check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,13 @@ impls="torch triton gemm_floor"
 timeout 240 "$py" benchmarks/kernel_kl.py --device cuda --dtype bfloat16 --hidden 4096 --ns 2048 8192 16384 \
   --impls $impls > "$out/kernel_benchmark.log" 2>&1 || status=1
 tail -5 "$out/kernel_benchmark.log"
+if "$py" -c 'import trl' 2>/dev/null; then
+  timeout 300 "$py" -m benchmarks.trl_step --layers 28 --batch 8 --completion 512 --steps 2 \
+    > "$out/trl_benchmark.log" 2>&1 || status=1
+  tail -8 "$out/trl_benchmark.log"
+else
+  echo "gpu_check: trl not importable: the TRL benchmark is skipped (pip install 'trl==1.16.*')"
+fi
 rm -rf "$shim"
 echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED: see $out)"
 exit $status
