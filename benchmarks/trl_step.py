@@ -88,11 +88,11 @@ def liger_per_sequence(completion: int):
 
 
 def worker(variant: str, model_dir: str, batch: int, completion: int, steps: int) -> dict:
+    from caopd_kernels.integrations import trl as integration
     from datasets import Dataset
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     from benchmarks.kernel_kl import PeakRSS, rss_bytes
-    from caopd_kernels.integrations import trl as integration
 
     cuda = torch.cuda.is_available()
     args = SDFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, num_generations=2,
@@ -184,8 +184,9 @@ def write_results(rows: list[dict], args) -> None:
     if "trl" in ok:
         for variant in ("caopd", "liger-jsd", "trl-liger"):
             if variant in ok:
-                lines.append(f"\n{variant}/trl: loss step time {ok[variant]['loss_step_s'] / ok['trl']['loss_step_s']:.2f}"
-                             f", peak extra memory {ok[variant]['peak_extra_gib'] / ok['trl']['peak_extra_gib']:.2f}")
+                ours, base = ok[variant], ok["trl"]
+                lines.append(f"\n{variant}/trl: loss step time {ours['loss_step_s'] / base['loss_step_s']:.2f}, "
+                             f"peak extra memory {ours['peak_extra_gib'] / base['peak_extra_gib']:.2f}")
     table = "\n".join(lines)
     stem = RESULTS / f"trl_step_{device_kind}"
     RESULTS.mkdir(exist_ok=True)
