@@ -70,7 +70,7 @@ class Recorded:
         trainer._log_self_distillation_metric = recording_metric
 
 
-def train(trainer_cls, config_cls, model_dir, tmp_path, fused: bool, steps: int = 2, **settings):
+def train(trainer_cls, config_cls, model_dir, tmp_path, fused: bool, steps: int = 2, peft_config=None, **settings):
     common = dict(output_dir=str(tmp_path / ("fused" if fused else "plain")), per_device_train_batch_size=4,
                   num_generations=2, max_completion_length=10, max_steps=steps, learning_rate=0.5, optim="sgd",
                   logging_steps=1, report_to="none", save_strategy="no", bf16=False, seed=3,
@@ -78,6 +78,8 @@ def train(trainer_cls, config_cls, model_dir, tmp_path, fused: bool, steps: int 
     args = config_cls(**{**common, **settings})
     dataset = Dataset.from_dict({"prompt": PROMPTS, "privileged_context": CONTEXTS})
     extra = {"reward_funcs": first_of_each_group_succeeds} if trainer_cls is SDPOTrainer else {}
+    if peft_config is not None:
+        extra["peft_config"] = peft_config
     trainer = trainer_cls(model=model_dir, args=args, train_dataset=dataset, **extra)
     if fused:
         use_fused_linear_kl(trainer, impl="torch")
@@ -130,6 +132,19 @@ def test_sdpo_steps_equal_trls_full_logits_path(model_dir, tmp_path):
                     teacher_model_kind="live")
     plain = train(SDPOTrainer, SDPOConfig, model_dir, tmp_path, fused=False, **settings)
     fused = train(SDPOTrainer, SDPOConfig, model_dir, tmp_path, fused=True, **settings)
+    assert_same_training(plain, fused)
+
+
+def test_sdft_with_lora_adapters_and_the_base_as_teacher(model_dir, tmp_path):
+    """PEFT: the student is a PeftModel (LoRA on q and v), the teacher the same model with its
+    adapters disabled (TRL's teacher context): the lm_head is found through the wrapper."""
+    peft = pytest.importorskip("peft", reason="needs peft (make test installs it)")
+    settings = dict(distillation_alpha=1.0, num_loss_tokens_to_skip=1, teacher_model_kind="base")
+    lora = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
+    plain = train(SDFTTrainer, SDFTConfig, model_dir, tmp_path, fused=False, peft_config=peft.LoraConfig(**lora),
+                  **settings)
+    fused = train(SDFTTrainer, SDFTConfig, model_dir, tmp_path, fused=True, peft_config=peft.LoraConfig(**lora),
+                  **settings)
     assert_same_training(plain, fused)
 
 
