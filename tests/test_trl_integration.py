@@ -26,6 +26,16 @@ PROMPTS = ["Solve 2+2.", "Name the capital of France.", "What is 3*7?", "Spell '
 CONTEXTS = ["Example answer: 4.", "Example answer: Paris.", "Example answer: 21.", "Example answer: tac."]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """TRL's trainers set accelerate's process-wide state (bf16 mixed precision in one test); later
+    tests in the same process that build their own Accelerator need it cleared."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen3 with the real vocabulary, saved like a downloaded checkpoint. Its lm_head is
