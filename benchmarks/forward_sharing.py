@@ -51,8 +51,8 @@ def qwen3_model(layers: int, seed: int = 0):
 
 def batches(prompt: int, completion: int, k: int, seed: int = 0):
     """The same K completions of one prompt as a padded batch and as a shared-prefix batch."""
-    from caopd.loss import DistillationBatch
-    from caopd.shared_prefix import SharedPrefixBatch
+    from caopd.training.loss import DistillationBatch
+    from caopd.training.shared_prefix import SharedPrefixBatch
 
     g = torch.Generator().manual_seed(seed)
     student_prefix = torch.randint(10, 150_000, (prompt,), generator=g).tolist()
@@ -68,8 +68,8 @@ def batches(prompt: int, completion: int, k: int, seed: int = 0):
 
 
 def step(kind: str, student, teacher, batch) -> None:
-    from caopd.loss import distillation_loss
-    from caopd.shared_prefix import shared_distillation_loss
+    from caopd.training.loss import distillation_loss
+    from caopd.training.shared_prefix import shared_distillation_loss
 
     student.zero_grad(set_to_none=True)
     if kind in ("padded", "packed"):

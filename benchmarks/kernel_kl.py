@@ -190,7 +190,7 @@ def ratios(rows) -> dict:
 
 def write_report(args, rows, stem: Path, meta: dict | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from caopd.tables import format_table
+    from caopd.evaluation.tables import format_table
 
     meta = meta or {"device": device_name(args.device), "git": git_sha(), "hidden": args.hidden,
                     "vocab": args.vocab, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d")}

@@ -4,7 +4,7 @@ Each setting runs in a fresh process: a minimal warm-up run (tiny-qwen3, one pro
 completion) loads every module and thread pool the trainer uses, then the measured run — one step
 through the real trainer (rollouts, verify, loss, backward, Adam, EMA; no checkpoint) — under
 PeakRSS, the kernel benchmark's sampler
-of this process's resident memory. The estimate is `caopd.memory.estimate(device="cpu")` with the
+of this process's resident memory. The estimate is `caopd.modeling.memory.estimate(device="cpu")` with the
 step's own prompt and completion lengths (the longest of the step's prompts, the completion cap).
 
     python -m benchmarks.memory_check          # tiny and random:Qwen3-0.6B (about 5 minutes, 16 GB)
@@ -33,8 +33,8 @@ SETTINGS = {
 def worker(setting: str) -> dict:
     from benchmarks.kernel_kl import PeakRSS, rss_bytes
     from caopd.config import load_config
-    from caopd.memory import Plan, estimate
-    from caopd.trainer import train
+    from caopd.modeling.memory import Plan, estimate
+    from caopd.training.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
         train(load_config("tiny", ["--output-dir", f"{tmp}/warm", "--max-steps", "2", "--num-generations", "1",
@@ -46,9 +46,9 @@ def worker(setting: str) -> dict:
             result = train(config, stop_after_steps=1, quiet=True)
     measured = peak.peak - before
     (row,) = result["history"]
-    from caopd.data import load_examples
-    from caopd.loss import chat_ids
-    from caopd.prompts import student_messages
+    from caopd.inputs.data import load_examples
+    from caopd.inputs.prompts import student_messages
+    from caopd.training.loss import chat_ids
 
     examples = load_examples(config.data_path(), config.dataset, config.split)
     prompt = max(len(chat_ids(result["tokenizer"], student_messages(examples[i]), config.chat_template_kwargs)

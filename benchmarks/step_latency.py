@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.kernel_kl import device_name, git_sha  # noqa: E402
 from caopd.config import TrainConfig  # noqa: E402
 from caopd.engines.base import SamplingParams  # noqa: E402
-from caopd.tables import format_table  # noqa: E402
-from caopd.trainer import train  # noqa: E402
+from caopd.evaluation.tables import format_table  # noqa: E402
+from caopd.training.trainer import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CANNED = "<reasoning>\nI add the numbers and check the options one by one.\n</reasoning>\n<answer>\nB\n</answer>\n" \

@@ -53,7 +53,7 @@ memory before train() (GPU). The same seed gives the same rollouts, so the losse
 def save_model(path: Path, layers: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
-    from caopd.models import qwen3_tokenizer_dir
+    from caopd.modeling.models import qwen3_tokenizer_dir
 
     config = Qwen3Config(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,

@@ -55,16 +55,16 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 
 def _examples(args: argparse.Namespace):
-    from caopd.benchmark_eval import default_data
-    from caopd.data import load_examples
+    from caopd.evaluation.benchmark_eval import default_data
+    from caopd.inputs.data import load_examples
 
     data = args.data or default_data(args.dataset)
     return data, load_examples(data, args.dataset, split=args.split)
 
 
 def _report(args: argparse.Namespace, report, label: str, extra: dict) -> dict:
-    from caopd.evaluate import report_rows
-    from caopd.tables import format_table
+    from caopd.evaluation.evaluate import report_rows
+    from caopd.evaluation.tables import format_table
 
     print(format_table(["metric", "value"], report_rows(report)))
     result = report.to_dict() | extra
@@ -72,7 +72,7 @@ def _report(args: argparse.Namespace, report, label: str, extra: dict) -> dict:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.output}")
     if args.plot:
-        from caopd.plots import save_reliability_diagrams
+        from caopd.evaluation.plots import save_reliability_diagrams
 
         save_reliability_diagrams({f"{args.dataset}: {label}": report.metrics}, args.plot)
         print(f"wrote {args.plot}")
@@ -80,7 +80,7 @@ def _report(args: argparse.Namespace, report, label: str, extra: dict) -> dict:
 
 
 def run_score(args: argparse.Namespace) -> dict:
-    from caopd.evaluate import load_completions, score_completions, summarize
+    from caopd.evaluation.evaluate import load_completions, score_completions, summarize
 
     data, examples = _examples(args)
     scored = score_completions(examples, load_completions(args.input), args.dataset)
@@ -89,8 +89,13 @@ def run_score(args: argparse.Namespace) -> dict:
 
 
 def run_generate_and_score(args: argparse.Namespace) -> dict:
-    from caopd.benchmark_eval import GenerationSettings, build_eval_engine, generate_and_score, sample_mean_view
-    from caopd.tables import format_table
+    from caopd.evaluation.benchmark_eval import (
+        GenerationSettings,
+        build_eval_engine,
+        generate_and_score,
+        sample_mean_view,
+    )
+    from caopd.evaluation.tables import format_table
 
     for flag in ("samples", "max_tokens", "batch_size"):
         if getattr(args, flag) < 1:
@@ -121,8 +126,8 @@ def run_generate_and_score(args: argparse.Namespace) -> dict:
 
 def run_compare(args: argparse.Namespace) -> dict:
     """One table of several evals (the paper's columns) and their reliability diagrams side by side."""
-    from caopd.metrics import CalibrationMetrics
-    from caopd.tables import format_table
+    from caopd.evaluation.metrics import CalibrationMetrics
+    from caopd.evaluation.tables import format_table
 
     runs = {}
     for path in args.compare:
@@ -140,7 +145,7 @@ def run_compare(args: argparse.Namespace) -> dict:
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
-        from caopd.plots import save_overlaid_reliability
+        from caopd.evaluation.plots import save_overlaid_reliability
 
         save_overlaid_reliability(runs, args.plot)
         print(f"wrote {args.plot}")
@@ -157,7 +162,7 @@ def _demo_parser(sub) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    from caopd.demo import run_demo as demo
+    from caopd.demo.pipeline import run_demo as demo
 
     if args.seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {args.seeds}")
@@ -201,7 +206,7 @@ def run_train(args: argparse.Namespace) -> dict:
     import dataclasses
 
     from caopd.config import TrainConfig, load_config, unknown_option
-    from caopd.trainer import train
+    from caopd.training.trainer import train
 
     if args.overrides:
         raise unknown_option(next((a for a in args.overrides if a.startswith("-")), args.overrides[0]))
@@ -214,8 +219,8 @@ def run_train(args: argparse.Namespace) -> dict:
 
 def _memory_parser(sub) -> None:
     p = sub.add_parser("memory", help="estimate a run's peak memory per GPU before launching it",
-                       description="An analytic estimate per component (caopd/memory.py), whether it fits, the "
-                       "largest micro-batch that fits, and the levers that would make it fit.")
+                       description="An analytic estimate per component (caopd/modeling/memory.py), whether it fits, "
+                       "the largest micro-batch that fits, and the levers that would make it fit.")
     p.add_argument("--model", required=True, help="Qwen3-0.6B ... Qwen3-32B, random:<size>, tiny-qwen3, a model "
                    "folder or a config.json")
     p.add_argument("--gpus", type=int, default=1)
@@ -239,8 +244,8 @@ def _memory_parser(sub) -> None:
 
 
 def run_memory(args: argparse.Namespace) -> dict:
-    from caopd.memory import Plan, estimate, report
-    from caopd.model_shapes import RANDOM_PREFIX
+    from caopd.modeling.memory import Plan, estimate, report
+    from caopd.modeling.model_shapes import RANDOM_PREFIX
 
     for flag in ("gpus", "prompt_tokens", "completion_tokens", "num_generations", "prompts_per_step",
                  "micro_batch_prompts"):

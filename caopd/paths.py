@@ -23,7 +23,7 @@ def looks_like_path(name: str) -> bool:
 def check_local_source(name: str, flag: str) -> None:
     """A ``--model``/``--tokenizer`` value that looks like a path must be an existing folder or file;
     a ``random:`` model a known size or a readable config.json."""
-    from caopd.model_shapes import RANDOM_PREFIX, is_random, shape_values
+    from caopd.modeling.model_shapes import RANDOM_PREFIX, is_random, shape_values
 
     if is_random(name):
         shape_values(name.removeprefix(RANDOM_PREFIX))

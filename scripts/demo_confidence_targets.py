@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from caopd.confidence import format_confidence
-from caopd.data import load_examples
-from caopd.demo_task import candidate_count
-from caopd.loss import chat_ids
-from caopd.prompts import demonstration, student_messages, teacher_messages
+from caopd.demo.task import candidate_count
+from caopd.inputs.data import load_examples
+from caopd.inputs.prompts import demonstration, student_messages, teacher_messages
+from caopd.scoring.confidence import format_confidence
+from caopd.training.loss import chat_ids
 
 K = 8
 VALUES = [v / 100 for v in range(101)]
@@ -40,7 +40,7 @@ def value_distribution(model, tokenizer, context: list[int], body: str) -> torch
     """P(the completion ends in ``Confidence: v``) for every v in VALUES, given context + body."""
     body_ids = tokenizer(body, add_special_tokens=False).input_ids
     head = body_ids + tokenizer("\nConfidence:", add_special_tokens=False).input_ids
-    # the line is tokenized whole, as caopd.loss.completion_ids does; the value's tokens follow `head`
+    # the line is tokenized whole, as caopd.training.loss.completion_ids does; the value's tokens follow `head`
     lines = [body_ids + tokenizer("\n" + format_confidence(v), add_special_tokens=False).input_ids for v in VALUES]
     start = len(context) + len(head)
     width = max(map(len, lines))

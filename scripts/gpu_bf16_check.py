@@ -18,9 +18,9 @@ import torch
 
 def main() -> int:
     from caopd.config import TrainConfig
-    from caopd.models import round_stochastic_
-    from caopd.optim import StochasticRoundingAdamW
-    from caopd.trainer import train
+    from caopd.modeling.models import round_stochastic_
+    from caopd.training.optim import StochasticRoundingAdamW
+    from caopd.training.trainer import train
 
     dry_run = "--dry-run" in sys.argv[1:]
     device = torch.device("cpu" if dry_run else "cuda")

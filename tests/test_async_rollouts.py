@@ -11,7 +11,7 @@ import torch
 from caopd.config import TrainConfig
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import SamplingParams
-from caopd.trainer import train
+from caopd.training.trainer import train
 
 
 class LaggyEngine:

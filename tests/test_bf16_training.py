@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caopd.models import ema_update_, round_stochastic_
+from caopd.modeling.models import ema_update_, round_stochastic_
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
@@ -59,7 +59,7 @@ def _train_steps(params, optimizer, grads):
 def test_bf16_adamw_with_stochastic_rounding_follows_the_fp32_rule():
     """lr 2e-5 (the paper's), RMSNorm-like weights near 1 and small matrix entries: plain bf16
     AdamW leaves most weights where they were; the stochastic-rounding one moves them as fp32 does."""
-    from caopd.optim import StochasticRoundingAdamW
+    from caopd.training.optim import StochasticRoundingAdamW
 
     g = torch.Generator().manual_seed(0)
     start = [torch.ones(4096) + torch.randn(4096, generator=g) * 0.01, torch.randn(64, 64, generator=g) * 0.05]
@@ -87,7 +87,7 @@ def test_bf16_adamw_with_stochastic_rounding_follows_the_fp32_rule():
 def test_bf16_adamw_refuses_fp32_parameters():
     import pytest
 
-    from caopd.optim import StochasticRoundingAdamW
+    from caopd.training.optim import StochasticRoundingAdamW
 
     p = torch.zeros(3, requires_grad=True)
     p.grad = torch.ones(3)
@@ -97,8 +97,8 @@ def test_bf16_adamw_refuses_fp32_parameters():
 
 def test_dtypes_and_optimizer_by_master_weights():
     from caopd.config import TrainConfig
-    from caopd.optim import StochasticRoundingAdamW
-    from caopd.trainer import make_optimizer, training_dtypes
+    from caopd.training.optim import StochasticRoundingAdamW
+    from caopd.training.trainer import make_optimizer, training_dtypes
 
     fp32, bf16 = TrainConfig(master_weights="fp32"), TrainConfig(master_weights="bf16")
     assert training_dtypes(fp32, use_bf16=False) == training_dtypes(bf16, use_bf16=False) == (torch.float32,) * 2
@@ -139,7 +139,7 @@ def test_the_gpu_bf16_check_script_runs_dry_on_cpu():
 
 
 def test_micro_batch_gradients_are_summed_in_fp32_and_clipped_there():
-    from caopd.optim import StochasticRoundingAdamW
+    from caopd.training.optim import StochasticRoundingAdamW
 
     p = torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
     optimizer = StochasticRoundingAdamW([p], lr=1e-3)
@@ -162,9 +162,9 @@ def test_micro_batch_gradients_are_summed_in_fp32_and_clipped_there():
 def test_a_bf16_training_step_through_the_trainer(tmp_path, monkeypatch):
     """The bf16-weights path as on a GPU (forced here on CPU): stochastic-rounding AdamW, fp32
     gradient sums, its clipping, a bf16 teacher."""
-    import caopd.trainer as trainer_module
+    import caopd.training.trainer as trainer_module
     from caopd.config import TrainConfig
-    from caopd.trainer import train
+    from caopd.training.trainer import train
 
     monkeypatch.setattr(trainer_module, "training_dtypes", lambda config, use_bf16: (torch.bfloat16,) * 2)
     config = TrainConfig(model="tiny-qwen3", tokenizer="fast", output_dir=str(tmp_path / "run"), num_generations=2,

@@ -10,16 +10,16 @@ import random
 
 import pytest
 
-from caopd.calibration import RolloutGroup, build_targets
-from caopd.data import Example, load_examples
-from caopd.prompts import (
+from caopd.inputs.data import Example, load_examples
+from caopd.inputs.prompts import (
     CONFIDENCE_INSTRUCTION,
     demonstration,
     inject_confidence_instruction,
     student_messages,
     teacher_messages,
 )
-from caopd.verifiers import TASKS
+from caopd.scoring.calibration import RolloutGroup, build_targets
+from caopd.scoring.verifiers import TASKS
 
 
 def test_student_prompt_injection(tooluse_rows_path, science_rows_path):
@@ -74,7 +74,7 @@ def test_p_acc_is_correct_over_k(correct, p_acc, science_rows_path):
 
 
 def test_verify_rollouts_gives_verdicts_and_reasons(science_rows_path):
-    from caopd.calibration import verify_rollouts
+    from caopd.scoring.calibration import verify_rollouts
 
     example = load_examples(science_rows_path, "science")[0]  # gold B
     group = verify_rollouts(example, ["<answer>B</answer>", "<answer>C</answer>", "no tags"], "science")

@@ -6,8 +6,8 @@ from importlib import resources
 import pytest
 
 from caopd.cli import main
-from caopd.data import load_examples
-from caopd.verifiers import TASKS
+from caopd.inputs.data import load_examples
+from caopd.scoring.verifiers import TASKS
 from tests.conftest import write_jsonl
 
 

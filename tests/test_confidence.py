@@ -1,6 +1,6 @@
 import pytest
 
-from caopd.confidence import format_confidence, parse_confidence, strip_confidence
+from caopd.scoring.confidence import format_confidence, parse_confidence, strip_confidence
 
 
 @pytest.mark.parametrize("text, value", [

@@ -14,7 +14,7 @@ import pytest
 from caopd.cli import main
 from caopd.config import MAY_CHANGE_ON_RESUME, TrainConfig, load_config
 from caopd.errors import InputError
-from caopd.run_folder import config_changes
+from caopd.training.run_folder import config_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 

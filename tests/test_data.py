@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from caopd.data import load_examples
 from caopd.errors import InputError
+from caopd.inputs.data import load_examples
 from tests.conftest import write_jsonl
 
 SCIENCE_ROW = {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "answer": "C"}

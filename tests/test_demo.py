@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from caopd.cli import main
-from caopd.confidence import parse_confidence
-from caopd.data import load_examples
-from caopd.demo_task import IN_DISTRIBUTION_CANDIDATES, OOD_CANDIDATES, WARMUP_CANDIDATES, build_splits, write_jsonl
-from caopd.models import fast_tokenizer, load_model
-from caopd.verifiers import verify_science
-from caopd.warmup import supervised_warmup, warmup_sequences
+from caopd.demo.task import IN_DISTRIBUTION_CANDIDATES, OOD_CANDIDATES, WARMUP_CANDIDATES, build_splits, write_jsonl
+from caopd.demo.warmup import supervised_warmup, warmup_sequences
+from caopd.inputs.data import load_examples
+from caopd.modeling.models import fast_tokenizer, load_model
+from caopd.scoring.confidence import parse_confidence
+from caopd.scoring.verifiers import verify_science
 
 SIZES = {"warmup": 50, "train": 40, "heldout": 30, "ood": 21}
 
@@ -119,8 +119,8 @@ def check_confidence_targets_script(run_dir):
     model's own sequence loss, and the report it writes is complete."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from caopd.loss import chat_ids
-    from caopd.prompts import demonstration, teacher_messages
+    from caopd.inputs.prompts import demonstration, teacher_messages
+    from caopd.training.loss import chat_ids
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "demo_confidence_targets.py"
     spec = importlib.util.spec_from_file_location("demo_confidence_targets", path)

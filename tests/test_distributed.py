@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caopd.distributed import Ranks, rank_slice
 from caopd.errors import InputError
-from caopd.trainer import merge_step_stats
+from caopd.training.distributed import Ranks, rank_slice
+from caopd.training.trainer import merge_step_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "tiny", "--max-steps", "3", "--num-generations", "3", "--max-completion-length", "24"]

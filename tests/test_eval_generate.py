@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from caopd.benchmark_eval import GenerationSettings, default_data, done_ids, generate_and_score
 from caopd.cli import main
-from caopd.data import load_examples
 from caopd.engines.hf import TransformersEngine
 from caopd.engines.vllm_engine import vllm_available
 from caopd.errors import InputError
-from caopd.models import load_model, load_tokenizer
+from caopd.evaluation.benchmark_eval import GenerationSettings, default_data, done_ids, generate_and_score
+from caopd.inputs.data import load_examples
+from caopd.modeling.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,8 +99,8 @@ def test_k_samples_report_the_spread_and_the_p_acc_view(saved_tiny, science_rows
 
 
 def test_the_p_acc_view_by_hand():
-    from caopd.benchmark_eval import sample_mean_view
-    from caopd.evaluate import ScoredCompletion
+    from caopd.evaluation.benchmark_eval import sample_mean_view
+    from caopd.evaluation.evaluate import ScoredCompletion
 
     # question 1: 2 of 4 right, stated 0.9 each; question 2: 0 of 4, stated 0.1, 0.1, 0.3, none
     scored = [ScoredCompletion(1, c, 0.9, False) for c in (True, True, False, False)]

@@ -11,11 +11,11 @@ import re
 
 import pytest
 
-from caopd.calibration import build_targets, verify_rollouts
-from caopd.confidence import parse_confidence, strip_confidence
-from caopd.data import Example
-from caopd.evaluate import Completion, score_completions, summarize
-from caopd.verifiers import (
+from caopd.evaluation.evaluate import Completion, score_completions, summarize
+from caopd.inputs.data import Example
+from caopd.scoring.calibration import build_targets, verify_rollouts
+from caopd.scoring.confidence import parse_confidence, strip_confidence
+from caopd.scoring.verifiers import (
     WRONG_REASONS,
     ToolCallError,
     check_science,

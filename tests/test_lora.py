@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 pytest.importorskip("peft", reason="LoRA needs peft (pip install -e .[lora]; make test installs it)")
 
 from caopd.config import load_config  # noqa: E402
-from caopd.lora import QWEN3_PROJECTIONS, AdapterTeacher, adapter_parameters, add_lora, merged_state_dict  # noqa: E402
-from caopd.loss import distillation_loss, make_batch  # noqa: E402
-from caopd.models import load_model, load_tokenizer  # noqa: E402
-from caopd.shared_prefix import make_shared_batch, shared_distillation_loss  # noqa: E402
-from caopd.trainer import train  # noqa: E402
+from caopd.modeling.models import load_model, load_tokenizer  # noqa: E402
+from caopd.training.lora import QWEN3_PROJECTIONS, AdapterTeacher, adapter_parameters, add_lora, merged_state_dict  # noqa: E402
+from caopd.training.loss import distillation_loss, make_batch  # noqa: E402
+from caopd.training.shared_prefix import make_shared_batch, shared_distillation_loss  # noqa: E402
+from caopd.training.trainer import train  # noqa: E402
 from tests.test_shared_prefix import targets_for  # noqa: E402
 
 

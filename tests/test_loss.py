@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from caopd.calibration import DistillationTarget
-from caopd.data import Example
-from caopd.loss import DistillationBatch, completion_ids, token_weights
-from caopd.models import load_tokenizer
+from caopd.inputs.data import Example
+from caopd.modeling.models import load_tokenizer
+from caopd.scoring.calibration import DistillationTarget
+from caopd.training.loss import DistillationBatch, completion_ids, token_weights
 
 EXAMPLE = Example(0, "What is 2 + 2?", "B", None, "test")
 

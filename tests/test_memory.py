@@ -11,9 +11,9 @@ import dataclasses
 import pytest
 
 from caopd.cli import main
-from caopd.memory import GIB, Plan, Shape, estimate, largest_micro_batch
-from caopd.model_shapes import QWEN3_SIZES, random_config, shape_values
-from caopd.models import tiny_qwen3_config
+from caopd.modeling.memory import GIB, Plan, Shape, estimate, largest_micro_batch
+from caopd.modeling.model_shapes import QWEN3_SIZES, random_config, shape_values
+from caopd.modeling.models import tiny_qwen3_config
 from tests.test_real_shapes import parameter_counts
 
 

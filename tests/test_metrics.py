@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from caopd.metrics import (
+from caopd.evaluation.metrics import (
     auroc,
     bin_index,
     brier_score,

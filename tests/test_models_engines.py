@@ -9,15 +9,15 @@ import pytest
 import torch
 from caopd_kernels.reference import kl_per_token
 
-from caopd.calibration import RolloutGroup, build_targets
 from caopd.cli import main
-from caopd.data import load_examples
 from caopd.engines.base import SamplingParams
 from caopd.engines.hf import TransformersEngine
 from caopd.errors import InputError
-from caopd.loss import chat_ids, distillation_loss, make_batch
-from caopd.models import load_model, load_tokenizer
-from caopd.prompts import student_messages
+from caopd.inputs.data import load_examples
+from caopd.inputs.prompts import student_messages
+from caopd.modeling.models import load_model, load_tokenizer
+from caopd.scoring.calibration import RolloutGroup, build_targets
+from caopd.training.loss import chat_ids, distillation_loss, make_batch
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from caopd.errors import InputError
-from caopd.model_shapes import QWEN3_SIZES, random_config
-from caopd.models import load_model, load_tokenizer
+from caopd.modeling.model_shapes import QWEN3_SIZES, random_config
+from caopd.modeling.models import load_model, load_tokenizer
 
 # published totals (billions), from the model cards: Qwen3-0.6B 0.6 (0.44 without embeddings), 1.7B 1.7
 # (1.4), 4B 4.0 (3.6), 8B 8.2 (6.95), 14B 14.8 (13.2), 32B 32.8 (31.2)
@@ -90,7 +90,7 @@ def test_liger_kernels_patch_the_model_without_their_loss(monkeypatch):
     with CUDA faked and Liger's patch function recorded."""
     import liger_kernel.transformers
 
-    from caopd.models import apply_liger_kernels
+    from caopd.modeling.models import apply_liger_kernels
 
     tokenizer = load_tokenizer("tiny-qwen3", "fast")
     model = load_model("tiny-qwen3", tokenizer)

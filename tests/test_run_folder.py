@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import caopd.trainer as trainer_module
-from caopd.checkpoint import complete_checkpoints, incomplete_reason, truncate_metrics
+import caopd.training.trainer as trainer_module
 from caopd.cli import main
 from caopd.config import TrainConfig
 from caopd.errors import InputError
-from caopd.trainer import train
+from caopd.training.checkpoint import complete_checkpoints, incomplete_reason, truncate_metrics
+from caopd.training.trainer import train
 
 TINY = ["--config", "tiny", "--num-generations", "2", "--prompts-per-step", "2", "--max-completion-length", "8",
         "--save-every", "1"]

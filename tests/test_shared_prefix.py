@@ -14,13 +14,13 @@ import random
 import pytest
 import torch
 
-import caopd.shared_prefix as shared_prefix
-from caopd.calibration import DistillationTarget, RolloutGroup, build_targets
-from caopd.data import load_examples
-from caopd.loss import chat_ids, distillation_loss, make_batch
-from caopd.models import load_model, load_tokenizer
-from caopd.prompts import student_messages
-from caopd.shared_prefix import choose_layout, completion_mask, make_shared_batch, shared_distillation_loss
+import caopd.training.shared_prefix as shared_prefix
+from caopd.inputs.data import load_examples
+from caopd.inputs.prompts import student_messages
+from caopd.modeling.models import load_model, load_tokenizer
+from caopd.scoring.calibration import DistillationTarget, RolloutGroup, build_targets
+from caopd.training.loss import chat_ids, distillation_loss, make_batch
+from caopd.training.shared_prefix import choose_layout, completion_mask, make_shared_batch, shared_distillation_loss
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_a_leaky_mask_is_caught(tiny, science_rows_path, monkeypatch):
 
 
 def test_tiny_training_gives_the_same_losses_with_and_without_shared_prefixes(tmp_path, capsys, monkeypatch):
-    import caopd.trainer as trainer_module
+    import caopd.training.trainer as trainer_module
     from caopd.cli import main
 
     built = []

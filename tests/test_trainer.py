@@ -21,16 +21,16 @@ import torch
 from caopd_kernels.reference import kl_per_token
 from safetensors.torch import load_file
 
-from caopd.calibration import RolloutGroup, build_targets
 from caopd.config import TrainConfig
-from caopd.data import load_examples
 from caopd.engines.base import ScriptedEngine
 from caopd.errors import InputError
-from caopd.loss import distillation_loss, make_batch
-from caopd.models import load_model, load_tokenizer
-from caopd.prompts import student_messages
-from caopd.trainer import prompts_at, train, warmup_cosine
-from caopd.verifiers import TASKS
+from caopd.inputs.data import load_examples
+from caopd.inputs.prompts import student_messages
+from caopd.modeling.models import load_model, load_tokenizer
+from caopd.scoring.calibration import RolloutGroup, build_targets
+from caopd.scoring.verifiers import TASKS
+from caopd.training.loss import distillation_loss, make_batch
+from caopd.training.trainer import prompts_at, train, warmup_cosine
 
 K = 4
 
@@ -79,7 +79,7 @@ def run(config, examples, stop_after_steps=None):
 @pytest.fixture
 def seen_targets(monkeypatch) -> list:
     """Every DistillationTarget the trainer batches, in order (its batch builders, recorded)."""
-    import caopd.trainer as trainer_module
+    import caopd.training.trainer as trainer_module
     seen = []
 
     def recording(build):
@@ -98,7 +98,7 @@ def test_loss_equals_full_logit_computation(science_rows_path):
     tokenizer = load_tokenizer("tiny-qwen3", "fast")
     student = load_model("tiny-qwen3", tokenizer, seed=1)
     teacher = load_model("tiny-qwen3", tokenizer, seed=2)
-    from caopd.loss import chat_ids
+    from caopd.training.loss import chat_ids
     groups = [RolloutGroup(e, [TASKS["science"].render_answer(e.gold) + " because", "<answer>Q</answer> hmm"],
                            [True, False]) for e in examples]
     targets = [t for g in groups for t in build_targets(g, "science", "demo", True, random.Random(0))]
@@ -206,7 +206,7 @@ def test_the_loss_gets_the_configured_options(science_rows_path, tmp_path, monke
     def recording_loss(student, teacher, batch, **options):
         calls.append(options)
         return distillation_loss(student, teacher, batch, **options)
-    import caopd.trainer as trainer_module
+    import caopd.training.trainer as trainer_module
     monkeypatch.setattr(trainer_module, "distillation_loss", recording_loss)
     shared_loss = trainer_module.shared_distillation_loss
     monkeypatch.setattr(trainer_module, "shared_distillation_loss", lambda *args, **options: (
@@ -294,7 +294,7 @@ def test_logged_loss_is_the_distillation_loss_of_the_step(science_rows_path, tmp
     """Step 1's logged loss, recomputed from the step's targets with the initial weights (the
     teacher starts as a copy of the student) in one micro-batch."""
     data, examples = subset(science_rows_path, "science", tmp_path)
-    import caopd.trainer as trainer_module
+    import caopd.training.trainer as trainer_module
     seen = []
 
     def recording_make_batch(tokenizer, targets, *args, **kwargs):
@@ -327,7 +327,7 @@ class GradientWatchingEngine(KnownVerdictEngine):
 
 def test_gradients_are_freed_before_each_generation(science_rows_path, tmp_path, monkeypatch):
     data, examples = subset(science_rows_path, "science", tmp_path)
-    import caopd.trainer as trainer_module
+    import caopd.training.trainer as trainer_module
     student_ref = [None]
 
     def keep(*args, **kwargs):
@@ -347,7 +347,7 @@ def test_gradient_checkpointing_works_for_a_from_pretrained_model(science_rows_p
     tokenizer = load_tokenizer("tiny-qwen3", "fast")
     load_model("tiny-qwen3", tokenizer, seed=0).save_pretrained(saved)
     tokenizer.save_pretrained(saved)
-    import caopd.trainer as trainer_module
+    import caopd.training.trainer as trainer_module
     calls, first_layer = [], []
 
     def counted(*args, **kwargs):
@@ -373,7 +373,7 @@ def test_gradient_checkpointing_works_for_a_from_pretrained_model(science_rows_p
 
 
 def test_async_rollouts_with_a_colocated_vllm_on_a_gpu_is_refused(tmp_path):
-    from caopd.trainer import check_engine_options
+    from caopd.training.trainer import check_engine_options
 
     config = config_for("x.jsonl", "science", tmp_path, rollout_engine="vllm", async_rollouts=True)
     with pytest.raises(InputError, match="--async-rollouts with a colocated vLLM engine on a GPU"):

@@ -20,7 +20,7 @@ from datasets import Dataset  # noqa: E402
 from trl.experimental.sdft import SDFTConfig, SDFTTrainer  # noqa: E402
 from trl.experimental.sdpo import SDPOConfig, SDPOTrainer  # noqa: E402
 
-from caopd.models import qwen3_tokenizer_dir, tiny_qwen3_config  # noqa: E402
+from caopd.modeling.models import qwen3_tokenizer_dir, tiny_qwen3_config  # noqa: E402
 
 PROMPTS = ["Solve 2+2.", "Name the capital of France.", "What is 3*7?", "Spell 'cat' backwards."]
 CONTEXTS = ["Example answer: 4.", "Example answer: Paris.", "Example answer: 21.", "Example answer: tac."]

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from caopd.data import load_examples
-from caopd.verifiers import TASKS, parse_tool_call, verify_science, verify_tooluse
+from caopd.inputs.data import load_examples
+from caopd.scoring.verifiers import TASKS, parse_tool_call, verify_science, verify_tooluse
 
 GOLD = [{"Action": "search", "Action_Input": '{"q": "axolotl", "limit": 3, "opts": {"a": [1, 2]}}'}]
 
@@ -66,7 +66,7 @@ def test_tooluse_gold_as_object_or_empty_string():
 
 def test_unknown_dataset_lists_the_known_ones():
     from caopd.errors import InputError
-    from caopd.verifiers import get_task
+    from caopd.scoring.verifiers import get_task
 
     with pytest.raises(InputError) as info:
         get_task("math")

@@ -12,8 +12,8 @@ import torch
 from caopd.engines.base import SamplingParams
 from caopd.engines.hf import TransformersEngine
 from caopd.errors import InputError
-from caopd.loss import chat_ids
-from caopd.models import load_model, load_tokenizer
+from caopd.modeling.models import load_model, load_tokenizer
+from caopd.training.loss import chat_ids
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (the test command installs the extra cpu-rollout)")
@@ -114,7 +114,7 @@ def test_colocated_engine_sleeps_after_generating_and_wakes_with_new_weights(tin
 def test_trainer_on_vllm_pushes_weights_every_step(science_rows_path, tmp_path, monkeypatch, async_rollouts):
     from caopd.config import TrainConfig
     from caopd.engines import vllm_engine
-    from caopd.trainer import train
+    from caopd.training.trainer import train
 
     updates, generated = [], []
     update, generate = vllm_engine.VLLMEngine.update_weights, vllm_engine.VLLMEngine.generate

@@ -19,7 +19,7 @@ Two ways to run a group, the same hidden states (up to float rounding): ``mask``
 completions, which then run as a batch on top: attention costs K L (P + L), the least there is).
 The student takes ``cache`` unless gradient checkpointing is on (transformers turns the cache off
 then); the teacher, without gradients, always does. ``choose_layout`` picks among these and the
-unshared layouts of caopd.loss (padded, packed) from the attention implementation and the model.
+unshared layouts of caopd.training.loss (padded, packed) from the attention implementation and the model.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from functools import cached_property
 
 import torch
 
-from caopd.calibration import DistillationTarget
-from caopd.loss import LossOutput, chat_ids, completion_ids, fused_loss, token_weights
+from caopd.scoring.calibration import DistillationTarget
+from caopd.training.loss import LossOutput, chat_ids, completion_ids, fused_loss, token_weights
 
 # Decoders whose layers take position ids, a 2-D mask over cached + new keys and a DynamicCache
 # (batch_repeat_interleave): the shared-prefix forwards are tested on qwen3; the others have the same

@@ -18,10 +18,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from caopd.confidence import format_confidence
-from caopd.data import Example
-from caopd.loss import chat_ids
-from caopd.prompts import demonstration, student_messages, teacher_messages
+from caopd.inputs.data import Example
+from caopd.inputs.prompts import demonstration, student_messages, teacher_messages
+from caopd.scoring.confidence import format_confidence
+from caopd.training.loss import chat_ids
 
 
 def response(example: Example, dataset: str, confidence: float) -> str:

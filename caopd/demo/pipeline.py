@@ -1,6 +1,6 @@
 """``caopd demo``: the paper's finding, replicated on a laptop CPU in minutes.
 
-Per seed: generate the secret-digit task (``demo_task``), build ``tiny-qwen3`` and a tokenizer
+Per seed: generate the secret-digit task (``task``), build ``tiny-qwen3`` and a tokenizer
 trained on the task's text, warm it up (``warmup``: answer format, and the in-context skills the
 teacher needs), then train plain OPD and CaOPD from that same start with the real trainer
 (``trainer.train``: same engine, loss and steps; the only difference is ``empirical_calibration``),
@@ -22,20 +22,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from caopd.benchmark_eval import GenerationSettings, generate_and_score
 from caopd.config import TrainConfig
-from caopd.data import Example, load_examples
-from caopd.demo_task import build_splits, candidate_count, write_jsonl
+from caopd.demo.task import build_splits, candidate_count, write_jsonl
+from caopd.demo.warmup import supervised_warmup, warmup_sequences
 from caopd.engines.hf import TransformersEngine
 from caopd.errors import InputError
-from caopd.evaluate import EvalReport
-from caopd.models import TINY_MODEL, fast_tokenizer, load_model
+from caopd.evaluation.benchmark_eval import GenerationSettings, generate_and_score
+from caopd.evaluation.evaluate import EvalReport
+from caopd.evaluation.tables import format_table
+from caopd.inputs.data import Example, load_examples
+from caopd.inputs.prompts import demonstration, teacher_messages
+from caopd.modeling.models import TINY_MODEL, fast_tokenizer, load_model
 from caopd.paths import check_output_dir
-from caopd.prompts import demonstration, teacher_messages
-from caopd.run_folder import earlier_run
-from caopd.tables import format_table
-from caopd.trainer import train
-from caopd.warmup import supervised_warmup, warmup_sequences
+from caopd.training.run_folder import earlier_run
+from caopd.training.trainer import train
 
 DATASET = "science"
 MODELS = ("base", "OPD", "CaOPD")
@@ -229,7 +229,7 @@ def run_demo(output_dir: str | Path, seeds: int = 1, quick: bool = False, first_
     (out / "report.md").write_text(f"# caopd demo: OPD vs CaOPD from the same start\n\n{report['device']}; "
                                    f"{len(per_seed)} seed(s), {'quick' if quick else 'full'} settings.\n\n{table}\n\n"
                                    f"Targets on the held-out split:\n\n{target_table}\n")
-    from caopd.plots import save_demo_figure
+    from caopd.evaluation.plots import save_demo_figure
 
     save_demo_figure(per_seed, out / "demo.png")
     print(table + "\n\n" + target_table)

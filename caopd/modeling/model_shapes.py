@@ -44,7 +44,7 @@ def shape_values(name: str) -> dict:
     if size in QWEN3_SIZES:
         return {**QWEN3_COMMON, **QWEN3_SIZES[size]}
     if name == "tiny-qwen3":  # its default sizes, with the fast tokenizer's vocabulary
-        from caopd.models import tiny_qwen3_config
+        from caopd.modeling.models import tiny_qwen3_config
 
         return tiny_qwen3_config(1024).to_dict()
     path = Path(name).expanduser()

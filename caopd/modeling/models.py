@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from caopd.errors import InputError
-from caopd.model_shapes import is_random, random_config
+from caopd.modeling.model_shapes import is_random, random_config
 
 TINY_MODEL = "tiny-qwen3"
 CHAT_TEMPLATE = (

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from caopd.errors import InputError
-from caopd.verifiers import get_task, gold_tool_call
+from caopd.scoring.verifiers import get_task, gold_tool_call
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from caopd.data import Example, iter_jsonl
 from caopd.engines.base import SamplingParams
 from caopd.errors import InputError
-from caopd.evaluate import Completion, EvalReport, ScoredCompletion, score_completions, summarize
-from caopd.loss import chat_ids
-from caopd.prompts import student_messages
+from caopd.evaluation.evaluate import Completion, EvalReport, ScoredCompletion, score_completions, summarize
+from caopd.inputs.data import Example, iter_jsonl
+from caopd.inputs.prompts import student_messages
+from caopd.training.loss import chat_ids
 
 DATA_DIR_VARIABLE = "CAOPD_DATA_DIR"
 DATA_HELP = ("the evaluation sets are the CaOPD paper's (github.com/SalesforceAIResearch/CaOPD, data/; licence CC "
@@ -120,7 +120,7 @@ def sample_mean_view(scored: list[ScoredCompletion]) -> dict:
     P_acc, and how the K-sample mean of the *stated* confidence matches it — the ECE and Brier of
     each sample scored with its question's mean stated confidence, and the mean |mean stated - P_acc|
     over questions (a missing confidence counts as 0 here)."""
-    from caopd.metrics import calibration_metrics
+    from caopd.evaluation.metrics import calibration_metrics
 
     by_question: dict[int, list[ScoredCompletion]] = {}
     for s in scored:
@@ -148,7 +148,7 @@ def generate_and_score(engine, tokenizer, examples: list[Example], dataset: str,
 def build_eval_engine(model: str, tokenizer_name: str, engine: str, max_tokens: int, seed: int):
     """(engine, tokenizer) for ``caopd eval --model``: vLLM (when installed, or asked for) or transformers."""
     from caopd.engines.vllm_engine import vllm_available
-    from caopd.models import load_model, load_tokenizer
+    from caopd.modeling.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model, tokenizer_name)
     if engine == "auto":

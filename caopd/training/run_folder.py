@@ -10,10 +10,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from caopd.checkpoint import checkpoints, complete_checkpoints, saved_config
 from caopd.config import MAY_CHANGE_ON_RESUME, TrainConfig
 from caopd.errors import InputError
 from caopd.paths import check_local_source, check_output_dir
+from caopd.training.checkpoint import checkpoints, complete_checkpoints, saved_config
 
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "final")  # what makes a folder hold a run
 DERIVED = ("tokenizer", "rollout_model")  # rewritten by every fresh run

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from caopd.metrics import CalibrationMetrics
+from caopd.evaluation.metrics import CalibrationMetrics
 
 
 def draw_reliability(ax, metrics: CalibrationMetrics, title: str) -> None:

@@ -7,9 +7,9 @@ it; without one (plain OPD) the demonstration keeps ``Confidence: 1.00``.
 """
 from __future__ import annotations
 
-from caopd.confidence import format_confidence, strip_confidence
-from caopd.data import Example
-from caopd.verifiers import get_task
+from caopd.inputs.data import Example
+from caopd.scoring.confidence import format_confidence, strip_confidence
+from caopd.scoring.verifiers import get_task
 
 CONFIDENCE_INSTRUCTION = ("Confidence: your confidence level (0.0-1.0) that your answer is correct, "
                           "as a number only, no other words or explanation.")

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from caopd.models import round_stochastic_
+from caopd.modeling.models import round_stochastic_
 
 
 class StochasticRoundingAdamW(torch.optim.Optimizer):

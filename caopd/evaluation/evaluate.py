@@ -11,11 +11,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from caopd.confidence import parse_confidence
-from caopd.data import Example, iter_jsonl
 from caopd.errors import InputError
-from caopd.metrics import CalibrationMetrics, calibration_metrics
-from caopd.verifiers import get_task
+from caopd.evaluation.metrics import CalibrationMetrics, calibration_metrics
+from caopd.inputs.data import Example, iter_jsonl
+from caopd.scoring.confidence import parse_confidence
+from caopd.scoring.verifiers import get_task
 
 MISSING_POLICIES = ("exclude", "zero")
 

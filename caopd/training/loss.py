@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from caopd_kernels import fused_linear_kl
 
-from caopd.calibration import DistillationTarget
+from caopd.scoring.calibration import DistillationTarget
 
 
 def chat_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from caopd.confidence import format_confidence, parse_confidence, strip_confidence
-from caopd.data import Example
-from caopd.prompts import demonstration, teacher_messages
-from caopd.verifiers import get_task
+from caopd.inputs.data import Example
+from caopd.inputs.prompts import demonstration, teacher_messages
+from caopd.scoring.confidence import format_confidence, parse_confidence, strip_confidence
+from caopd.scoring.verifiers import get_task
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from caopd_kernels.fused_linear_kl import DEFAULT_MEMORY_BUDGET as LOSS_BUDGET
 from caopd_kernels.fused_linear_kl import MIN_CHUNK_TOKENS
 
-from caopd.model_shapes import shape_values
+from caopd.modeling.model_shapes import shape_values
 
 GIB = 2**30
 CUDA_CONTEXT = 0.6 * GIB  # the CUDA context and kernels of one process (typical)
@@ -217,7 +217,7 @@ def levers(plan: Plan, values: dict | None = None) -> list[str]:
 
 def report(plan: Plan) -> str:
     """The table ``caopd memory`` prints."""
-    from caopd.tables import format_table
+    from caopd.evaluation.tables import format_table
 
     values = shape_values(plan.model)
     shape = Shape.of(values)

@@ -126,7 +126,7 @@ def _seal(tmp: Path, final: Path, step: int) -> None:
 
 
 def _local_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from caopd.distributed import local
+    from caopd.training.distributed import local
 
     return {name: local(p.detach()).cpu().contiguous() for name, p in module.named_parameters()}
 
@@ -138,7 +138,7 @@ def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher
     safetensors: nothing here or in the load unpickles); the main process then writes
     trainer_state.json and the manifest over all files, and renames the folder. Loads on the same
     number of processes."""
-    from caopd.distributed import barrier, local
+    from caopd.training.distributed import barrier, local
 
     final = Path(directory) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -167,7 +167,7 @@ def load_sharded_checkpoint(path: Path, student, teacher, optimizer, scheduler, 
     """Restore a save_sharded_checkpoint into models sharded the same way on as many processes."""
     from torch.distributed.tensor import DTensor
 
-    from caopd.distributed import local
+    from caopd.training.distributed import local
 
     path = Path(path)
     saved = json.loads((path / TRAINER_STATE).read_text())

@@ -21,12 +21,25 @@ from pathlib import Path
 
 import torch
 
-from caopd.calibration import build_targets, verify_rollouts
-from caopd.checkpoint import TrainState, rotate_checkpoints, save_checkpoint, save_sharded_checkpoint, truncate_metrics
-from caopd.checkpoint import resume as resume_checkpoint
 from caopd.config import TrainConfig
-from caopd.data import load_examples
-from caopd.distributed import (
+from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
+from caopd.engines.base import RolloutEngine, SamplingParams
+from caopd.errors import InputError
+from caopd.evaluation.tables import format_table
+from caopd.inputs.data import load_examples
+from caopd.inputs.prompts import demonstration, student_messages
+from caopd.modeling.model_shapes import is_random
+from caopd.modeling.models import TINY_MODEL, apply_liger_kernels, ema_update_, load_model, load_tokenizer
+from caopd.scoring.calibration import build_targets, verify_rollouts
+from caopd.training.checkpoint import (
+    TrainState,
+    rotate_checkpoints,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    truncate_metrics,
+)
+from caopd.training.checkpoint import resume as resume_checkpoint
+from caopd.training.distributed import (
     all_gather,
     barrier,
     full_state_dict,
@@ -35,17 +48,10 @@ from caopd.distributed import (
     rank_slice,
     shard,
 )
-from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
-from caopd.engines.base import RolloutEngine, SamplingParams
-from caopd.errors import InputError
-from caopd.lora import AdapterTeacher, add_lora, save_adapters
-from caopd.loss import chat_ids, distillation_loss, make_batch
-from caopd.model_shapes import is_random
-from caopd.models import TINY_MODEL, apply_liger_kernels, ema_update_, load_model, load_tokenizer
-from caopd.prompts import demonstration, student_messages
-from caopd.run_folder import check_run_folder, clear_earlier_run
-from caopd.shared_prefix import choose_layout, make_shared_batch, shared_distillation_loss
-from caopd.tables import format_table
+from caopd.training.lora import AdapterTeacher, add_lora, save_adapters
+from caopd.training.loss import chat_ids, distillation_loss, make_batch
+from caopd.training.run_folder import check_run_folder, clear_earlier_run
+from caopd.training.shared_prefix import choose_layout, make_shared_batch, shared_distillation_loss
 
 
 def prompt_order(n_examples: int, seed: int, epoch: int) -> list[int]:
@@ -121,7 +127,7 @@ def make_optimizer(config: TrainConfig, student: torch.nn.Module) -> torch.optim
     """AdamW; for bf16 weights the stochastic-rounding AdamW (plain bf16 steps round most updates away)."""
     trained = [p for p in student.parameters() if p.requires_grad]  # LoRA: the adapters only
     if trained[0].dtype == torch.bfloat16:
-        from caopd.optim import StochasticRoundingAdamW
+        from caopd.training.optim import StochasticRoundingAdamW
 
         return StochasticRoundingAdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     return torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -1,0 +1,1 @@
+"""Stage 1, inputs: dataset rows (``data``); the student prompt and teacher contexts (``prompts``)."""

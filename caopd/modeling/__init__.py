@@ -1,0 +1,1 @@
+"""Models and tokenizers (``models``), the published Qwen3 sizes (``model_shapes``), memory estimates (``memory``)."""
