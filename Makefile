@@ -11,7 +11,7 @@ test:
 
 lint:
 	@bash scripts/setup_venv.sh dev,cpu-rollout
-	.venv/bin/ruff check --line-length 120 --select E,F,I,W,B,UP --ignore B905 --target-version py310 caopd kernels tests benchmarks scripts
+	.venv/bin/ruff check --line-length 120 --select E,F,I,W,B,UP --ignore B905 --target-version py310 caopd kernels tests benchmarks scripts setup.py
 
 mutate:  # mutation testing of the pure-Python core (settings in setup.cfg); minutes on 2 cores
 	@bash scripts/setup_venv.sh dev,cpu-rollout
