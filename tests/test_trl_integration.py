@@ -64,7 +64,7 @@ class Recorded:
     """The losses compute_loss returned and the metrics logged, step by step."""
 
     def __init__(self, trainer):
-        self.losses, self.metrics = [], []
+        self.losses, self.metrics, self.modes = [], [], []
         compute_loss, log_metric = trainer.compute_loss, trainer._log_self_distillation_metric
 
         def recording_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -74,6 +74,7 @@ class Recorded:
 
         def recording_metric(mode, value):
             self.metrics.append(float(value))
+            self.modes.append(mode)
             return log_metric(mode, value)
 
         trainer.compute_loss = recording_loss
@@ -112,6 +113,7 @@ def assert_same_training(plain, fused):
     for step, (a, b) in enumerate(zip(plain_rec.losses, fused_rec.losses)):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-7), f"step {step}: TRL {a}, fused {b}"
     assert fused_rec.metrics == pytest.approx(plain_rec.metrics, rel=1e-4, abs=1e-7)
+    assert fused_rec.modes == plain_rec.modes
     assert all(torch.equal(start[n], fused_start[n]) for n in start)
     moved = max(float((plain_end[n] - start[n]).abs().max()) for n in start)
     assert moved > 1e-4, "the parameters barely moved: the comparison below would prove nothing"
@@ -156,6 +158,27 @@ def test_sdft_with_lora_adapters_and_the_base_as_teacher(model_dir, tmp_path):
     fused = train(SDFTTrainer, SDFTConfig, model_dir, tmp_path, fused=True, peft_config=peft.LoraConfig(**lora),
                   **settings)
     assert_same_training(plain, fused)
+
+
+def test_evaluate_under_no_grad_equals_trls_eval_loss(model_dir, tmp_path):
+    """trainer.evaluate() runs compute_loss under no_grad in eval mode: the fused path computes no
+    gradients there and reports TRL's eval loss and metric."""
+    results = []
+    for fused in (False, True):
+        args = SDFTConfig(output_dir=str(tmp_path / str(fused)), per_device_eval_batch_size=4, num_generations=2,
+                          num_generations_eval=2, max_completion_length=10, report_to="none", bf16=False, seed=3,
+                          distillation_mode="full_logits", distillation_alpha=0.5)
+        dataset = Dataset.from_dict({"prompt": PROMPTS, "privileged_context": CONTEXTS})
+        trainer = SDFTTrainer(model=model_dir, args=args, train_dataset=dataset, eval_dataset=dataset)
+        if fused:
+            use_fused_linear_kl(trainer, impl="torch")
+        recorded = Recorded(trainer)
+        results.append((trainer.evaluate()["eval_loss"], recorded.metrics, recorded.modes))
+    (plain_loss, plain_metrics, plain_modes), (fused_loss, fused_metrics, fused_modes) = results
+    assert plain_loss > 0 and len(plain_metrics) >= 1
+    assert fused_modes == plain_modes == ["eval"] * len(plain_metrics)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-4)
+    assert fused_metrics == pytest.approx(plain_metrics, rel=1e-4)
 
 
 def test_alpha_maps_to_trls_divergence():
