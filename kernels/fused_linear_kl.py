@@ -34,6 +34,17 @@ class KLOptions:
     chunk_tokens: int
 
 
+def divergence_for_beta(beta: float, name: str = "beta") -> tuple[str, float]:
+    """The generalized-JSD family as Liger and TRL parametrize it, as (divergence, beta) here:
+    beta 0 is KL(t||s) ("forward"), 1 is KL(s||t) ("reverse"), between the JSD with mixture
+    beta·t + (1-beta)·s. ``name``: the caller's name for beta, in the error."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {beta}")
+    if beta in (0.0, 1.0):
+        return ("forward" if beta == 0.0 else "reverse"), 0.5
+    return "jsd", float(beta)
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -85,7 +96,7 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
             raise ValueError(f"{name} must be a 2-D tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__} "
                              "(flatten [B, T, H] to [B*T, H] first)")
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} has dtype {t.dtype}; use float32, bfloat16 or float16")
     n, h_s = student_hidden.shape
     v, h_t = teacher_weight.shape

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_linear_kl import fused_linear_kl
+from .fused_linear_kl import divergence_for_beta, fused_linear_kl
 
 
 class FusedLinearJSDLoss(torch.nn.Module):
@@ -26,17 +26,15 @@ class FusedLinearJSDLoss(torch.nn.Module):
         if weight_hard_loss != 0:
             raise ValueError(f"weight_hard_loss must be 0, got {weight_hard_loss}: this loss computes the "
                              "distillation (soft) part only; add a cross-entropy yourself if you want one")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        self.weight_soft_loss, self.beta, self.ignore_index = weight_soft_loss, beta, ignore_index
+        self.divergence, self.beta = divergence_for_beta(float(beta))
+        self.weight_soft_loss, self.ignore_index = weight_soft_loss, ignore_index
         self.temperature, self.return_soft_hard_loss, self.impl = temperature, return_soft_hard_loss, impl
 
     def forward(self, student_input: torch.Tensor, student_weight: torch.Tensor, teacher_input: torch.Tensor,
                 teacher_weight: torch.Tensor, true_labels: torch.Tensor, student_bias: torch.Tensor | None = None,
                 teacher_bias: torch.Tensor | None = None):
-        divergence = {0.0: "forward", 1.0: "reverse"}.get(float(self.beta), "jsd")
         soft = fused_linear_kl(student_input, student_weight, teacher_input, teacher_weight,
-                               true_labels != self.ignore_index, divergence=divergence, beta=self.beta,
+                               true_labels != self.ignore_index, divergence=self.divergence, beta=self.beta,
                                temperature=self.temperature, student_bias=student_bias, teacher_bias=teacher_bias,
                                reduction="mean", impl=self.impl)
         loss = self.weight_soft_loss * soft

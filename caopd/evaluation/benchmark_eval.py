@@ -9,6 +9,7 @@ skips the questions already there. The demo evaluates its models through ``gener
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import statistics
@@ -51,25 +52,15 @@ class GenerationSettings:
     batch_size: int = 16  # prompts an engine call (each a progress-bar tick and a file append)
 
 
-def done_ids(path: Path, samples: int) -> set[int]:
-    """Questions with all their samples already in the completions file (a resumed run skips them);
-    a question with fewer (a run stopped mid-write) is generated again, its old rows dropped."""
-    if not path.exists():
-        return set()
-    counts: dict[int, int] = {}
-    for row, _ in iter_jsonl(path):
-        counts[row["id"]] = counts.get(row["id"], 0) + 1
+def _finished_questions(rows: list[dict], samples: int) -> set[int]:
+    counts = collections.Counter(row["id"] for row in rows)
     return {i for i, n in counts.items() if n >= samples}
 
 
-def _drop_partial_questions(path: Path, finished: set[int]) -> None:
-    """Rewrite ``path`` (atomically) without the rows of questions not in ``finished``, if it has any."""
-    rows = [row for row, _ in iter_jsonl(path)]
-    kept = [row for row in rows if row["id"] in finished]
-    if len(kept) < len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+def done_ids(path: Path, samples: int) -> set[int]:
+    """Questions with all their samples already in the completions file (a resumed run skips them);
+    a question with fewer (a run stopped mid-write) is generated again, its old rows dropped."""
+    return _finished_questions([row for row, _ in iter_jsonl(path)], samples) if path.exists() else set()
 
 
 def generate_completions(engine, tokenizer, examples: list[Example], settings: GenerationSettings, path: Path,
@@ -79,9 +70,13 @@ def generate_completions(engine, tokenizer, examples: list[Example], settings: G
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    finished = done_ids(path, settings.samples)
-    if path.exists():
-        _drop_partial_questions(path, finished)
+    rows = [row for row, _ in iter_jsonl(path)] if path.exists() else []
+    finished = _finished_questions(rows, settings.samples)
+    kept = [row for row in rows if row["id"] in finished]
+    if len(kept) < len(rows):  # drop a half-written question's rows (atomically) before appending again
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
     todo = [e for e in examples if e.id not in finished]
     positions = {e.id: i for i, e in enumerate(examples)}  # seeds follow the question, not the batch
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=progress, disable=progress is None)

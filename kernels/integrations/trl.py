@@ -35,7 +35,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..fused_linear_kl import DEFAULT_MEMORY_BUDGET, fused_linear_kl
+from ..fused_linear_kl import DEFAULT_MEMORY_BUDGET, divergence_for_beta, fused_linear_kl
 
 TESTED_TRL = "1.16"
 # Attributes of TRL 1.16's SDFTTrainer / SDPOTrainer that this module relies on.
@@ -46,14 +46,8 @@ IS_CLIP_LOG_RATIO = 20.0  # TRL clamps the log importance ratio to +-20 before e
 
 
 def divergence_for_alpha(alpha: float) -> tuple[str, float]:
-    """TRL's ``distillation_alpha`` as fused_linear_kl's (divergence, beta)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"distillation_alpha must be in [0, 1], got {alpha}")
-    if alpha == 0.0:
-        return "forward", 0.5
-    if alpha == 1.0:
-        return "reverse", 0.5
-    return "jsd", float(alpha)
+    """TRL's ``distillation_alpha`` (Liger's beta, the same family) as fused_linear_kl's (divergence, beta)."""
+    return divergence_for_beta(alpha, "distillation_alpha")
 
 
 def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET):
