@@ -28,7 +28,8 @@ GROUPS = ("model and data", "CaOPD", "sampling", "optimization", "run folder and
 MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
-    "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels", "merge_lora"})
+    "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels", "merge_lora",
+    "distributed_timeout_minutes"})
 
 
 def option(default, help: str, group: str, choices: tuple | None = None):
@@ -70,6 +71,8 @@ class TrainConfig:
     skip_loss_tokens: int = option(3, "first completion tokens left out of the loss", "CaOPD")
     teacher_ema: float = option(0.01, "teacher <- (1 - a) teacher + a student after each step, in [0, 1] "
                                 "(0: frozen teacher)", "CaOPD")
+    teacher_dtype: str = option("fp32", "the EMA teacher's weights: fp32, or bf16 (half the memory and, under "
+                                "FSDP, half the gathers; the EMA by stochastic rounding)", "CaOPD", ("fp32", "bf16"))
 
     rollout_engine: str = option("transformers", "model.generate on the training weights, or vLLM", "sampling",
                                  ("transformers", "vllm"))
@@ -118,6 +121,9 @@ class TrainConfig:
                         "accelerate launch (needed for more than one process)", "optimization")
     fsdp_cpu_offload: bool = option(False, "with --fsdp: keep the parameter shards, gradients and optimizer states in "
                                     "CPU memory between uses", "optimization")
+    distributed_timeout_minutes: float = option(30.0, "with several processes: how long a collective may wait "
+                                                "(a slow save on one process) before the run stops, > 0",
+                                                "optimization")
     loss_impl: str = option("auto", "fused loss implementation (auto: triton on CUDA, torch elsewhere)",
                             "optimization", ("auto", "triton", "torch"))
     seed: int = option(42, "seed of the data order, the rollouts and tiny-qwen3's weights", "optimization")
@@ -156,7 +162,7 @@ class TrainConfig:
                      "max_grad_norm", "sampling_temperature"):
             if getattr(self, name) < 0:
                 raise InputError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "temperature"):
+        for name in ("learning_rate", "temperature", "distributed_timeout_minutes"):
             if getattr(self, name) <= 0:
                 raise InputError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
         ranges = {"teacher_ema": (0.0, 1.0), "warmup_ratio": (0.0, 1.0), "vllm_gpu_memory_utilization": (0.0, 1.0)}

@@ -54,6 +54,7 @@ def main() -> int:
             config = TrainConfig(model="tiny-qwen3", tokenizer="fast", output_dir=out_dir, num_generations=2,
                                  prompts_per_step=4, micro_batch_prompts=2, max_prompt_length=256,
                                  max_completion_length=24, max_steps=3, bf16=True, master_weights=master,
+                                 teacher_dtype=master,
                                  learning_rate=1e-3, save_every=10)
             run = train(config, quiet=True)
             losses = [r["loss"] for r in run["history"]]

@@ -98,11 +98,12 @@ def test_bf16_adamw_refuses_fp32_parameters():
 def test_dtypes_and_optimizer_by_master_weights():
     from caopd.config import TrainConfig
     from caopd.training.optim import StochasticRoundingAdamW
-    from caopd.training.trainer import make_optimizer, training_dtypes
+    from caopd.training.placement import make_optimizer, training_dtypes
 
-    fp32, bf16 = TrainConfig(master_weights="fp32"), TrainConfig(master_weights="bf16")
-    assert training_dtypes(fp32, use_bf16=False) == training_dtypes(bf16, use_bf16=False) == (torch.float32,) * 2
-    assert training_dtypes(fp32, use_bf16=True) == (torch.float32, torch.bfloat16)
+    fp32, bf16 = TrainConfig(master_weights="fp32"), TrainConfig(master_weights="bf16", teacher_dtype="bf16")
+    assert training_dtypes(fp32, use_bf16=False) == (torch.float32,) * 2
+    assert training_dtypes(bf16, use_bf16=False) == (torch.float32, torch.bfloat16)  # the teacher as asked
+    assert training_dtypes(fp32, use_bf16=True) == (torch.float32, torch.float32)  # --teacher-dtype fp32 (default)
     assert training_dtypes(bf16, use_bf16=True) == (torch.bfloat16, torch.bfloat16)
     assert type(make_optimizer(fp32, torch.nn.Linear(2, 2))) is torch.optim.AdamW
     assert type(make_optimizer(bf16, torch.nn.Linear(2, 2).to(torch.bfloat16))) is StochasticRoundingAdamW
@@ -162,11 +163,11 @@ def test_micro_batch_gradients_are_summed_in_fp32_and_clipped_there():
 def test_a_bf16_training_step_through_the_trainer(tmp_path, monkeypatch):
     """The bf16-weights path as on a GPU (forced here on CPU): stochastic-rounding AdamW, fp32
     gradient sums, its clipping, a bf16 teacher."""
-    import caopd.training.trainer as trainer_module
+    import caopd.training.placement as placement
     from caopd.config import TrainConfig
     from caopd.training.trainer import train
 
-    monkeypatch.setattr(trainer_module, "training_dtypes", lambda config, use_bf16: (torch.bfloat16,) * 2)
+    monkeypatch.setattr(placement, "training_dtypes", lambda config, use_bf16: (torch.bfloat16,) * 2)
     config = TrainConfig(model="tiny-qwen3", tokenizer="fast", output_dir=str(tmp_path / "run"), num_generations=2,
                          prompts_per_step=4, micro_batch_prompts=2, max_prompt_length=256, max_completion_length=12,
                          max_steps=2, learning_rate=1e-3, save_every=10, loss_impl="torch", teacher_ema=0.1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import caopd.training.trainer as trainer_module
+import caopd.training.placement as placement
 from caopd.cli import main
 from caopd.config import TrainConfig
 from caopd.errors import InputError
@@ -81,7 +81,7 @@ def test_overwrite_clears_only_after_everything_loaded(tmp_path, monkeypatch, ca
 
     def model_that_fails(*args, **kwargs):
         raise InputError("--model: cannot be loaded (planted)")
-    monkeypatch.setattr(trainer_module, "load_model", model_that_fails)
+    monkeypatch.setattr(placement, "load_model", model_that_fails)
     assert train_cli(out, "--max-steps", "1", "--overwrite") == 2
     assert "planted" in one_line_error(capsys) and fingerprint(out) == before
     monkeypatch.undo()

@@ -327,13 +327,13 @@ class GradientWatchingEngine(KnownVerdictEngine):
 
 def test_gradients_are_freed_before_each_generation(science_rows_path, tmp_path, monkeypatch):
     data, examples = subset(science_rows_path, "science", tmp_path)
-    import caopd.training.trainer as trainer_module
+    import caopd.training.placement as placement
     student_ref = [None]
 
     def keep(*args, **kwargs):
         student_ref[0] = load_model(*args, **kwargs)
         return student_ref[0]
-    monkeypatch.setattr(trainer_module, "load_model", keep)
+    monkeypatch.setattr(placement, "load_model", keep)
     engine = GradientWatchingEngine(examples, "science", tmp_path / "run", student_ref=student_ref)
     train(config_for(data, "science", tmp_path / "run", max_steps=3), engine=engine, quiet=True)
     assert engine.grads_held == [False, False, False]
@@ -347,14 +347,14 @@ def test_gradient_checkpointing_works_for_a_from_pretrained_model(science_rows_p
     tokenizer = load_tokenizer("tiny-qwen3", "fast")
     load_model("tiny-qwen3", tokenizer, seed=0).save_pretrained(saved)
     tokenizer.save_pretrained(saved)
-    import caopd.training.trainer as trainer_module
+    import caopd.training.placement as placement
     calls, first_layer = [], []
 
     def counted(*args, **kwargs):
         model = load_model(*args, **kwargs)
         first_layer[:] = [model.model.layers[0]]
         return model
-    monkeypatch.setattr(trainer_module, "load_model", counted)
+    monkeypatch.setattr(placement, "load_model", counted)
     layer_class = type(load_model("tiny-qwen3", tokenizer).model.layers[0])
     forward = layer_class.forward
 

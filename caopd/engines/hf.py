@@ -7,24 +7,41 @@ of the call, so a step split across processes samples exactly what one process s
 price against one left-padded batch of all prompts: prompt-by-prompt decoding loops (2.4x the
 time for 4 prompts x 8 samples of tiny-qwen3 on a 2-core CPU); vLLM batches all prompts and
 seeds each request the same way.
+
+Under FSDP the engine generates with the sharded student itself: ``run`` calls generation through
+the FSDP root (which gathers the root's parameters; each decoder layer gathers its own), and
+``synced`` keeps a process whose samples end early stepping the collectives until every process
+is done (transformers' ``synced_gpus``). Every process calls ``generate`` equally often: each owns
+as many prompts.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from caopd.engines.base import SamplingParams, prompt_seed
+from caopd.engines.base import SamplingParams, Weights, named_weights, prompt_seed
 
 
 class TransformersEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer):
+    def __init__(self, model: torch.nn.Module, tokenizer, *, live: bool = False, run: Callable | None = None,
+                 synced: bool = False):
+        """model: the weights to generate from; live: it is the training model itself, so weight
+        updates need nothing (a stream of tensors is not consumed: nothing is gathered); run(fn):
+        calls fn(model) where generation must happen (the FSDP root)."""
         self.model = model
         self.tokenizer = tokenizer
+        self.live = live
+        self.run = run or (lambda fn: fn(self.model))
+        self.synced = synced
 
-    def update_weights(self, weights) -> None:
-        if isinstance(weights, dict):
-            self.model.load_state_dict(weights)
-        elif weights is not self.model:
-            self.model.load_state_dict(weights.state_dict())
+    def update_weights(self, weights: Weights) -> None:
+        if self.live or weights is self.model:
+            return
+        targets = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in named_weights(weights):
+                targets[name].copy_(tensor)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[str]]:
@@ -44,8 +61,8 @@ class TransformersEngine:
             if sampling.temperature > 0 else dict(do_sample=False)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            output = self.model.generate(
+            output = self.run(lambda model: model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=sampling.max_tokens,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
-                **sample)
+                synced_gpus=self.synced, **sample))
         return self.tokenizer.batch_decode(output[:, len(prompt):], skip_special_tokens=True)

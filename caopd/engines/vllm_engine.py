@@ -1,11 +1,12 @@
 """VLLMEngine: rollouts with vLLM's offline ``LLM``, weights updated in place from the trainer.
 
 The engine runs in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so a weight update
-is a call, not a transfer: ``reload_weights`` takes the trainer's state dict (Hugging Face names;
-vLLM fuses q/k/v and gate/up itself) and the prefix cache is reset, because KV blocks cached from
-the old weights would otherwise be reused. Prompts go in as token ids; the K samples of a prompt
-are one request with ``n = K`` (the prompt is prefilled once) and a seed derived from the call's
-seed, so the same seed and weights give the same completions.
+is a call, not a transfer: ``reload_weights`` consumes the trainer's weights as a stream of
+``(name, tensor)`` pairs, one at a time (Hugging Face names; vLLM fuses q/k/v and gate/up itself;
+under FSDP each tensor is gathered from the shards as vLLM asks for it), and the prefix cache is
+reset, because KV blocks cached from the old weights would otherwise be reused. Prompts go in as
+token ids; the K samples of a prompt are one request with ``n = K`` (the prompt is prefilled once)
+and a seed derived from the call's seed, so the same seed and weights give the same completions.
 
 Placements on GPUs: ``colocate`` shares the training GPU (sleep mode: the weights and KV cache are
 released while the trainer runs and brought back for the next generation); ``separate`` puts vLLM
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from caopd.engines.base import SamplingParams, prompt_seed
+from caopd.engines.base import SamplingParams, Weights, named_weights, prompt_seed
 from caopd.errors import InputError
 
 INSTALL_HINT = ("the vLLM engine needs vllm: pip install -e '.[gpu]' on a GPU machine (vllm==0.32.0), "
@@ -96,10 +97,9 @@ class VLLMEngine:
         decode = self.llm.get_tokenizer().batch_decode
         return [decode([list(c.token_ids) for c in out.outputs], skip_special_tokens=True) for out in outputs]
 
-    def update_weights(self, weights: torch.nn.Module | dict[str, torch.Tensor]) -> None:
-        state = weights if isinstance(weights, dict) else weights.state_dict()
+    def update_weights(self, weights: Weights) -> None:
         with self._on_engine_device():
-            self._update_weights(state)
+            self._update_weights(named_weights(weights))
 
     def _on_engine_device(self):
         """The engine's GPU as the current device for one call (placement separate), then the
@@ -112,12 +112,12 @@ class VLLMEngine:
         torch.cuda.empty_cache()
         self.llm.wake_up(**tags)
 
-    def _update_weights(self, state: dict[str, torch.Tensor]) -> None:
+    def _update_weights(self, weights) -> None:
         if self.asleep:
             self._wake_up(tags=["weights"])
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs=dict(
-                weights_iterator=[(name, t.detach()) for name, t in state.items()], is_checkpoint_format=True))
+                weights_iterator=((name, t.detach()) for name, t in weights), is_checkpoint_format=True))
         self.llm.reset_prefix_cache()
         self.weights_dropped = False
         self.weight_updates += 1

@@ -89,35 +89,79 @@ def tiny_qwen3_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, h
                        tie_word_embeddings=True)
 
 
+def _check_attention(attn_implementation: str) -> None:
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise InputError("attn_implementation flash_attention_2 needs flash-attn (pip install -e .[gpu], "
+                         "CUDA only); or use sdpa, PyTorch's own FlashAttention kernels")
+
+
+def model_config(model: str, tokenizer, **tiny_sizes):
+    """The transformers config of ``model`` (tiny-qwen3, random:<...>, a folder or hub id), without
+    its weights: what a model is built from on the meta device."""
+    if model == TINY_MODEL:
+        vocab = len(tokenizer)
+        if vocab > 4096:  # the real Qwen3 vocabulary: pad like Qwen3 (151,669 -> 151,936)
+            vocab = 151_936
+        return tiny_qwen3_config(vocab, **tiny_sizes)
+    if is_random(model):
+        config = random_config(model)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--model {model}: cannot be loaded ({_first_line(e)})") from None
+    if len(tokenizer) > config.vocab_size:
+        raise InputError(f"--model {model}: its vocabulary ({config.vocab_size}) is smaller than the tokenizer's "
+                         f"({len(tokenizer)})")
+    return config
+
+
+def build_model(config, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """A causal LM of ``config`` with freshly initialized weights (under ``torch.device("meta")``:
+    none at all, shapes only)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_attention(attn_implementation)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+
+
 def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                seed: int = 0, **tiny_sizes):
     """A causal LM: ``tiny-qwen3`` or ``random:<Qwen3 size or config.json>`` built with random weights
     (seeded, no download), else from_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise InputError("attn_implementation flash_attention_2 needs flash-attn (pip install -e .[gpu], "
-                         "CUDA only); or use sdpa, PyTorch's own FlashAttention kernels")
-    if model == TINY_MODEL:
-        vocab = len(tokenizer)
-        if vocab > 4096:  # the real Qwen3 vocabulary: pad like Qwen3 (151,669 -> 151,936)
-            vocab = 151_936
+    _check_attention(attn_implementation)
+    if model == TINY_MODEL or is_random(model):
+        config = model_config(model, tokenizer, **tiny_sizes)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            config = tiny_qwen3_config(vocab, **tiny_sizes)
-            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).to(dtype)
-    if is_random(model):
-        config = random_config(model)
-        if len(tokenizer) > config.vocab_size:
-            raise InputError(f"--model {model}: its vocabulary ({config.vocab_size}) is smaller than the tokenizer's "
-                             f"({len(tokenizer)})")
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+            if model == TINY_MODEL:  # initialized in fp32, then cast (as tiny-qwen3 always was)
+                return build_model(config, attn_implementation=attn_implementation).to(dtype)
+            return build_model(config, dtype=dtype, attn_implementation=attn_implementation)
     try:
         return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:  # not a model folder, or a hub id that cannot be reached
         raise InputError(f"--model {model}: cannot be loaded ({_first_line(e)})") from None
+
+
+def describe_model(folder: Path, model, generation_config=None, tokenizer=None,
+                   dtype: torch.dtype | None = None) -> None:
+    """What ``save_pretrained`` writes beside the weights: config.json (the architecture, the saved
+    dtype), generation_config.json, and the tokenizer."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def apply_liger_kernels(model) -> None:
@@ -153,10 +197,13 @@ def ema_update_(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float
     """teacher <- (1 - alpha) teacher + alpha student, parameter by parameter (alpha 0: frozen).
     Computed in fp32; a bf16 teacher gets it stochastically rounded, so the teacher follows the
     fp32 EMA in expectation (in plain bf16 it moved 7 % of entries in 100 updates at alpha 0.01,
-    where fp32 closes 63 % of the gap: a frozen teacher in practice)."""
+    where fp32 closes 63 % of the gap: a frozen teacher in practice). Sharded models (FSDP2,
+    sharded alike) are updated shard by shard."""
     if alpha == 0.0:
         return
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        if hasattr(t, "to_local"):  # FSDP2 shards of two models sharded alike: the EMA is local
+            t, s = t.to_local(), s.to_local()
         if t.dtype == torch.bfloat16:
             round_stochastic_(t, t.float().lerp_(s.detach().float(), alpha), generator)
         else:

@@ -7,10 +7,12 @@ A checkpoint is a folder ``step-000012`` written as ``step-000012.tmp`` and rena
     state.safetensors      optimizer tensors (per-parameter Adam moments and steps), RNG byte states
     trainer_state.json     step, scheduler, optimizer hyper-parameters, Python/NumPy RNG states, the
                            run's config (compared on --resume)
+    config.json            the model's transformers config (``caopd export`` writes it beside the weights)
     manifest.json          written last: each file's size, so a truncated checkpoint is detected
 
 With FSDP2 (many processes) the three tensor files are one per process, each holding that
 process's shards (``model.rank00000-of-00002.safetensors``, ...): see save_sharded_checkpoint.
+Tensor files are written a tensor at a time (caopd.training.streamed_safetensors).
 
 Nothing here unpickles: tensors are safetensors, everything else JSON. A checkpoint without a
 manifest, or whose files are missing or of another size, is incomplete; ``resume`` then falls back
@@ -28,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model
 
 from caopd.errors import InputError
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
+SHARDING = "fsdp2-dim0"  # each process holds a torch.chunk of every tensor along dim 0, in rank order
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -62,7 +65,7 @@ def _optimizer_tensors(optimizer, local=lambda t: t) -> tuple[dict[str, torch.Te
     for index, entries in state["state"].items():
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = local(value.detach()).cpu().contiguous()
+                tensors[f"state.{index}.{name}"] = local(value.detach())
             else:
                 plain.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "plain_state": plain}
@@ -79,7 +82,7 @@ def _optimizer_state_dict(tensors: dict[str, torch.Tensor], saved: dict) -> dict
 
 
 def _trainable(module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimizer, scheduler,
@@ -92,17 +95,19 @@ def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimi
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if trainable_only:
-        save_file(_trainable(student), str(tmp / "model.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()},
-                  str(tmp / "teacher.safetensors"))
+        _write_tensors(tmp / "model.safetensors", _trainable(student))
+        _write_tensors(tmp / "teacher.safetensors", {k: v.detach() for k, v in teacher.state_dict().items()})
     else:
-        save_model(student, str(tmp / "model.safetensors"))
-        save_model(teacher, str(tmp / "teacher.safetensors"))
+        from caopd.training.weight_stream import saved_tensors
+
+        _write_tensors(tmp / "model.safetensors", {k: v.detach() for k, v in saved_tensors(student)})
+        _write_tensors(tmp / "teacher.safetensors", {k: v.detach() for k, v in saved_tensors(teacher)})
+        _write_model_config(tmp, student)
     tensors, optimizer_rest = _optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(tensors, str(tmp / "state.safetensors"))
+    _write_tensors(tmp / "state.safetensors", tensors)
     numpy_state = np.random.get_state()
     _write_json(tmp / TRAINER_STATE, {
         "state": asdict(state), "scheduler": scheduler.state_dict(), "optimizer": optimizer_rest,
@@ -125,20 +130,32 @@ def _seal(tmp: Path, final: Path, step: int) -> None:
     _fsync(final.parent)
 
 
-def _local_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from caopd.training.distributed import local
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of ``tensors`` (each moved to host memory as it is written, one at a time)."""
+    from caopd.training.streamed_safetensors import TensorSpec, write_safetensors
 
-    return {name: local(p.detach()).cpu().contiguous() for name, p in module.named_parameters()}
+    write_safetensors(path, [TensorSpec.of(name, t) for name, t in tensors.items()], tensors.values(), metadata)
+
+
+def _shards(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(this process's shard of each parameter, metadata naming each parameter's whole shape)."""
+    from caopd.training.weight_stream import local
+
+    shards = {name: local(p.detach()) for name, p in module.named_parameters()}
+    shapes = {name: list(p.shape) for name, p in module.named_parameters()}
+    return shards, {"sharding": SHARDING, "whole_shapes": json.dumps(shapes)}
 
 
 def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher, optimizer, scheduler, config: dict,
                             ranks) -> Path:
     """save_checkpoint for FSDP2-sharded models: each process writes its own shards
     (``model.rank00000-of-00002.safetensors``, teacher and optimizer state likewise, as
-    safetensors: nothing here or in the load unpickles); the main process then writes
-    trainer_state.json and the manifest over all files, and renames the folder. Loads on the same
-    number of processes."""
-    from caopd.training.distributed import barrier, local
+    safetensors, a tensor at a time: nothing here or in the load unpickles, and no process holds a
+    host copy of its shards); the main process then writes config.json, trainer_state.json and the
+    manifest over all files, and renames the folder. Loads on the same number of processes;
+    ``caopd export`` joins the shards into whole tensors."""
+    from caopd.training.distributed import barrier
+    from caopd.training.weight_stream import local
 
     final = Path(directory) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -147,15 +164,15 @@ def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher
         tmp.mkdir(parents=True)
     barrier(ranks)
     suffix = f"rank{ranks.rank:05d}-of-{ranks.world:05d}.safetensors"
-    save_file(_local_tensors(student), str(tmp / f"model.{suffix}"))
-    save_file(_local_tensors(teacher), str(tmp / f"teacher.{suffix}"))
+    for module, name in ((student, "model"), (teacher, "teacher")):
+        shards, metadata = _shards(module)
+        _write_tensors(tmp / f"{name}.{suffix}", shards, metadata)
     tensors, optimizer_rest = _optimizer_tensors(optimizer, local)
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / f"state.{suffix}"))
-    for name in (f"model.{suffix}", f"teacher.{suffix}", f"state.{suffix}"):
-        _fsync(tmp / name)
+    _write_tensors(tmp / f"state.{suffix}", tensors)
     barrier(ranks)
     if ranks.is_main:
+        _write_model_config(tmp, student)
         _write_json(tmp / TRAINER_STATE, {"state": asdict(state), "scheduler": scheduler.state_dict(),
                                           "optimizer": optimizer_rest, "world_size": ranks.world, "config": config})
         _seal(tmp, final, state.step)
@@ -163,11 +180,20 @@ def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher
     return final
 
 
+def _write_model_config(folder: Path, model: torch.nn.Module) -> None:
+    """The model's config.json (its architecture): what ``caopd export`` writes beside the weights."""
+    from caopd.modeling.models import describe_model
+
+    if hasattr(model, "config"):
+        describe_model(folder, model)
+
+
 def load_sharded_checkpoint(path: Path, student, teacher, optimizer, scheduler, ranks) -> TrainState:
     """Restore a save_sharded_checkpoint into models sharded the same way on as many processes."""
+    from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
-    from caopd.training.distributed import local
+    from caopd.training.weight_stream import local
 
     path = Path(path)
     saved = json.loads((path / TRAINER_STATE).read_text())
@@ -176,13 +202,12 @@ def load_sharded_checkpoint(path: Path, student, teacher, optimizer, scheduler, 
                          f"{ranks.world}: resume on as many")
     suffix = f"rank{ranks.rank:05d}-of-{ranks.world:05d}.safetensors"
     for module, name in ((student, "model"), (teacher, "teacher")):
-        tensors = load_file(str(path / f"{name}.{suffix}"))
         params = dict(module.named_parameters())
-        if set(tensors) != set(params):
-            raise ValueError(f"{name}.{suffix} holds other parameters than the model")
-        with torch.no_grad():
-            for key, param in params.items():
-                local(param).copy_(tensors[key])
+        with safe_open(str(path / f"{name}.{suffix}"), framework="pt") as f, torch.no_grad():
+            if set(f.keys()) != set(params):
+                raise ValueError(f"{name}.{suffix} holds other parameters than the model")
+            for key, param in params.items():  # a tensor at a time
+                local(param).copy_(f.get_tensor(key))
     tensors = load_file(str(path / f"state.{suffix}"))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state_dict = _optimizer_state_dict(tensors, saved["optimizer"])
@@ -190,7 +215,7 @@ def load_sharded_checkpoint(path: Path, student, teacher, optimizer, scheduler, 
         param = params[index]
         for key, value in entries.items():
             if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.dim() > 0:
-                entries[key] = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                entries[key] = DTensor.from_local(value.to(local(param).device), param.device_mesh, param.placements,
                                                   shape=param.shape, stride=param.stride())
     optimizer.load_state_dict(state_dict)
     scheduler.load_state_dict(saved["scheduler"])
