@@ -41,8 +41,8 @@ from caopd.training.distributed import (
     rank_slice,
 )
 from caopd.training.loss import chat_ids, distillation_loss, make_batch
-from caopd.training.peak_memory import merge_phase, peaks, reset_peaks
 from caopd.training.placement import Models, place_models
+from caopd.training.process_memory import merge_phase, peaks, release_freed_memory, reset_peaks
 from caopd.training.run_folder import check_run_folder, clear_earlier_run
 from caopd.training.shared_prefix import choose_layout, make_shared_batch, shared_distillation_loss
 
@@ -169,10 +169,12 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     out = Path(config.output_dir)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
+    release_freed_memory()  # from here on a freed tensor leaves the process's resident memory
     reset_peaks()
     examples = load_examples(config.data_path(), config.dataset, config.split)
     tokenizer, resumed_tokenizer = run_tokenizer(config, out, examples)
     models = place_models(config, tokenizer, ranks, fsdp=config.fsdp, cpu_offload=config.fsdp_cpu_offload)
+    release_freed_memory()  # the main process's loaded copy, once broadcast into the shards
     barrier(ranks)  # every process loaded before the main one deletes anything
     if ranks.is_main:
         clear_earlier_run(out, earlier, log)  # --overwrite only, and only now that everything loaded
