@@ -237,10 +237,14 @@ def _memory_parser(sub) -> None:
     p.add_argument("--rollout-engine", choices=["transformers", "vllm"], default="transformers")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--optimizer-offload", action="store_true", help="with --fsdp: shards, gradients and Adam states "
-                   "in CPU memory (--fsdp-cpu-offload); without: Adam states only")
+                   "in host memory (train's --fsdp-cpu-offload)")
     p.add_argument("--liger-kernels", action="store_true", help="Liger's fused RMSNorm, SwiGLU, RoPE")
     p.add_argument("--master-weights", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: fp32, one process")
+    p.add_argument("--teacher-dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--processes-per-node", type=int, default=8, help="GPU processes a node holds (host memory "
+                   "per node)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: fp32, --gpus CPU processes "
+                   "(torchrun on CPU), each process's resident memory; --gpu-memory-gib is then the machine's")
 
 
 def run_memory(args: argparse.Namespace) -> dict:
@@ -248,9 +252,11 @@ def run_memory(args: argparse.Namespace) -> dict:
     from caopd.modeling.model_shapes import RANDOM_PREFIX
 
     for flag in ("gpus", "prompt_tokens", "completion_tokens", "num_generations", "prompts_per_step",
-                 "micro_batch_prompts"):
+                 "micro_batch_prompts", "processes_per_node"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.optimizer_offload and not args.fsdp:
+        raise InputError("--optimizer-offload is FSDP2's CPU offload: it needs --fsdp")
     plan = Plan(args.model.removeprefix(RANDOM_PREFIX), gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
                 prompt_tokens=args.prompt_tokens, completion_tokens=args.completion_tokens,
                 num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
@@ -258,14 +264,37 @@ def run_memory(args: argparse.Namespace) -> dict:
                 gradient_checkpointing=args.gradient_checkpointing, shared_prefix=not args.no_shared_prefix,
                 rollout_engine=args.rollout_engine, vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                 optimizer_offload=args.optimizer_offload, liger_kernels=args.liger_kernels,
-                master_weights=args.master_weights, device=args.device)
+                master_weights=args.master_weights, teacher_dtype=args.teacher_dtype,
+                processes_per_node=args.processes_per_node, device=args.device)
     print(report(plan))
     result = estimate(plan)
-    return {"peak_bytes": result.peak, "rows": result.rows}
+    return {"peak_bytes": result.peak, "rows": [(r.name, r.bytes) for r in result.rows]}
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="a run's checkpoint (sharded or not) as a from_pretrained folder",
+                       description="Joins a checkpoint's shards a tensor at a time (one process, one whole tensor in "
+                       "memory) and writes safetensors, config.json and the run's tokenizer, as final/ is written.")
+    p.add_argument("run", help="the run folder (caopd train's --output-dir)")
+    p.add_argument("--checkpoint", type=int, help="the step (default: the newest complete checkpoint)")
+    p.add_argument("--output", required=True, help="the folder to write")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: as trained (fp32 "
+                   "master weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    from caopd.paths import check_output_dir
+    from caopd.training.export import export_checkpoint
+
+    check_output_dir(str(Path(args.output).parent), "--output")
+    path = export_checkpoint(args.run, args.output, args.checkpoint, args.dtype, args.overwrite)
+    print(f"wrote {args.output} from {path}")
+    return {"checkpoint": str(path), "output": args.output}
 
 
 COMMANDS = {"train": (_train_parser, run_train), "eval": (_eval_parser, run_eval), "demo": (_demo_parser, run_demo),
-            "memory": (_memory_parser, run_memory)}
+            "memory": (_memory_parser, run_memory), "export": (_export_parser, run_export)}
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -29,7 +29,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
     "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels", "merge_lora",
-    "distributed_timeout_minutes"})
+    "distributed_timeout_minutes", "distributed_backend"})
 
 
 def option(default, help: str, group: str, choices: tuple | None = None):
@@ -121,6 +121,9 @@ class TrainConfig:
                         "accelerate launch (needed for more than one process)", "optimization")
     fsdp_cpu_offload: bool = option(False, "with --fsdp: keep the parameter shards, gradients and optimizer states in "
                                     "CPU memory between uses", "optimization")
+    distributed_backend: str = option("auto", "with several processes: auto (nccl on GPUs, gloo for host tensors "
+                                      "when offloading; gloo on CPUs), or gloo everywhere (lets several processes "
+                                      "share one GPU: a functional check)", "optimization", ("auto", "gloo"))
     distributed_timeout_minutes: float = option(30.0, "with several processes: how long a collective may wait "
                                                 "(a slow save on one process) before the run stops, > 0",
                                                 "optimization")

@@ -7,6 +7,8 @@
 #   2. the bf16 rules of training on the device (scripts/gpu_bf16_check.py)
 #   3. the kernel benchmark in bf16 at H = 4096 (against Liger if it is importable)
 #   4. the TRL SDFT step benchmark (benchmarks/trl_step.py, whole Qwen3-0.6B depth) if TRL is importable
+#   5. two FSDP2 processes sharing the GPU (gloo: NCCL refuses two ranks on one device) train 2 steps of
+#      --config tiny in bf16, against one process: the sharded load, generation and saves on CUDA
 # Without CUDA it stops with one line. Usage: bash scripts/gpu_check.sh  (or make gpu-check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +45,20 @@ if "$py" -c 'import trl' 2>/dev/null; then
 else
   echo "gpu_check: trl not importable: the TRL benchmark is skipped (pip install 'trl==1.16.*')"
 fi
+fsdp="$out/fsdp2"
+rm -rf "$fsdp"
+timeout 240 "$py" -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29533 -m caopd \
+  train --config tiny --max-steps 2 --bf16 true --fsdp true --distributed-backend gloo --output-dir "$fsdp/two" \
+  > "$fsdp.log" 2>&1 && timeout 120 "$py" -m caopd train --config tiny --max-steps 2 --bf16 true \
+  --output-dir "$fsdp/one" >> "$fsdp.log" 2>&1 || status=1
+"$py" - "$fsdp" <<'EOF' || status=1
+import json, sys
+from pathlib import Path
+runs = {n: [json.loads(l) for l in (Path(sys.argv[1]) / n / "metrics.jsonl").read_text().splitlines()]
+        for n in ("one", "two")}
+print("gpu_check: FSDP2 losses, 2 processes vs 1:", [r["loss"] for r in runs["two"]], [r["loss"] for r in runs["one"]])
+print("gpu_check: memory.json of the 2 processes:", " ".join((Path(sys.argv[1]) / "two" / "memory.json").read_text().split()))
+EOF
 rm -rf "$shim"
 echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED: see $out)"
 exit $status

@@ -1,10 +1,15 @@
-"""Many processes (issue 15): FSDP2 on CPU with gloo, two real processes under torchrun.
+"""Many processes (issues 15, 23): FSDP2 on CPU with gloo, two real processes under torchrun.
 
 Three steps of `--config tiny` on 2 processes with --fsdp end with the same weights and log the same
-losses as on 1 process; a 2-process run stopped after a checkpoint and resumed equals an
-uninterrupted one; the metrics file has one row per step. Deliberate bugs these catch: a loss not
-normalized by the global number of sequences (each process's mean: the gradient doubles), ranks
-sampling the same prompts (rank_slice ignoring the rank), every rank writing metrics rows.
+losses as on 1 process, with FSDP2's CPU offload too (the process group then keyed by device); a
+2-process run stopped after a checkpoint and resumed equals an uninterrupted one; the metrics file
+has one row per step; `caopd export` joins a sharded checkpoint into the final model; the sharded
+placement streams whole tensors one at a time, loads exactly, and its bf16 teacher follows the EMA.
+Deliberate bugs these catch: a loss not normalized by the global number of sequences (each
+process's mean: the gradient doubles), ranks sampling the same prompts (rank_slice ignoring the
+rank), every rank writing metrics rows, a weight stream that gathers the whole model before
+yielding (all tensors alive at once), a broadcast that slices the wrong rank's piece, export joining
+pieces in the wrong order, the teacher EMA applied to a gathered copy (the shards never move).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from caopd.errors import InputError
-from caopd.training.distributed import Ranks, rank_slice
+from caopd.training.distributed import Ranks, backend_for, rank_slice
 from caopd.training.trainer import merge_step_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +38,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def caopd(args: list[str], processes: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "caopd"] if processes > 1 \
-        else [sys.executable, "-m", "caopd"]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(ROOT),
-           **(env or {})}
-    done = subprocess.run(launch + ["train", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def launch(processes: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+
+
+def environment(env: dict | None = None) -> dict:
+    return {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(ROOT),
+            **(env or {})}
+
+
+def caopd(args: list[str], processes: int = 1, env: dict | None = None, command: str = "train",
+          check: bool = True) -> subprocess.CompletedProcess:
+    start = [*launch(processes), "-m", "caopd"] if processes > 1 else [sys.executable, "-m", "caopd"]
+    done = subprocess.run(start + [command, *args], capture_output=True, text=True, cwd=ROOT, env=environment(env),
+                          timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
@@ -49,7 +63,8 @@ def rows(run: Path) -> list[dict]:
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
-    first, second = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    first = load_file((a if (a / "model.safetensors").exists() else a / "final") / "model.safetensors")
+    second = load_file((b if (b / "model.safetensors").exists() else b / "final") / "model.safetensors")
     assert first.keys() == second.keys()
     largest = max(float(t.abs().max()) for t in first.values())
     worst = max(float((first[k] - second[k]).abs().max()) for k in first)
@@ -135,3 +150,79 @@ def test_shipped_accelerate_configs_turn_fsdp_on(one_process, tmp_path):
     caopd([*TINY, "--output-dir", str(out)], processes=2, env=envs["fsdp2-1node-8gpu"])
     assert (out / "checkpoints" / "step-000003" / "model.rank00001-of-00002.safetensors").exists()
     assert_same_weights(out, one_process)
+
+
+def test_an_offloaded_two_process_run_trains_what_one_process_trains(one_process, tmp_path):
+    """FSDP2's CPUOffloadPolicy (unpinned on CPU), with the process group keyed by device as on GPUs."""
+    out = tmp_path / "run"
+    done = caopd([*TINY, "--output-dir", str(out), "--fsdp", "true", "--fsdp-cpu-offload", "true"], processes=2)
+    assert json.loads(done.stdout.splitlines()[0])["process_group"] == "cpu:gloo"
+    assert [r["loss"] for r in rows(out)] == pytest.approx([r["loss"] for r in rows(one_process)], rel=1e-4)
+    assert_same_weights(out, one_process)
+
+
+def test_the_process_group_backend_follows_the_devices():
+    assert backend_for(cuda=True, cpu_offload=False) == "nccl"
+    assert backend_for(cuda=True, cpu_offload=True) == "cpu:gloo,cuda:nccl"  # gradient norms over host shards
+    assert backend_for(cuda=False, cpu_offload=False) == "gloo"
+    assert backend_for(cuda=True, cpu_offload=True, choice="gloo") == "gloo"  # processes sharing one GPU
+
+
+def test_the_timeout_and_backend_reach_the_process_group(monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    from caopd.training.distributed import join_process_group
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend,
+                                                                                        timeout=timeout))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert join_process_group(12.5, cpu_offload=True) == Ranks(1, 2, "cpu:gloo")
+    assert seen == {"backend": "cpu:gloo", "timeout": datetime.timedelta(minutes=12.5)}
+
+
+def test_export_joins_a_sharded_checkpoint_into_the_final_model(two_processes, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    exported = tmp_path / "step3"
+    done = caopd([str(two_processes), "--output", str(exported)], command="export")
+    assert "step-000003" in done.stdout
+    assert_same_weights(exported, two_processes)  # the last checkpoint is the final model, joined exactly
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    assert torch.equal(model.model.norm.weight, load_file(exported / "model.safetensors")["model.norm.weight"])
+    earlier = tmp_path / "step2"
+    caopd([str(two_processes), "--checkpoint", "2", "--output", str(earlier), "--dtype", "bf16"], command="export")
+    assert {t.dtype for t in load_file(earlier / "model.safetensors").values()} == {torch.bfloat16}
+    refused = caopd([str(two_processes), "--output", str(exported)], command="export", check=False)
+    assert refused.returncode == 2 and "exists" in refused.stderr and refused.stderr.count("\n") == 1
+    missing = caopd([str(two_processes), "--checkpoint", "9", "--output", str(tmp_path / "x")], command="export",
+                    check=False)
+    assert missing.returncode == 2 and "--checkpoint 9" in missing.stderr and missing.stderr.count("\n") == 1
+
+
+def test_the_sharded_placement_streams_whole_tensors_one_at_a_time(tmp_path):
+    """tests/fsdp_worker.py on 2 processes: see its docstring."""
+    done = subprocess.run([*launch(2), str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)], capture_output=True,
+                          text=True, cwd=ROOT, env=environment(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0]["names"] == seen[1]["names"] and len(seen[0]["names"]) == 24  # tied lm_head once
+    for rank in seen:
+        assert rank["most_alive"] == 1  # the consumer drops each: never two whole tensors at once
+        assert rank["worst_difference"] == 0.0  # the broadcast load is exact
+        assert rank["teacher_dtypes"] == ["torch.bfloat16"] and rank["teacher_is_the_student"]
+        assert rank["teacher_local_elements"] < 0.55 * rank["student_elements"]  # each holds half the teacher
+        assert abs(rank["gap_closed"] - 0.634) < 0.05  # 1 - 0.99^100 of the way, as fp32's EMA
+        assert rank["moved_share"] > 0.5
+
+
+def test_async_rollouts_under_fsdp_are_refused_in_one_line(tmp_path):
+    done = caopd([*TINY, "--output-dir", str(tmp_path / "run"), "--fsdp", "true", "--async-rollouts", "true"],
+                 check=False)
+    assert done.returncode == 2 and "--async-rollouts with --fsdp" in done.stderr
+    assert done.stderr.count("\n") == 1

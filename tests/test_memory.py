@@ -1,8 +1,11 @@
-"""`caopd memory` (issue 16): the analytic estimate's parts, checked by hand and against the models.
+"""`caopd memory` (issues 16, 23): the analytic estimate's parts, checked by hand and against the models.
 
 Deliberate bugs these catch: a parameter count off by the q/k norms or the untied lm_head (exact
 meta-device counts), FSDP not dividing the sharded parts, the shared prefix or checkpointing not
-changing the activations, a largest micro-batch that does not fit (or leaves one that does).
+changing the activations, a largest micro-batch that does not fit (or leaves one that does), a
+whole model counted on every process at load (only the main process reads it), offloaded shards
+counted on the GPU, the teacher's precision ignored. The estimate against measured peaks:
+tests/test_fsdp_memory.py.
 """
 from __future__ import annotations
 
@@ -23,26 +26,53 @@ def test_parameter_count_is_the_models_own(size):
     assert Shape.of(shape_values(size)).parameters == round(parameter_counts(config)[0] * 1e9)
 
 
-def parts(plan: Plan) -> dict[str, float]:
-    return dict(estimate(plan).rows)
+def parts(plan: Plan, main: bool = True) -> dict[str, float]:
+    return {r.name: r.bytes for r in estimate(plan, main=main).rows}
 
 
 def test_the_persistent_parts_of_qwen3_8b_by_hand():
     n = Shape.of(shape_values("Qwen3-8B")).parameters
     fp32 = parts(Plan("Qwen3-8B"))
-    assert fp32["trained weights (fp32 master)"] == n * 4 and fp32["Adam moments"] == 2 * n * 4
-    assert fp32["EMA teacher"] == n * 2 and fp32["gradients"] == n * 4  # bf16 teacher, fp32 gradients
-    bf16 = parts(Plan("Qwen3-8B", master_weights="bf16"))
-    assert bf16["trained weights"] == n * 2 and bf16["Adam moments"] == 2 * n * 2  # SR AdamW: bf16 moments
+    assert fp32["trained weights (fp32)"] == n * 4 and fp32["Adam moments"] == 2 * n * 4
+    assert fp32["EMA teacher (fp32)"] == n * 4 and fp32["gradients"] == n * 4  # --teacher-dtype fp32, the default
+    bf16 = parts(Plan("Qwen3-8B", master_weights="bf16", teacher_dtype="bf16"))
+    assert bf16["trained weights (bf16)"] == n * 2 and bf16["Adam moments"] == 2 * n * 2  # SR AdamW: bf16 moments
+    assert bf16["EMA teacher (bf16)"] == n * 2
     sharded = parts(Plan("Qwen3-8B", fsdp=True, gpus=8))
-    assert sharded["trained weights (fp32 master)"] == n * 4 / 8 and sharded["Adam moments"] == n * 8 / 8
-    assert sharded["EMA teacher"] == n * 4 / 8  # fp32 shards under FSDP
-    assert sharded["whole rollout copy (per process)"] == n * 2
-    offloaded = parts(Plan("Qwen3-8B", fsdp=True, gpus=8, optimizer_offload=True))  # FSDP2 CPUOffloadPolicy
-    assert offloaded["Adam moments (in CPU memory)"] == 0 and offloaded["gradients"] == 0
-    assert offloaded["trained weights (fp32 master) (in CPU memory)"] == 0
-    assert f"host memory per process, not on the GPU: {n * 20 / 8 / GIB:.1f} GiB" in offloaded  # w, teacher, g, 2 m
-    assert parts(Plan("Qwen3-8B", optimizer_offload=True))["Adam moments (offloaded to CPU)"] == 0
+    assert sharded["trained weights (fp32 shards)"] == n * 4 / 8 and sharded["Adam moments"] == n * 8 / 8
+    assert sharded["EMA teacher (fp32 shards)"] == n * 4 / 8
+    assert not any("rollout copy" in name for name in sharded)  # no whole model on a process after the load
+
+
+def test_fsdp_load_save_and_offload_rows():
+    shape = Shape.of(shape_values("Qwen3-32B"))
+    n = shape.parameters
+    plan = Plan("Qwen3-32B", fsdp=True, gpus=8, optimizer_offload=True, teacher_dtype="bf16",
+                gradient_checkpointing=True)
+    main, other = estimate(plan), estimate(plan, main=False)
+    main_rows = {r.name: r for r in main.rows}
+    whole = main_rows["the whole model, read once and broadcast (main process)"]
+    assert whole.bytes == n * 2 and whole.host and whole.phases == {"load"}  # bf16, host memory, at load only
+    assert not any(r.name.startswith("the whole model") for r in other.rows)  # only the main process reads it
+    assert main_rows["one whole tensor in flight (broadcast)"].bytes == 151_936 * 5120 * 2
+    offloaded = [r for r in main.rows if "(in host memory)" in r.name]
+    assert {r.name.split(" (")[0] for r in offloaded} == {"trained weights", "EMA teacher", "Adam moments", "gradients"}
+    assert all(r.host for r in offloaded) and sum(r.bytes for r in offloaded) == n * (4 + 2 + 8 + 4) / 8
+    assert main.host_peak == main.phase_peak("load", host=True) > other.host_peak  # the main process, loading
+    assert main.phase_peak("save") - other.phase_peak("save") == shape.largest_tensor * 4  # one whole tensor
+    assert main.peak < 141 * GIB  # the 32B config fits its GPUs
+
+
+def test_cpu_processes_count_everything_as_resident_memory():
+    plan = Plan("Qwen3-0.6B", device="cpu", gpus=2, fsdp=True, prompt_tokens=200, completion_tokens=8,
+                num_generations=2, prompts_per_step=2)
+    n = Shape.of(shape_values("Qwen3-0.6B")).parameters
+    main, other = estimate(plan), estimate(plan, main=False)
+    assert "CUDA context" not in parts(plan)
+    assert other.phase_peak("load") == pytest.approx(0.45 * GIB + n * 8 / 2 + 151_936 * 1024 * 4)  # shards + 1 tensor
+    assert main.phase_peak("load") >= 0.45 * GIB + n * 4  # the whole fp32 model, read once
+    single = parts(dataclasses.replace(plan, gpus=1, fsdp=False))
+    assert parts(plan, main=False)["trained weights (fp32 shards)"] == single["trained weights (fp32)"] / 2
 
 
 def test_activations_follow_tokens_and_checkpointing():
@@ -64,7 +94,7 @@ def test_activations_follow_tokens_and_checkpointing():
 
 
 def test_largest_micro_batch_is_the_edge_of_fitting():
-    plan = Plan("Qwen3-4B", gpu_memory_gib=80, prompts_per_step=16, gradient_checkpointing=True)
+    plan = Plan("Qwen3-4B", gpu_memory_gib=80, prompts_per_step=16, gradient_checkpointing=True, teacher_dtype="bf16")
     most = largest_micro_batch(plan)
     assert 1 <= most < 16
     assert estimate(dataclasses.replace(plan, micro_batch_prompts=most)).peak <= 80 * GIB
@@ -77,9 +107,18 @@ def test_the_command(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Qwen3-8B: 8.19B parameters, 36 layers" in out and "DOES NOT FIT" in out
+    assert "host memory per node (1 process(es))" in out
     assert "levers (peak with each alone):" in out and "--gradient-checkpointing true" in out
-    assert main([*args, "--gradient-checkpointing", "--master-weights", "bf16", "--rollout-engine", "vllm"]) == 0
+    assert main([*args, "--gradient-checkpointing", "--master-weights", "bf16", "--rollout-engine", "vllm",
+                 "--teacher-dtype", "bf16"]) == 0
     out = capsys.readouterr().out
     assert ": fits" in out and "largest micro-batch that fits:" in out
     assert main(["memory", "--model", "random:Qwen3-9B"]) == 2
     assert "Qwen3-9B: not a known size" in capsys.readouterr().err
+    assert main(["memory", "--model", "Qwen3-8B", "--optimizer-offload"]) == 2
+    assert "it needs --fsdp" in capsys.readouterr().err
+    assert main(["memory", "--model", "Qwen3-32B", "--gpus", "8", "--fsdp", "--gpu-memory-gib", "141",
+                 "--gradient-checkpointing", "--optimizer-offload", "--teacher-dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "the whole model, read once and broadcast (main process)" in out and "host memory per node (8" in out
+    assert ": fits" in out

@@ -1,24 +1,35 @@
-"""``caopd memory``: peak memory per GPU (or CPU process) of a CaOPD run, estimated before launching it.
+"""``caopd memory``: what each process of a CaOPD run holds, phase by phase, estimated before launching it.
 
-Analytic, from the model's shape (``model_shapes``) and the run's settings. Two phases peak apart:
-*generation* (the engine samples; gradients were freed after the last step) and *training* (one
-micro-batch's forward and backward). Persistent in both: the trained weights, Adam's moments, the
-EMA teacher, the rollout copy; training adds the gradients, the saved activations, the fused
-loss's buffers and transient per-layer work; generation adds the engine's KV cache (transformers)
-or its memory share (vLLM colocated: sleep mode frees it while the step trains).
+Analytic, from the model's shape (``model_shapes``) and the run's settings, row by row: every
+component the trainer allocates, the phases in which it is alive, and where (the GPU, or the
+process's host memory; on ``--device cpu`` both are the process's resident memory). Phases:
+
+- *load*: building the models. One process builds the student and copies it as the teacher. Under
+  FSDP every process builds both on the meta device; the main process reads the whole model once
+  (in the compute precision) and broadcasts it tensor by tensor into the shards: it holds one whole
+  model, the others their shards plus one tensor in flight.
+- *generation*: the engine samples (gradients were freed after the last step). The transformers
+  engine samples from the training weights (under FSDP the sharded model, layer by layer); vLLM
+  holds its memory share and receives whole tensors one at a time after each step.
+- *training*: one micro-batch's forward and backward, then the optimizer step (gradients and Adam's
+  moments together).
+- *save*: a checkpoint or ``final/``, written a tensor at a time (under FSDP the main process
+  gathers one whole tensor at a time).
 
 Activations: saved tensors per token per layer of a Qwen3 decoder layer under autograd, counted
 from its forward: the two RMSNorm inputs and outputs (4 H), q and k before and after their norm and
 RoPE, v, the attention output, the K/V repeated for grouped-query SDPA (5 Hq + 3 Hkv, Hq = query
 heads x head_dim, Hkv = KV heads x head_dim), gate, up, SiLU(gate) and their product (4 I). With
 gradient checkpointing only each layer's input (H) is kept, plus one layer recomputed. The shared
-prefix runs prefix + K completions instead of K x (prefix + completion) tokens; the completions
-then attend to the prefix's keys and values repeated K times (counted). Validated against measured
-peaks on CPU (``benchmarks/memory_check.py``).
+prefix runs prefix + K completions instead of K x (prefix + completion) tokens; on the cache path
+the completions attend to the prefix's keys and values repeated K times (counted).
+
+Checked against measured peaks on CPU, one process and a 2-process FSDP run
+(``benchmarks/memory_check.py``, ``tests/test_fsdp_memory.py``); unchecked on GPUs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from caopd_kernels.fused_linear_kl import DEFAULT_MEMORY_BUDGET as LOSS_BUDGET
 from caopd_kernels.fused_linear_kl import MIN_CHUNK_TOKENS
@@ -26,7 +37,15 @@ from caopd_kernels.fused_linear_kl import MIN_CHUNK_TOKENS
 from caopd.modeling.model_shapes import shape_values
 
 GIB = 2**30
-CUDA_CONTEXT = 0.6 * GIB  # the CUDA context and kernels of one process (typical)
+CUDA_CONTEXT = 0.6 * GIB  # the CUDA context and kernels of one process on its GPU (typical)
+# A process's own host memory before any model: the interpreter, torch, transformers, the tokenizer.
+# Measured on CPU (torch 2.13.0+cpu): 0.40 GiB with a trained tokenizer, 0.51 GiB with Qwen3's; a CUDA
+# process maps the CUDA libraries as well (typical, unmeasured here).
+FIXED_CPU_PROCESS = 0.45 * GIB
+FIXED_CUDA_PROCESS = 2.5 * GIB
+PHASES = ("load", "generation", "training", "save")
+STEADY = frozenset(PHASES)  # held from the load on
+AFTER_LOAD = frozenset(PHASES[1:])
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,11 @@ class Shape:
     def parameters(self) -> int:
         return self.layers * self.layer_parameters + self.embedding_parameters + self.hidden
 
+    @property
+    def largest_tensor(self) -> int:
+        """Elements of the largest single tensor: the embedding (and lm_head), or an MLP matrix."""
+        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
+
     def saved_per_token_layer(self, liger: bool = False) -> int:
         """Elements autograd keeps per token per decoder layer (see the module docstring); with
         Liger's SwiGLU (gate and up only) and in-place RoPE (no rotated copies kept)."""
@@ -73,8 +97,8 @@ class Shape:
 @dataclass(frozen=True)
 class Plan:
     model: str
-    gpus: int = 1
-    gpu_memory_gib: float = 80.0
+    gpus: int = 1  # processes (one a GPU; on --device cpu, CPU processes)
+    gpu_memory_gib: float = 80.0  # each process's budget (on --device cpu: the machine's memory)
     prompt_tokens: int = 1024
     completion_tokens: int = 1024
     num_generations: int = 8
@@ -86,21 +110,49 @@ class Plan:
     shared_prefix: bool = True
     rollout_engine: str = "transformers"
     vllm_gpu_memory_utilization: float = 0.3
-    optimizer_offload: bool = False
+    optimizer_offload: bool = False  # with fsdp: FSDP2's CPUOffloadPolicy (--fsdp-cpu-offload)
     liger_kernels: bool = False
     master_weights: str = "fp32"  # or bf16 (stochastic-rounding AdamW)
+    teacher_dtype: str = "fp32"  # or bf16
     device: str = "cuda"  # "cpu": fp32 everywhere, no CUDA context, no vLLM share
+    processes_per_node: int = 8
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    bytes: float
+    phases: frozenset = field(default=STEADY)
+    host: bool = False  # host memory of a GPU process (on --device cpu every row is the process's)
 
 
 @dataclass
 class Estimate:
-    rows: list[tuple[str, float]]  # (component, bytes)
-    generation_peak: float
-    training_peak: float
+    rows: list[Row]
+    cpu: bool
+
+    def phase_peak(self, phase: str, host: bool = False) -> float:
+        return sum(r.bytes for r in self.rows if phase in r.phases and (r.host == host or self.cpu))
+
+    def peaks(self, host: bool = False) -> dict[str, float]:
+        return {phase: self.phase_peak(phase, host) for phase in PHASES}
 
     @property
     def peak(self) -> float:
-        return max(self.generation_peak, self.training_peak)
+        """The process's peak: its GPU memory, or on --device cpu its resident memory."""
+        return max(self.peaks().values())
+
+    @property
+    def host_peak(self) -> float:
+        return max(self.peaks(host=True).values())
+
+    @property
+    def generation_peak(self) -> float:
+        return self.phase_peak("generation")
+
+    @property
+    def training_peak(self) -> float:
+        return self.phase_peak("training")
 
 
 def _lora_parameters(shape: Shape, r: int) -> int:
@@ -110,47 +162,58 @@ def _lora_parameters(shape: Shape, r: int) -> int:
     return shape.layers * per_layer
 
 
-def estimate(plan: Plan, values: dict | None = None) -> Estimate:
-    shape = Shape.of(values or shape_values(plan.model))
-    cpu = plan.device == "cpu"
-    n = shape.parameters
+def _weights(plan: Plan, shape: Shape, main: bool) -> list[Row]:
+    """The student, the teacher, Adam's moments and the gradients, with their load-time copies."""
+    cpu, n, lora = plan.device == "cpu", shape.parameters, plan.lora_r > 0
     shard = plan.gpus if plan.fsdp else 1
-    compute = 4 if cpu else 2  # bytes of an activation / compute weight
-    lora = plan.lora_r > 0
+    compute = 4 if cpu else 2
     trainable = _lora_parameters(shape, plan.lora_r) if lora else n
     master = 4 if cpu or plan.master_weights == "fp32" or lora else 2
-    rows: list[tuple[str, float]] = []
-    if lora:  # the frozen base in the compute dtype, the adapters in fp32
-        rows.append(("base weights (frozen)", n * compute / shard))
-        rows.append(("adapters", trainable * 4 / shard))
-    else:
-        rows.append(("trained weights" + (" (fp32 master)" if master == 4 and not cpu else ""), n * master / shard))
-    moments = 2 * trainable * (4 if master == 4 else 2) / shard
-    rows.append(("Adam moments" + (" (offloaded to CPU)" if plan.optimizer_offload and not plan.fsdp else ""),
-                 0.0 if plan.optimizer_offload and not plan.fsdp else moments))
-    if lora:
-        rows.append(("EMA teacher (adapters; the base is shared)", trainable * 4 / shard))
-    else:
-        teacher_bytes = 4 if cpu or plan.fsdp else 2
-        rows.append(("EMA teacher", n * teacher_bytes / shard))
+    teacher = 4 if plan.teacher_dtype == "fp32" else 2
     offloaded = plan.fsdp and plan.optimizer_offload and not cpu  # FSDP2's CPUOffloadPolicy: shards, grads, Adam
-    if offloaded:
-        host = sum(b for _, b in rows) + trainable * 4 / shard  # + the gradients
-        rows = [(f"{name} (in CPU memory)", 0.0) for name, _ in rows]
-        rows.append((f"host memory per process, not on the GPU: {host / GIB:.1f} GiB", 0.0))
-    if plan.fsdp and not cpu:  # both roots (embeddings, lm_heads) gathered in bf16 through the step
-        rows.append(("FSDP gathered roots + 2 layers in flight", 2 * (shape.embedding_parameters * 2)
-                     + 2 * 2 * shape.layer_parameters * 2))
-    if plan.fsdp:
-        rows.append(("whole rollout copy (per process)", n * compute))
-    if not cpu:
-        rows.append(("CUDA context", CUDA_CONTEXT))
-    persistent = sum(b for _, b in rows)
+    where = " (in host memory)" if offloaded else ""
+    rows = []
+    if lora:  # the frozen base in the compute dtype, the adapters in fp32; the teacher: adapters
+        rows += [Row("base weights (frozen)", n * compute), Row("adapters", trainable * 4),
+                 Row("EMA teacher (adapters; the base is shared)", trainable * 4)]
+    else:
+        rows += [Row(f"trained weights ({'fp32' if master == 4 else 'bf16'}{' shards' if plan.fsdp else ''})"
+                     + where, n * master / shard, host=offloaded),
+                 Row(f"EMA teacher ({'fp32' if teacher == 4 else 'bf16'}{' shards' if plan.fsdp else ''})" + where,
+                     n * teacher / shard, host=offloaded)]
+    moments = 2 * trainable * (4 if master == 4 else 2) / shard
+    rows.append(Row("Adam moments" + where, moments, AFTER_LOAD, host=offloaded))
+    rows.append(Row("gradients" + where, trainable * 4 / shard, frozenset({"training"}), host=offloaded))
+    load = frozenset({"load"})
+    if plan.fsdp:  # the main process reads the whole model once; the others receive one tensor at a time
+        if main and cpu:  # in the same memory as the shards it fills while it frees itself
+            beyond = max(0.0, n * compute - n * (master + teacher) / shard)
+            rows.append(Row("the whole model read once (main process), beyond its shards", beyond, load))
+        elif main:
+            rows.append(Row("the whole model, read once and broadcast (main process)", n * compute, load, host=True))
+        rows.append(Row("one whole tensor in flight (broadcast)", shape.largest_tensor * compute, load))
+    elif not cpu:  # one process: built in host memory, then moved to the GPU
+        rows.append(Row("student and teacher, built in host memory before moving", n * (master + teacher), load,
+                        host=True))
+    return rows
 
-    # training phase, one micro-batch
+
+def _sharded_compute(plan: Plan, shape: Shape) -> list[Row]:
+    """What FSDP2 gathers for compute: the root (both models' embeddings, norms, lm_heads, kept
+    gathered from the first forward of a step to the end of its backward) and layers in flight."""
+    compute = 4 if plan.device == "cpu" else 2
+    after = frozenset({"generation", "training"})
+    return [Row("FSDP root gathered: both models' embeddings and lm_heads", 2 * shape.embedding_parameters * compute,
+                after),
+            Row("FSDP decoder layers in flight (2, prefetch)", 2 * shape.layer_parameters * compute, after),
+            Row("FSDP one layer's unsharded gradient (fp32)", shape.layer_parameters * 4, frozenset({"training"}))]
+
+
+def _training(plan: Plan, shape: Shape) -> list[Row]:
+    """One micro-batch's forward and backward."""
+    compute = 4 if plan.device == "cpu" else 2
     p, c, k, mb = plan.prompt_tokens, plan.completion_tokens, plan.num_generations, plan.micro_batch_prompts
     student_tokens = mb * (p + k * c) if plan.shared_prefix else mb * k * (p + c)
-    grads = 0.0 if offloaded else trainable * 4 / shard
     per_layer = shape.saved_per_token_layer(plan.liger_kernels) * compute
     if plan.gradient_checkpointing:
         saved = student_tokens * shape.hidden * compute * shape.layers + student_tokens * per_layer
@@ -159,29 +222,54 @@ def estimate(plan: Plan, values: dict | None = None) -> Estimate:
     if plan.shared_prefix and not plan.gradient_checkpointing and not plan.fsdp:  # cache path: prefix K/V x K
         saved += mb * k * p * (2 * shape.kv_width + 2 * shape.q_width) * compute * shape.layers
     completion_rows = mb * k * c
-    hidden_rows = 3 * completion_rows * shape.hidden * 4  # student rows, their gradient, teacher rows
     # chunk buffers (caopd_kernels' budget rule: [C, V] fp32, 2 of them for reverse KL; C from the budget,
     # at most the micro-batch's completion tokens) + the lm_head's fp32 dW, stored from forward to backward
     chunk = min(completion_rows, max(MIN_CHUNK_TOKENS, LOSS_BUDGET // (2 * shape.vocab * 4)))
-    loss = 2 * chunk * shape.vocab * 4 + shape.vocab * shape.hidden * 4
-    teacher_cache = mb * k * (p + c) * shape.layers * 2 * shape.kv_width * compute  # the teacher's prefix cache
-    training = [("gradients", grads), ("student activations (saved for backward)", saved),
-                ("final hidden rows (both models)", hidden_rows), ("fused loss: chunk buffers + lm_head dW", loss),
-                ("teacher forward: prefix cache of the micro-batch", teacher_cache)]
+    training = frozenset({"training"})
+    return [Row("student activations (saved for backward)", saved, training),
+            Row("final hidden rows (both models)", 3 * completion_rows * shape.hidden * 4, training),
+            Row("fused loss: chunk buffers + lm_head dW", 2 * chunk * shape.vocab * 4 + shape.vocab * shape.hidden * 4,
+                training),
+            Row("teacher forward: prefix cache of the micro-batch",
+                mb * k * (p + c) * shape.layers * 2 * shape.kv_width * compute, training)]
 
-    # generation phase
-    if plan.rollout_engine == "vllm" and not cpu:
-        generation = [("vLLM (colocated: its memory share; asleep while training)",
-                       plan.vllm_gpu_memory_utilization * plan.gpu_memory_gib * GIB)]
-    else:
-        kv = k * (p + c) * shape.layers * 2 * shape.kv_width * compute  # one prompt's K rows at a time
-        generation = [("generation: KV cache + logits of one prompt's K samples", kv + k * shape.vocab * 4 * 2)]
-    rows += training + generation
-    return Estimate(rows, persistent + sum(b for _, b in generation), persistent + sum(b for _, b in training))
+
+def _generation(plan: Plan, shape: Shape) -> list[Row]:
+    compute = 4 if plan.device == "cpu" else 2
+    generation = frozenset({"generation"})
+    p, c, k = plan.prompt_tokens, plan.completion_tokens, plan.num_generations
+    if plan.rollout_engine == "vllm" and plan.device != "cpu":
+        rows = [Row("vLLM (colocated: its memory share; asleep while training)",
+                    plan.vllm_gpu_memory_utilization * plan.gpu_memory_gib * GIB, generation)]
+        whole = shape.largest_tensor * (compute + (4 if plan.fsdp else 0))  # gathered fp32, sent bf16
+        return rows + [Row("weights to vLLM: one whole tensor at a time", whole, generation)]
+    kv = k * (p + c) * shape.layers * 2 * shape.kv_width * compute  # one prompt's K rows at a time
+    return [Row("generation: KV cache + logits of one prompt's K samples", kv + k * shape.vocab * 4 * 2, generation)]
+
+
+def _saving(plan: Plan, shape: Shape, main: bool) -> list[Row]:
+    if not plan.fsdp or not main:
+        return []
+    return [Row("final save: one whole tensor gathered (main process)", shape.largest_tensor * 4, frozenset({"save"}))]
+
+
+def estimate(plan: Plan, values: dict | None = None, main: bool = True) -> Estimate:
+    """Every row a process holds (``main``: the main process, which loads the whole model under FSDP)."""
+    shape = Shape.of(values or shape_values(plan.model))
+    cpu = plan.device == "cpu"
+    rows = [Row("interpreter, libraries, tokenizer (fixed)", FIXED_CPU_PROCESS if cpu else FIXED_CUDA_PROCESS,
+                host=True)]
+    if not cpu:
+        rows.append(Row("CUDA context", CUDA_CONTEXT))
+    rows += _weights(plan, shape, main)
+    if plan.fsdp:
+        rows += _sharded_compute(plan, shape)
+    rows += _training(plan, shape) + _generation(plan, shape) + _saving(plan, shape, main)
+    return Estimate(rows, cpu)
 
 
 def largest_micro_batch(plan: Plan, values: dict | None = None) -> int:
-    """The most prompts a micro-batch can hold within the GPU memory (0: not even one)."""
+    """The most prompts a micro-batch can hold within the memory budget (0: not even one)."""
     best = 0
     per_process = max(1, plan.prompts_per_step // (plan.gpus if plan.fsdp else 1))
     for mb in range(1, per_process + 1):
@@ -198,9 +286,11 @@ def levers(plan: Plan, values: dict | None = None) -> list[str]:
         options.append(("--gradient-checkpointing true", replace(plan, gradient_checkpointing=True)))
     if plan.micro_batch_prompts > 1:
         options.append(("--micro-batch-prompts 1", replace(plan, micro_batch_prompts=1)))
-    if plan.fsdp and not plan.optimizer_offload:
-        options.append(("--fsdp-cpu-offload true (shards, gradients, Adam states in CPU memory)",
+    if plan.fsdp and not plan.optimizer_offload and plan.device != "cpu":
+        options.append(("--fsdp-cpu-offload true (shards, gradients, Adam states in host memory)",
                         replace(plan, optimizer_offload=True)))
+    if plan.teacher_dtype == "fp32" and plan.lora_r == 0:
+        options.append(("--teacher-dtype bf16", replace(plan, teacher_dtype="bf16")))
     if not plan.fsdp or plan.gpus == 1:
         options.append(("--fsdp true on 8 GPUs", replace(plan, fsdp=True, gpus=8)))
     if not plan.liger_kernels and plan.device != "cpu":
@@ -215,27 +305,56 @@ def levers(plan: Plan, values: dict | None = None) -> list[str]:
     return [f"{name}: {peak / GIB:.1f} GiB" for peak, name in sorted(scored)]
 
 
-def report(plan: Plan) -> str:
-    """The table ``caopd memory`` prints."""
+def _table(estimate: Estimate, host: bool) -> str:
     from caopd.evaluation.tables import format_table
 
+    rows = [r for r in estimate.rows if estimate.cpu or r.host == host]
+    when = ["always" if r.phases == STEADY else ", ".join(p for p in PHASES if p in r.phases) for r in rows]
+    return format_table(["component", "GiB", "held during"], [[r.name, f"{r.bytes / GIB:.2f}", w]
+                                                               for r, w in zip(rows, when)])
+
+
+def _phases_line(peaks: dict[str, float]) -> str:
+    return ", ".join(f"{phase} {value / GIB:.1f}" for phase, value in peaks.items())
+
+
+def report(plan: Plan) -> str:
+    """The tables ``caopd memory`` prints: each process's memory by phase, and where it fits."""
     values = shape_values(plan.model)
     shape = Shape.of(values)
+    cpu = plan.device == "cpu"
     result = estimate(plan, values)
-    where = "CPU process" if plan.device == "cpu" else f"GPU (of {plan.gpus})"
+    processes = f"{plan.gpus} process(es){' (FSDP2)' if plan.fsdp else ''}"
+    where = "CPU process" if cpu else "GPU"
     lines = [f"{plan.model}: {shape.parameters / 1e9:.2f}B parameters, {shape.layers} layers, vocabulary "
-             f"{shape.vocab}; per {where}; prompt {plan.prompt_tokens} + completion {plan.completion_tokens} "
-             f"tokens, K = {plan.num_generations}, {plan.micro_batch_prompts} prompt(s) a micro-batch", ""]
-    lines.append(format_table(["component", "GiB"], [[name, f"{b / GIB:.2f}"] for name, b in result.rows]))
+             f"{shape.vocab}; {processes}, per {where}; prompt {plan.prompt_tokens} + completion "
+             f"{plan.completion_tokens} tokens, K = {plan.num_generations}, {plan.micro_batch_prompts} prompt(s) a "
+             "micro-batch", ""]
     budget = plan.gpu_memory_gib * GIB
-    lines += ["", f"peak: generation {result.generation_peak / GIB:.1f} GiB, training {result.training_peak / GIB:.1f}"
-              f" GiB -> {result.peak / GIB:.1f} GiB of {plan.gpu_memory_gib:g} GiB: "
-              + ("fits" if result.peak <= budget else "DOES NOT FIT")]
-    if plan.device != "cpu":
+    other = estimate(plan, values, main=False) if plan.fsdp else result
+    if cpu:  # the processes share the machine's memory
+        total = result.peak + (plan.gpus - 1) * other.peak
+        verdict = (f"{plan.gpus} process(es) together {total / GIB:.1f} GiB of {plan.gpu_memory_gib:g} GiB of RAM: "
+                   + ("fits" if total <= budget else "DOES NOT FIT"))
+    else:
+        verdict = f"{result.peak / GIB:.1f} GiB of {plan.gpu_memory_gib:g} GiB: " + \
+            ("fits" if result.peak <= budget else "DOES NOT FIT")
+    lines += [("memory of each process (resident)" if cpu else "GPU memory of each process"),
+              _table(result, host=False), "",
+              f"peak by phase (GiB): {_phases_line(result.peaks())}"
+              + (f"; the other processes {_phases_line(other.peaks())}" if plan.fsdp else ""),
+              f"peak: {result.peak / GIB:.1f} GiB" + (f" (the others {other.peak / GIB:.1f} GiB)" if plan.fsdp else "")
+              + f" -> {verdict}"]
+    if not cpu:
+        per_node = min(plan.gpus, plan.processes_per_node)
+        node = result.host_peak + (per_node - 1) * other.host_peak
+        lines += ["", "host memory of each process", _table(result, host=True), "",
+                  f"host peak by phase (GiB): {_phases_line(result.peaks(host=True))}"
+                  + (f"; the other processes {_phases_line(other.peaks(host=True))}" if plan.fsdp else ""),
+                  f"host memory per node ({per_node} process(es)): {node / GIB:.1f} GiB at most"]
         most = largest_micro_batch(plan, values)
         lines.append(f"largest micro-batch that fits: {most} prompt(s)" if most else
                      "largest micro-batch that fits: none")
         if result.peak > budget or most < plan.micro_batch_prompts:
             lines += ["levers (peak with each alone):", *(f"  {x}" for x in levers(plan, values))]
     return "\n".join(lines)
-

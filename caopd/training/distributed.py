@@ -26,14 +26,17 @@ from caopd.errors import InputError
 class Ranks:
     rank: int = 0
     world: int = 1
+    backend: str = ""  # the process group's, when there is one
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def backend_for(cuda: bool, cpu_offload: bool) -> str:
+def backend_for(cuda: bool, cpu_offload: bool, choice: str = "auto") -> str:
     """The process group's backend: per device type where host tensors meet collectives."""
+    if choice == "gloo":
+        return "gloo"
     if cuda:
         return "cpu:gloo,cuda:nccl" if cpu_offload else "nccl"
     return "cpu:gloo" if cpu_offload else "gloo"
@@ -43,18 +46,21 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def join_process_group(timeout_minutes: float = 30.0, cpu_offload: bool = False) -> Ranks:
-    """The process's rank and the world size; joins the process group under a multi-process launch."""
+def join_process_group(timeout_minutes: float = 30.0, cpu_offload: bool = False, backend: str = "auto") -> Ranks:
+    """The process's rank and the world size; joins the process group under a multi-process launch.
+    Process i of a node uses GPU i (modulo the GPUs there: processes may share one, with gloo)."""
     if launched_processes() == 1:
         return Ranks()
     import torch.distributed as dist
 
+    backend = backend_for(torch.cuda.is_available(), cpu_offload, backend)
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend_for(cuda, cpu_offload), timeout=timedelta(minutes=timeout_minutes))
-    return Ranks(dist.get_rank(), dist.get_world_size())
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    else:
+        backend = str(dist.get_backend())
+    return Ranks(dist.get_rank(), dist.get_world_size(), backend)
 
 
 def rank_slice(count: int, ranks: Ranks) -> slice:

@@ -160,7 +160,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     if launched_processes() > 1 and not config.fsdp:
         raise InputError(f"{launched_processes()} processes need --fsdp true (each process would otherwise hold and "
                          "train a whole model of its own)")
-    ranks = join_process_group(config.distributed_timeout_minutes, config.fsdp_cpu_offload)
+    ranks = join_process_group(config.distributed_timeout_minutes, config.fsdp_cpu_offload, config.distributed_backend)
     quiet = quiet or not ranks.is_main  # one process logs, prints and writes the run's files
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
     check_engine_options(config, on_gpu=torch.cuda.is_available())
@@ -194,7 +194,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     own_engine = engine is None
     if own_engine:
         engine = build_engine(config, models, tokenizer, out, ranks)
-    memory = {"processes": ranks.world, "load": all_gather(peaks(), ranks)}
+    memory = {"processes": ranks.world, "process_group": ranks.backend, "load": all_gather(peaks(), ranks)}
     prompt_ids = [chat_ids(tokenizer, student_messages(e), config.chat_template_kwargs) for e in examples]
 
     def step_indices(step: int) -> list[int]:
@@ -221,6 +221,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     if not quiet and progress is None:
         print(json.dumps({"config": asdict(config), "total_steps": total_steps, "resumed_at_step": state.step,
                           "divergence": config.divergence, "forward_layout": layout, "processes": ranks.world,
+                          "process_group": ranks.backend,
                           "method": "CaOPD" if config.empirical_calibration else "OPD"}))
     history = []
     bar = tqdm(total=total_steps, initial=state.step, desc=progress or "train", disable=quiet)
