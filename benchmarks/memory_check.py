@@ -1,89 +1,80 @@
-"""`caopd memory`'s estimate against the measured peak of one real training step on this CPU.
+"""`caopd memory`'s estimate against the measured peak of real training runs on this CPU.
 
-Each setting runs in a fresh process: a minimal warm-up run (tiny-qwen3, one prompt, one 4-token
-completion) loads every module and thread pool the trainer uses, then the measured run — one step
-through the real trainer (rollouts, verify, loss, backward, Adam, EMA; no checkpoint) — under
-PeakRSS, the kernel benchmark's sampler
-of this process's resident memory. The estimate is `caopd.modeling.memory.estimate(device="cpu")` with the
-step's own prompt and completion lengths (the longest of the step's prompts, the completion cap).
+Each setting is a fresh `caopd train` process of two steps (rollouts, verify, loss, backward, Adam,
+EMA, checkpoint, final save); the trainer measures its own peak resident memory per phase
+(memory.json: VmHWM, reset at each phase). The estimate is `caopd memory --device cpu` for the same
+settings, with the steps' longest prompt and the completion cap. The 2-process FSDP comparison is
+benchmarks/fsdp_memory.py.
 
     python -m benchmarks.memory_check          # tiny and random:Qwen3-0.6B (about 5 minutes, 16 GB)
 Writes benchmarks/results/memory_cpu.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SHARED_SCIENCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "caopd" / "science_eval.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED_SCIENCE = ROOT.parent / "shared" / "data" / "caopd" / "science_eval.jsonl"
+PHASES = ("load", "steps", "checkpoint_save", "final_save")
 SETTINGS = {
-    "tiny-qwen3 (--config tiny)": ["--max-steps", "2"],
+    "tiny-qwen3 (--config tiny)": ["--max-steps", "2", "--save-every", "2"],
     "random:Qwen3-0.6B, K = 2": ["--model", "random:Qwen3-0.6B", "--tokenizer", "qwen3", "--dataset", "science",
                                  "--data", str(SHARED_SCIENCE), "--num-generations", "2", "--prompts-per-step", "1",
                                  "--micro-batch-prompts", "1", "--max-completion-length", "16",
-                                 "--max-prompt-length", "512", "--max-steps", "2"],
+                                 "--max-prompt-length", "512", "--max-steps", "2", "--save-every", "2"],
 }
 
 
-def worker(setting: str) -> dict:
-    from benchmarks.kernel_kl import PeakRSS, rss_bytes
+def measure(setting: str, out: Path) -> dict:
     from caopd.config import load_config
-    from caopd.modeling.memory import Plan, estimate
-    from caopd.training.trainer import train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        train(load_config("tiny", ["--output-dir", f"{tmp}/warm", "--max-steps", "2", "--num-generations", "1",
-                                   "--prompts-per-step", "1", "--micro-batch-prompts", "1", "--max-completion-length",
-                                   "4", "--max-prompt-length", "16"]), stop_after_steps=1, quiet=True)
-        config = load_config("tiny", [*SETTINGS[setting], "--output-dir", f"{tmp}/run"])
-        before = rss_bytes()
-        with PeakRSS() as peak:
-            result = train(config, stop_after_steps=1, quiet=True)
-    measured = peak.peak - before
-    (row,) = result["history"]
     from caopd.inputs.data import load_examples
     from caopd.inputs.prompts import student_messages
+    from caopd.modeling.memory import GIB, Plan, estimate
+    from caopd.modeling.models import load_tokenizer
     from caopd.training.loss import chat_ids
 
+    args = [*SETTINGS[setting], "--output-dir", str(out)]
+    done = subprocess.run([sys.executable, "-m", "caopd", "train", "--config", "tiny", *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode:
+        raise SystemExit(f"{setting}: {done.stderr.strip().splitlines()[-1]}")
+    memory = json.loads((out / "memory.json").read_text())
+    config = load_config("tiny", args)
+    tokenizer = load_tokenizer(config.model, str(out / "tokenizer"))
     examples = load_examples(config.data_path(), config.dataset, config.split)
-    prompt = max(len(chat_ids(result["tokenizer"], student_messages(examples[i]), config.chat_template_kwargs)
-                     [-config.max_prompt_length:]) for i in row["prompts"])
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    prompt = max(len(chat_ids(tokenizer, student_messages(examples[i]), config.chat_template_kwargs)
+                     [-config.max_prompt_length:]) for row in steps for i in row["prompts"])
     plan = Plan(config.model.removeprefix("random:"), prompt_tokens=prompt,
                 completion_tokens=config.max_completion_length, num_generations=config.num_generations,
                 prompts_per_step=config.prompts_per_step, micro_batch_prompts=config.micro_batch_prompts,
                 shared_prefix=config.shared_prefix, device="cpu")
     estimated = estimate(plan)
-    return {"setting": setting, "measured_gib": measured / 2**30, "estimated_gib": estimated.peak / 2**30,
-            "ratio": estimated.peak / measured, "prompt_tokens": prompt,
-            "rows": [(name, b / 2**30) for name, b in estimated.rows]}
+    measured = {phase: memory[phase][0]["host_gib"] for phase in PHASES}
+    peak = max(measured.values())
+    return {"setting": setting, "measured_gib": peak, "phases_gib": measured, "estimated_gib": estimated.peak / GIB,
+            "ratio": estimated.peak / GIB / peak, "prompt_tokens": prompt,
+            "rows": [(r.name, r.bytes / GIB) for r in estimated.rows]}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker)))
-        return
-    rows = []
-    for setting in SETTINGS:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_check", "--worker", setting],
-                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-        if proc.returncode:
-            raise SystemExit(f"{setting}: {proc.stderr.strip().splitlines()[-1]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
     import torch
 
     from benchmarks.kernel_kl import device_name, git_sha
 
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, setting in enumerate(SETTINGS):
+            rows.append(measure(setting, Path(tmp) / f"run{i}"))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "rows"}), flush=True)
     device, commit = device_name("cuda" if torch.cuda.is_available() else "cpu"), git_sha()
-    lines = ["| run | prompt tokens | measured peak extra GiB | estimated GiB | estimate / measured |",
+    lines = ["| run | prompt tokens | measured peak GiB | estimated GiB | estimate / measured |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['prompt_tokens']} | {r['measured_gib']:.3f} | {r['estimated_gib']:.3f} | "
               f"{r['ratio']:.2f} |" for r in rows]
@@ -94,9 +85,9 @@ def main() -> None:
     (RESULTS / "memory_cpu.json").write_text(json.dumps({"device": device, "commit": commit, "rows": rows},
                                                         indent=1) + "\n")
     (RESULTS / "memory_cpu.md").write_text(
-        f"# `caopd memory` against measured peaks (CPU)\n\n{device}; commit {commit}. Measured: peak resident "
-        "memory of one training step above the process's (warmed-up) start. Estimated: `caopd memory "
-        "--device cpu` for the same settings.\n\n" + "\n".join(lines) + "\n")
+        f"# `caopd memory` against measured peaks (CPU)\n\n{device}; commit {commit}. Measured: the peak resident "
+        "memory of a fresh `caopd train` process over its phases (memory.json; 2 steps). Estimated: `caopd memory "
+        "--device cpu` for the same settings (the fixed per-process cost included).\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -206,7 +206,9 @@ def _sharded_compute(plan: Plan, shape: Shape) -> list[Row]:
     return [Row("FSDP root gathered: both models' embeddings and lm_heads", 2 * shape.embedding_parameters * compute,
                 after),
             Row("FSDP decoder layers in flight (2, prefetch)", 2 * shape.layer_parameters * compute, after),
-            Row("FSDP one layer's unsharded gradient (fp32)", shape.layer_parameters * 4, frozenset({"training"}))]
+            Row("FSDP one layer's unsharded gradient (fp32)", shape.layer_parameters * 4, frozenset({"training"})),
+            Row("FSDP the root's unsharded gradient: student embeddings, lm_head (fp32)",
+                shape.embedding_parameters * 4, frozenset({"training"}))]
 
 
 def _training(plan: Plan, shape: Shape) -> list[Row]:
@@ -226,7 +228,14 @@ def _training(plan: Plan, shape: Shape) -> list[Row]:
     # at most the micro-batch's completion tokens) + the lm_head's fp32 dW, stored from forward to backward
     chunk = min(completion_rows, max(MIN_CHUNK_TOKENS, LOSS_BUDGET // (2 * shape.vocab * 4)))
     training = frozenset({"training"})
-    return [Row("student activations (saved for backward)", saved, training),
+    rows = []
+    micro_batches = -(-max(1, plan.prompts_per_step // (plan.gpus if plan.fsdp else 1)) // mb)
+    if plan.shared_prefix and not plan.gradient_checkpointing and not plan.fsdp and micro_batches > 1:
+        # the cache path runs every weight twice (prefix, then completions): autograd holds each weight's
+        # first gradient until the second arrives, beside the gradients accumulated by earlier micro-batches
+        trainable = _lora_parameters(shape, plan.lora_r) if plan.lora_r else shape.parameters
+        rows.append(Row("gradient buffers while accumulating (prefix + completion passes)", trainable * 4, training))
+    return rows + [Row("student activations (saved for backward)", saved, training),
             Row("final hidden rows (both models)", 3 * completion_rows * shape.hidden * 4, training),
             Row("fused loss: chunk buffers + lm_head dW", 2 * chunk * shape.vocab * 4 + shape.vocab * shape.hidden * 4,
                 training),
@@ -241,8 +250,10 @@ def _generation(plan: Plan, shape: Shape) -> list[Row]:
     if plan.rollout_engine == "vllm" and plan.device != "cpu":
         rows = [Row("vLLM (colocated: its memory share; asleep while training)",
                     plan.vllm_gpu_memory_utilization * plan.gpu_memory_gib * GIB, generation)]
-        whole = shape.largest_tensor * (compute + (4 if plan.fsdp else 0))  # gathered fp32, sent bf16
-        return rows + [Row("weights to vLLM: one whole tensor at a time", whole, generation)]
+        if plan.fsdp:  # one whole fp32 tensor gathered at a time (one process hands over its own tensors)
+            rows.append(Row("weights to vLLM: one whole tensor gathered at a time", shape.largest_tensor * 4,
+                            generation))
+        return rows
     kv = k * (p + c) * shape.layers * 2 * shape.kv_width * compute  # one prompt's K rows at a time
     return [Row("generation: KV cache + logits of one prompt's K samples", kv + k * shape.vocab * 4 * 2, generation)]
 

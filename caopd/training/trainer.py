@@ -99,6 +99,23 @@ def merge_step_stats(per_process: list[dict]) -> dict:
     return merged
 
 
+def metrics_row(step: int, stats: dict, sequences: int, grad_norm: float, lr: float, times: tuple, policy_version: int):
+    """One line of metrics.jsonl: the step's merged stats and timings (t0 start, t1 rollouts done,
+    t2 verified, t3 stepped)."""
+    t0, t1, t2, t3 = times
+    return {
+        "step": step, "loss": stats["loss"], "kl": stats["loss"], "grad_norm": grad_norm, "lr": lr,
+        "mean_p_acc": statistics.fmean(stats["p_acc"]), "rollout_accuracy": statistics.fmean(stats["correct"]),
+        "format_adherence": statistics.fmean(stats["format_adherence"]),
+        "wrong_reasons": dict(Counter(stats["reasons"])),
+        "mean_confidence": statistics.fmean(stats["confidences"]) if stats["confidences"] else None,
+        "mean_completion_tokens": stats["tokens"] / sequences, "teacher_fallbacks": stats["fallbacks"],
+        "tokens_per_s": stats["tokens"] / (t3 - t0), "time_generate": t1 - t0, "time_verify": t2 - t1,
+        "time_forward_backward": t3 - t2, "policy_version": policy_version,
+        "peak_host_gib": max(m["host_gib"] for m in stats["memory"]), "prompts": stats["prompts"],
+    }
+
+
 def check_engine_options(config: TrainConfig, on_gpu: bool) -> None:
     """Engine settings that cannot work together, as one line before any work."""
     if on_gpu and config.rollout_engine == "vllm" and config.vllm_placement == "colocate" and config.async_rollouts:
@@ -273,20 +290,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             stats = merge_step_stats(all_gather(step_stats(groups, targets, indices, tokens, loss_value), ranks))
             memory["steps"] = [merge_phase(a, b) for a, b in zip(memory.get("steps", [None] * ranks.world),
                                                                   stats["memory"])]
-            record = {
-                "step": state.step, "loss": stats["loss"], "kl": stats["loss"], "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0], "mean_p_acc": statistics.fmean(stats["p_acc"]),
-                "rollout_accuracy": statistics.fmean(stats["correct"]),
-                "format_adherence": statistics.fmean(stats["format_adherence"]),
-                "wrong_reasons": dict(Counter(stats["reasons"])),
-                "mean_confidence": statistics.fmean(stats["confidences"]) if stats["confidences"] else None,
-                "mean_completion_tokens": stats["tokens"] / sequences,
-                "teacher_fallbacks": stats["fallbacks"],
-                "tokens_per_s": stats["tokens"] / (t3 - t0), "time_generate": t1 - t0, "time_verify": t2 - t1,
-                "time_forward_backward": t3 - t2, "policy_version": policy_version,
-                "peak_host_gib": max(m["host_gib"] for m in stats["memory"]),
-                "prompts": stats["prompts"],
-            }
+            record = metrics_row(state.step, stats, sequences, float(grad_norm), scheduler.get_last_lr()[0],
+                                 (t0, t1, t2, t3), policy_version)
             history.append(record)
             if ranks.is_main:
                 with open(out / "metrics.jsonl", "a") as f:
