@@ -52,18 +52,11 @@ def train(args: list[str], processes: int) -> None:
         raise SystemExit(done.stderr[-2000:])
 
 
-def estimated(config: Path, tokenizer_dir: Path, run: Path, processes: int) -> list[float]:
-    from caopd.inputs.data import load_examples
-    from caopd.inputs.prompts import student_messages
+def estimated(config: Path, run: Path, processes: int) -> list[float]:
+    from benchmarks.memory_check import longest_prompt
     from caopd.modeling.memory import GIB, Plan, estimate
-    from caopd.modeling.models import load_tokenizer
-    from caopd.training.loss import chat_ids
 
-    tokenizer = load_tokenizer("tiny-qwen3", str(tokenizer_dir))
-    examples = load_examples(ROOT / "caopd" / "examples" / "arith_mc.jsonl", "science")
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    prompt = max(len(chat_ids(tokenizer, student_messages(examples[i]), {"enable_thinking": False}))
-                 for row in steps for i in row["prompts"])
+    prompt = longest_prompt(run, "tiny-qwen3", ROOT / "caopd" / "examples" / "arith_mc.jsonl", "science")
     plan = Plan(str(config), device="cpu", gpus=processes, fsdp=processes > 1, prompt_tokens=prompt,
                 completion_tokens=4, num_generations=2, prompts_per_step=2)
     return [estimate(plan, main=rank == 0).peak / GIB for rank in range(processes)]
@@ -86,7 +79,7 @@ def main() -> None:
                        "--overwrite", "true", *(["--fsdp", "true"] if processes > 1 else [])], processes)
                 memory = json.loads((run / "memory.json").read_text())
                 measured[processes] = {phase: [r["host_gib"] for r in memory[phase]] for phase in PHASES}
-                measured[processes]["estimated_peak"] = estimated(config, run / "tokenizer", run, processes)
+                measured[processes]["estimated_peak"] = estimated(config, run, processes)
             rows.append({"shape": label, "one": measured[1], "two": measured[2]})
             print(json.dumps(rows[-1]), flush=True)
     device, commit = device_name("cuda" if torch.cuda.is_available() else "cpu"), git_sha()

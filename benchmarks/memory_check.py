@@ -31,13 +31,23 @@ SETTINGS = {
 }
 
 
-def measure(setting: str, out: Path) -> dict:
-    from caopd.config import load_config
+def longest_prompt(run: Path, model: str, data: Path, dataset: str, max_prompt_length: int = 1024) -> int:
+    """Tokens of the longest student prompt the run's steps trained on (metrics.jsonl's prompts)."""
     from caopd.inputs.data import load_examples
     from caopd.inputs.prompts import student_messages
-    from caopd.modeling.memory import GIB, Plan, estimate
     from caopd.modeling.models import load_tokenizer
     from caopd.training.loss import chat_ids
+
+    tokenizer = load_tokenizer(model, str(run / "tokenizer"))
+    examples = load_examples(data, dataset)
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return max(len(chat_ids(tokenizer, student_messages(examples[i]), {"enable_thinking": False})[-max_prompt_length:])
+               for row in steps for i in row["prompts"])
+
+
+def measure(setting: str, out: Path) -> dict:
+    from caopd.config import load_config
+    from caopd.modeling.memory import GIB, Plan, estimate
 
     args = [*SETTINGS[setting], "--output-dir", str(out)]
     done = subprocess.run([sys.executable, "-m", "caopd", "train", "--config", "tiny", *args], capture_output=True,
@@ -46,11 +56,7 @@ def measure(setting: str, out: Path) -> dict:
         raise SystemExit(f"{setting}: {done.stderr.strip().splitlines()[-1]}")
     memory = json.loads((out / "memory.json").read_text())
     config = load_config("tiny", args)
-    tokenizer = load_tokenizer(config.model, str(out / "tokenizer"))
-    examples = load_examples(config.data_path(), config.dataset, config.split)
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    prompt = max(len(chat_ids(tokenizer, student_messages(examples[i]), config.chat_template_kwargs)
-                     [-config.max_prompt_length:]) for row in steps for i in row["prompts"])
+    prompt = longest_prompt(out, config.model, config.data_path(), config.dataset, config.max_prompt_length)
     plan = Plan(config.model.removeprefix("random:"), prompt_tokens=prompt,
                 completion_tokens=config.max_completion_length, num_generations=config.num_generations,
                 prompts_per_step=config.prompts_per_step, micro_batch_prompts=config.micro_batch_prompts,

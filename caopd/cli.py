@@ -1,4 +1,5 @@
-"""``caopd train | eval | demo | memory | export``: parse arguments, call one function each, turn bad input into one line."""
+"""``caopd train | eval | demo | memory | export``: parse arguments, call one function each, turn bad input into
+one line."""
 from __future__ import annotations
 
 import argparse

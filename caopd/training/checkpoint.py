@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, load_model
 
 from caopd.errors import InputError
+from caopd.training.streamed_safetensors import fsync_file
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -43,14 +44,6 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done; the data position is step * prompts_per_step
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, value) -> None:
@@ -121,13 +114,13 @@ def _seal(tmp: Path, final: Path, step: int) -> None:
     """Sync every file of ``tmp``, write the manifest last, rename ``tmp`` to ``final``."""
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
-        _fsync(tmp / name)
+        fsync_file(tmp / name)
     _write_json(tmp / MANIFEST, {"step": step, "files": {name: (tmp / name).stat().st_size for name in files}})
-    _fsync(tmp / MANIFEST)
+    fsync_file(tmp / MANIFEST)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_file(final.parent)
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

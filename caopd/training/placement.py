@@ -1,11 +1,11 @@
 """Where the student and the teacher live, chosen once per run: one object the loop talks to.
 
-Three placements, one interface (``Models``), so the training loop never asks "is this FSDP?":
+Two placements, one interface (``Models``), so the training loop never asks "is this FSDP?" or
+"is this LoRA?":
 
 - ``SingleProcessModels``: one process holds the student and its EMA teacher whole (accelerate puts
-  them on the device, autocasts, clips).
-- ``LoraModels``: one process, adapters over a frozen base; the teacher is the EMA of the adapters
-  over the same base (caopd.training.lora), so the base is held once.
+  them on the device, autocasts, clips); with LoRA, adapters over a frozen base, and the teacher the
+  EMA of the adapters over the same base (caopd.training.lora), so the base is held once.
 - ``ShardedModels`` (caopd.training.fsdp): FSDP2 across the processes of a launch; no process holds
   a whole model (the main process holds one while it loads).
 
@@ -91,7 +91,7 @@ def place_models(config: TrainConfig, tokenizer, ranks: Ranks, *, fsdp: bool, cp
 
         return ShardedModels(config, tokenizer, ranks, use_bf16=use_bf16, cpu_offload=cpu_offload,
                              make_optimizer=lambda student: make_optimizer(config, student))
-    return (LoraModels if config.lora_r else SingleProcessModels)(config, tokenizer, use_bf16)
+    return SingleProcessModels(config, tokenizer, use_bf16)
 
 
 def _load_student(config: TrainConfig, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
@@ -146,65 +146,27 @@ def _save_folder(directory: Path, model: torch.nn.Module, tokenizer, dtype: torc
 
 
 class SingleProcessModels:
-    """One process, whole models: the student (trained) and a copy of it as the EMA teacher."""
+    """One process, whole models: the student (trained) and its EMA teacher, a copy of the student;
+    with LoRA (``--lora-r``), adapters trained over a frozen base and the teacher the EMA of the
+    adapters, swapped into the same base for its forwards (no second copy of the base)."""
 
     def __init__(self, config: TrainConfig, tokenizer, use_bf16: bool):
         student_dtype, teacher_dtype = training_dtypes(config, use_bf16)
         student = _load_student(config, tokenizer, student_dtype)
-        teacher = copy.deepcopy(student).to(teacher_dtype).requires_grad_(False).eval()
+        self.lora = config.lora_r > 0
+        if self.lora:
+            from caopd.training.lora import AdapterTeacher, add_lora
+
+            add_lora(student, config.lora_r, config.lora_alpha or 2 * config.lora_r,
+                     [m.strip() for m in config.lora_target_modules.split(",") if m.strip()])
+            if config.gradient_checkpointing:
+                student.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+            teacher = AdapterTeacher(student)
+        else:
+            teacher = copy.deepcopy(student).to(teacher_dtype).requires_grad_(False).eval()
         self.run = _Accelerated(student, make_optimizer(config, student), use_bf16)
         self.student, self.optimizer = self.run.student, self.run.optimizer
-        self.teacher = teacher.to(self.run.device)
-
-    def loss(self, loss_fn: Callable, batch, options: dict, share: float) -> float:
-        return self.run.loss(loss_fn, self.teacher, batch, options, share)
-
-    def clip_and_step(self, max_norm: float) -> float:
-        return self.run.clip_and_step(max_norm)
-
-    def update_teacher(self, alpha: float) -> None:
-        ema_update_(self.teacher, self.student, alpha)
-
-    def generation_engine(self, tokenizer, own_copy: bool):
-        from caopd.engines.hf import TransformersEngine
-
-        if own_copy:  # asynchronous rollouts: the engine samples while the weights change
-            return TransformersEngine(copy.deepcopy(self.student), tokenizer)
-        return TransformersEngine(self.student, tokenizer, live=True)
-
-    def weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        return full_tensors(self.student, self.run.device, dtype)
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
-
-    def save_checkpoint(self, directory: Path, state, scheduler, config: dict) -> Path:
-        return checkpoint.save_checkpoint(directory, state, self.student, self.teacher, self.run.raw_optimizer,
-                                          scheduler, config)
-
-    def resume(self, directory: Path, scheduler, warn) -> tuple[Path, checkpoint.TrainState]:
-        return checkpoint.resume(directory, self.student, self.teacher, self.run.raw_optimizer, scheduler, warn=warn)
-
-    def save_final(self, directory: Path, tokenizer) -> None:
-        _save_folder(directory, self.student, tokenizer, None)
-
-
-class LoraModels:
-    """One process, LoRA: adapters trained over a frozen base; the teacher is the EMA of the adapters
-    swapped into the same base for its forwards (no second copy of the base)."""
-
-    def __init__(self, config: TrainConfig, tokenizer, use_bf16: bool):
-        from caopd.training.lora import AdapterTeacher, add_lora
-
-        student_dtype, _ = training_dtypes(config, use_bf16)
-        student = _load_student(config, tokenizer, student_dtype)
-        add_lora(student, config.lora_r, config.lora_alpha or 2 * config.lora_r,
-                 [m.strip() for m in config.lora_target_modules.split(",") if m.strip()])
-        if config.gradient_checkpointing:
-            student.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
-        self.teacher = AdapterTeacher(student)
-        self.run = _Accelerated(student, make_optimizer(config, student), use_bf16)
-        self.student, self.optimizer = self.run.student, self.run.optimizer
+        self.teacher = teacher if self.lora else teacher.to(self.run.device)
         self.base_model, self.merge = config.model, config.merge_lora
 
     def loss(self, loss_fn: Callable, batch, options: dict, share: float) -> float:
@@ -214,7 +176,10 @@ class LoraModels:
         return self.run.clip_and_step(max_norm)
 
     def update_teacher(self, alpha: float) -> None:
-        self.teacher.ema_update_(alpha)
+        if self.lora:
+            self.teacher.ema_update_(alpha)
+        else:
+            ema_update_(self.teacher, self.student, alpha)
 
     def generation_engine(self, tokenizer, own_copy: bool):
         from caopd.engines.hf import TransformersEngine
@@ -231,13 +196,16 @@ class LoraModels:
 
     def save_checkpoint(self, directory: Path, state, scheduler, config: dict) -> Path:
         return checkpoint.save_checkpoint(directory, state, self.student, self.teacher, self.run.raw_optimizer,
-                                          scheduler, config, trainable_only=True)
+                                          scheduler, config, trainable_only=self.lora)
 
     def resume(self, directory: Path, scheduler, warn) -> tuple[Path, checkpoint.TrainState]:
         return checkpoint.resume(directory, self.student, self.teacher, self.run.raw_optimizer, scheduler, warn=warn,
-                                 trainable_only=True)
+                                 trainable_only=self.lora)
 
     def save_final(self, directory: Path, tokenizer) -> None:
+        if not self.lora:
+            _save_folder(directory, self.student, tokenizer, None)
+            return
         from caopd.training.lora import save_adapters
 
         save_adapters(self.student, directory, self.base_model, merge=self.merge)

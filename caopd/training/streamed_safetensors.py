@@ -61,7 +61,8 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
     return text + b" " * (-len(text) % 8)  # the data starts 8-byte aligned
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush ``path`` (a file or folder) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -83,7 +84,7 @@ def write_safetensors(path: str | Path, specs: list[TensorSpec], tensors: Iterab
             data = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
             f.write(memoryview(data.view(torch.uint8).numpy()))
             del data
-    _fsync(Path(path))
+    fsync_file(Path(path))
 
 
 def shard_plan(specs: list[TensorSpec], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[list[TensorSpec]]:
