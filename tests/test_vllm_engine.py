@@ -56,8 +56,12 @@ def greedy(max_tokens=12):
 def test_greedy_equals_transformers_engine(tiny, engine):
     tokenizer, model, _, prompts = tiny
     reference = [TransformersEngine(model, tokenizer).generate([p], 1, greedy()) for p in prompts]
-    assert engine.generate(prompts, 1, greedy()) == [r[0] for r in reference]
+    ours = engine.generate(prompts, 1, greedy())
+    assert ours == [r[0] for r in reference]
     assert all(r[0][0] for r in reference)  # non-empty texts: the comparison means something
+    # the sampled ids come back too, the same as transformers' (so the loss trains on what was sampled)
+    assert [c.token_ids for row in ours for c in row] == [c.token_ids for r in reference for c in r[0]]
+    assert all(c.token_ids and tokenizer.eos_token_id not in c.token_ids for row in ours for c in row)
 
 
 @needs_vllm

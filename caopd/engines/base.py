@@ -1,6 +1,9 @@
 """The rollout-engine interface the trainer talks to, and a scripted engine for tests.
 
-An engine takes prompts as token ids and returns ``n`` completion texts per prompt; after each
+An engine takes prompts as token ids and returns ``n`` completions per prompt, each a ``Completion``:
+its text (special tokens removed), carrying the token ids that were sampled, so the loss trains on
+the sequence the student produced rather than a re-tokenization of its text (a text does not
+always tokenize back to the ids that were sampled). After each
 optimizer step the trainer hands it the new weights, as a stream of ``(name, whole tensor)``
 pairs that the engine consumes one at a time (under FSDP each is gathered from the shards when
 the engine asks for it, so an engine that generates from the training weights themselves asks for
@@ -28,6 +31,31 @@ class SamplingParams:
     first_prompt: int = 0
 
 
+class Completion(str):
+    """A completion's text (a ``str`` everywhere text is expected) with ``token_ids``: the ids the
+    engine sampled, up to and without the end-of-sequence token (None when unknown)."""
+
+    token_ids: tuple[int, ...] | None
+
+    def __new__(cls, text: str, token_ids=None):
+        completion = super().__new__(cls, text)
+        completion.token_ids = None if token_ids is None else tuple(int(t) for t in token_ids)
+        return completion
+
+    def __reduce__(self):  # copies and pickles keep the ids
+        return Completion, (str(self), self.token_ids)
+
+
+def sampled_ids(ids, stop_ids: set[int]) -> tuple[int, ...]:
+    """The sampled ids up to (without) the first end-of-sequence or padding id."""
+    out = []
+    for token in ids:
+        if int(token) in stop_ids:
+            break
+        out.append(int(token))
+    return tuple(out)
+
+
 Weights = torch.nn.Module | dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
@@ -46,8 +74,8 @@ def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[str]]:
-        """``n`` completions (text, special tokens removed) for each prompt, in prompt order."""
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+        """``n`` completions (text, special tokens removed, with the sampled ids) for each prompt, in order."""
 
     def update_weights(self, weights: Weights) -> None:
         """Generate from these weights from now on."""

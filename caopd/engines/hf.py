@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from caopd.engines.base import SamplingParams, Weights, named_weights, prompt_seed
+from caopd.engines.base import Completion, SamplingParams, Weights, named_weights, prompt_seed, sampled_ids
 
 
 class TransformersEngine:
@@ -44,7 +44,7 @@ class TransformersEngine:
                 targets[name].copy_(tensor)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[str]]:
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -54,7 +54,7 @@ class TransformersEngine:
         finally:
             self.model.train(was_training)
 
-    def _sample(self, prompt: list[int], n: int, sampling: SamplingParams, seed: int, device) -> list[str]:
+    def _sample(self, prompt: list[int], n: int, sampling: SamplingParams, seed: int, device) -> list[Completion]:
         """n samples of one prompt (n equal rows, no padding), from its own seed."""
         input_ids = torch.tensor([prompt] * n, device=device)
         sample = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0) \
@@ -65,4 +65,7 @@ class TransformersEngine:
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=sampling.max_tokens,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
                 synced_gpus=self.synced, **sample))
-        return self.tokenizer.batch_decode(output[:, len(prompt):], skip_special_tokens=True)
+        new_tokens = output[:, len(prompt):]
+        stop = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [Completion(text, sampled_ids(ids.tolist(), stop)) for text, ids in zip(texts, new_tokens)]

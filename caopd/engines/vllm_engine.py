@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from caopd.engines.base import SamplingParams, Weights, named_weights, prompt_seed
+from caopd.engines.base import Completion, SamplingParams, Weights, named_weights, prompt_seed, sampled_ids
 from caopd.errors import InputError
 
 INSTALL_HINT = ("the vLLM engine needs vllm: pip install -e '.[gpu]' on a GPU machine (vllm==0.32.0), "
@@ -74,7 +74,7 @@ class VLLMEngine:
         self.weights_dropped = False
         self.weight_updates = 0
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[str]]:
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VLLMSamplingParams
 
         if not prompts:
@@ -82,7 +82,7 @@ class VLLMEngine:
         with self._on_engine_device():
             return self._generate(prompts, n, sampling, VLLMSamplingParams)
 
-    def _generate(self, prompts, n, sampling, VLLMSamplingParams) -> list[list[str]]:
+    def _generate(self, prompts, n, sampling, VLLMSamplingParams) -> list[list[Completion]]:
         self._wake()
         params = [VLLMSamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
                                      max_tokens=sampling.max_tokens,
@@ -94,8 +94,11 @@ class VLLMEngine:
             self.asleep = self.weights_dropped = True
         # decoded here, as TransformersEngine does: vLLM's incremental detokenizer holds back a
         # trailing incomplete UTF-8 sequence, so its texts could differ from the other engine's
-        decode = self.llm.get_tokenizer().batch_decode
-        return [decode([list(c.token_ids) for c in out.outputs], skip_special_tokens=True) for out in outputs]
+        tokenizer = self.llm.get_tokenizer()
+        stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        return [[Completion(text, sampled_ids(c.token_ids, stop)) for c, text in zip(
+            out.outputs, tokenizer.batch_decode([list(c.token_ids) for c in out.outputs], skip_special_tokens=True))]
+            for out in outputs]
 
     def update_weights(self, weights: Weights) -> None:
         with self._on_engine_device():

@@ -49,6 +49,7 @@ class DistillationTarget:
     teacher_messages: list[dict]
     p_acc: float
     used_fallback: bool
+    sampled_ids: tuple[int, ...] | None = None  # the ids the engine sampled for the whole completion
 
 
 def verify_rollouts(example: Example, completions: list[str], dataset: str) -> RolloutGroup:
@@ -78,5 +79,6 @@ def build_targets(group: RolloutGroup, dataset: str, teacher_mode: str, calibrat
             body, line = revise_completion(completion, group.p_acc)
         else:
             body, line = completion, None
-        targets.append(DistillationTarget(group.example, body, line, teacher, group.p_acc, fallback))
+        targets.append(DistillationTarget(group.example, body, line, teacher, group.p_acc, fallback,
+                                          getattr(completion, "token_ids", None)))
     return targets

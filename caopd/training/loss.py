@@ -34,8 +34,35 @@ def completion_ids(tokenizer, target: DistillationTarget, max_tokens: int) -> li
     tail = tokenizer("\n" + target.confidence_line, add_special_tokens=False).input_ids if target.confidence_line \
         else []
     tail = tail + [tokenizer.eos_token_id]
-    body = tokenizer(target.completion, add_special_tokens=False).input_ids
+    body = body_ids(tokenizer, target)
     return body[:max(0, max_tokens - len(tail))] + tail
+
+
+def body_ids(tokenizer, target: DistillationTarget) -> list[int]:
+    """The body's tokens: the ids the engine sampled, as far as they spell the body; only text the
+    target changed (a confidence statement removed from the end or the middle) is tokenized anew.
+    A text does not always tokenize back to its sampled ids: the student trains on what it produced."""
+    if target.sampled_ids is None:
+        return tokenizer(target.completion, add_special_tokens=False).input_ids
+    ids = list(target.sampled_ids)
+    kept = spelled_prefix(tokenizer, ids, target.completion)
+    rest = target.completion[len(tokenizer.decode(ids[:kept], skip_special_tokens=True)):]
+    return ids[:kept] + (tokenizer(rest, add_special_tokens=False).input_ids if rest else [])
+
+
+def spelled_prefix(tokenizer, ids: list[int], text: str) -> int:
+    """The most leading ids whose decoding is a prefix of ``text``: the whole sequence when it spells
+    ``text``, else found by bisection (O(n log n) decoding, for hostile text too)."""
+    def spells(count: int) -> bool:
+        return text.startswith(tokenizer.decode(ids[:count], skip_special_tokens=True))
+
+    if spells(len(ids)):
+        return len(ids)
+    low, high = 0, len(ids)  # spells(low) holds (the empty prefix), spells(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if spells(middle) else (low, middle)
+    return low
 
 
 @dataclass
