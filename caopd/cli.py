@@ -34,7 +34,7 @@ def _eval_parser(sub) -> None:
     g.add_argument("--max-tokens", type=int, default=2048)
     g.add_argument("--limit", type=int, help="the first N questions only")
     g.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
-                   help="auto: vLLM when installed and --model is a folder, else transformers")
+                   help="auto: vLLM when installed, a GPU is present and --model is a folder, else transformers")
     g.add_argument("--batch-size", type=int, default=16, help="questions an engine call")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-completions", help="completions JSONL (default: beside --output, or "

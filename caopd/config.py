@@ -29,7 +29,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
     "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels", "merge_lora",
-    "distributed_timeout_minutes", "distributed_backend"})
+    "distributed_timeout_minutes", "distributed_backend", "rollout_server", "rollout_server_timeout"})
 
 
 def option(default, help: str, group: str, choices: tuple | None = None):
@@ -74,8 +74,15 @@ class TrainConfig:
     teacher_dtype: str = option("fp32", "the EMA teacher's weights: fp32, or bf16 (half the memory and, under "
                                 "FSDP, half the gathers; the EMA by stochastic rounding)", "CaOPD", ("fp32", "bf16"))
 
-    rollout_engine: str = option("transformers", "model.generate on the training weights, or vLLM", "sampling",
-                                 ("transformers", "vllm"))
+    rollout_engine: str = option("auto", "auto (vLLM when it is installed and a GPU is present, else transformers), "
+                                 "transformers (model.generate on the training weights), vllm (in the trainer's "
+                                 "processes), or server (vLLM servers started by caopd rollout-server)", "sampling",
+                                 ("auto", "transformers", "vllm", "server"))
+    rollout_server: str = option("", "with --rollout-engine server: the servers' URLs, comma-separated "
+                                 "(http://HOST:PORT); each step's prompts are spread over them", "sampling")
+    rollout_server_timeout: float = option(600.0, "seconds a request to a rollout server may take, > 0", "sampling")
+    vllm_tensor_parallel_size: int = option(1, "with --rollout-engine vllm under torchrun: processes that share one "
+                                            "vLLM engine, each holding a slice of it", "sampling")
     vllm_placement: str = option("colocate", "GPU: colocate (sleep mode, shares the training GPU) or separate",
                                  "sampling", ("colocate", "separate"))
     vllm_device: int = option(-1, "with vllm_placement separate: the GPU index vLLM generates on", "sampling")
@@ -157,7 +164,7 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise InputError(f"config field {f.name!r} must be a finite number, got {value}")
         positive = ["num_generations", "prompts_per_step", "micro_batch_prompts", "max_prompt_length",
-                    "max_completion_length", "epochs", "save_every"]
+                    "max_completion_length", "epochs", "save_every", "vllm_tensor_parallel_size"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
@@ -165,7 +172,7 @@ class TrainConfig:
                      "max_grad_norm", "sampling_temperature"):
             if getattr(self, name) < 0:
                 raise InputError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "temperature", "distributed_timeout_minutes"):
+        for name in ("learning_rate", "temperature", "distributed_timeout_minutes", "rollout_server_timeout"):
             if getattr(self, name) <= 0:
                 raise InputError(f"config field {name!r} must be > 0, got {getattr(self, name)}")
         ranges = {"teacher_ema": (0.0, 1.0), "warmup_ratio": (0.0, 1.0), "vllm_gpu_memory_utilization": (0.0, 1.0)}
@@ -179,6 +186,9 @@ class TrainConfig:
         if not 0 <= self.train_rollouts <= self.num_generations:
             raise InputError(f"config field 'train_rollouts' must be in [0, num_generations], "
                              f"got {self.train_rollouts}")
+        if self.rollout_engine == "server" and not self.rollout_server.strip():
+            raise InputError("--rollout-engine server needs --rollout-server http://HOST:PORT (started by caopd "
+                             "rollout-server)")
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite exclude each other: continue the run, or replace it")
 

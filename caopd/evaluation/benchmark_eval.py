@@ -141,13 +141,14 @@ def generate_and_score(engine, tokenizer, examples: list[Example], dataset: str,
 
 
 def build_eval_engine(model: str, tokenizer_name: str, engine: str, max_tokens: int, seed: int):
-    """(engine, tokenizer) for ``caopd eval --model``: vLLM (when installed, or asked for) or transformers."""
-    from caopd.engines.vllm_engine import vllm_available
+    """(engine, tokenizer) for ``caopd eval --model``: vLLM (auto: installed, a GPU present and a model
+    folder; or asked for) or transformers."""
+    from caopd.engines.vllm_engine import resolve_engine
     from caopd.modeling.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model, tokenizer_name)
     if engine == "auto":
-        engine = "vllm" if vllm_available() and Path(model).is_dir() else "transformers"
+        engine = resolve_engine("auto") if Path(model).is_dir() else "transformers"
     if engine == "vllm":
         from caopd.engines.vllm_engine import VLLMEngine
 

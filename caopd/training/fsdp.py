@@ -152,7 +152,7 @@ class ShardedModels:
 
     def weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Whole tensors, gathered one at a time on every process (a collective)."""
-        return full_tensors(self.student, self.device, dtype)
+        return full_tensors(self.student, self.device, dtype, tied_once=False)
 
     def save_final(self, directory: Path, tokenizer) -> None:
         """``from_pretrained`` weights (bf16 on GPUs), gathered tensor by tensor; the main process writes."""

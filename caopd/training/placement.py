@@ -48,7 +48,8 @@ class Models(Protocol):
         """A transformers engine over the training weights (``own_copy``: a copy, for async rollouts)."""
 
     def weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, whole tensor), one at a time, for an engine with weights of its own."""
+        """(name, whole tensor), one at a time, for an engine with weights of its own (a tied tensor
+        under each of its names)."""
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of the weights an asynchronous engine loads while the next step trains."""
@@ -83,9 +84,9 @@ def make_optimizer(config: TrainConfig, student: torch.nn.Module) -> torch.optim
 def place_models(config: TrainConfig, tokenizer, ranks: Ranks, *, fsdp: bool, cpu_offload: bool) -> Models:
     """The run's placement, its models loaded (and sharded) and its optimizer made."""
     use_bf16 = config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if config.lora_r and (fsdp or config.rollout_engine == "vllm"):
+    if config.lora_r and (fsdp or config.rollout_engine != "transformers"):
         raise InputError("--lora-r works with one process and the transformers engine for now (not with --fsdp or "
-                         "--rollout-engine vllm)")
+                         f"--rollout-engine {config.rollout_engine})")
     if fsdp:
         from caopd.training.fsdp import ShardedModels
 
@@ -189,7 +190,7 @@ class SingleProcessModels:
         return TransformersEngine(self.student, tokenizer, live=True)
 
     def weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        return full_tensors(self.student, self.run.device, dtype)
+        return full_tensors(self.student, self.run.device, dtype, tied_once=False)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.student.state_dict().items()}

@@ -128,11 +128,15 @@ def check_engine_options(config: TrainConfig, on_gpu: bool) -> None:
 
 
 def resolve_launch(config: TrainConfig) -> TrainConfig:
-    """The config as it will run: an accelerate config with distributed_type FSDP (and
-    fsdp_offload_params) turns --fsdp (and --fsdp-cpu-offload) on, and the run records it."""
+    """The config as it will run, recorded by the run: an accelerate config with distributed_type FSDP
+    (and fsdp_offload_params) turns --fsdp (and --fsdp-cpu-offload) on; --rollout-engine auto becomes
+    the engine it chose."""
+    from caopd.engines.vllm_engine import resolve_engine
+
     fsdp = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     offload = config.fsdp_cpu_offload or os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
-    return dataclasses.replace(config, fsdp=fsdp, fsdp_cpu_offload=offload and fsdp)
+    return dataclasses.replace(config, fsdp=fsdp, fsdp_cpu_offload=offload and fsdp,
+                               rollout_engine=resolve_engine(config.rollout_engine))
 
 
 def run_tokenizer(config: TrainConfig, out: Path, examples):
@@ -162,7 +166,8 @@ def build_engine(config: TrainConfig, models: Models, tokenizer, out: Path, rank
     engine = VLLMEngine(model_dir, tokenizer=tokenizer_dir, dtype="bfloat16" if use_bf16 else "float32",
                         max_model_len=config.max_prompt_length + config.max_completion_length,
                         placement=config.vllm_placement, device=None if config.vllm_device < 0 else config.vllm_device,
-                        gpu_memory_utilization=config.vllm_gpu_memory_utilization or None, seed=config.seed)
+                        gpu_memory_utilization=config.vllm_gpu_memory_utilization or None, seed=config.seed,
+                        tensor_parallel_size=config.vllm_tensor_parallel_size, ranks=ranks)
     engine.update_weights(models.weights())  # a resumed run's weights, not the directory's
     return engine
 
@@ -173,7 +178,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     FSDP). quiet: no output at all; progress: only a progress bar with this label."""
     from tqdm import tqdm
 
-    config = resolve_launch(config)
+    asked_engine, config = config.rollout_engine, resolve_launch(config)
     if launched_processes() > 1 and not config.fsdp:
         raise InputError(f"{launched_processes()} processes need --fsdp true (each process would otherwise hold and "
                          "train a whole model of its own)")
@@ -181,6 +186,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     quiet = quiet or not ranks.is_main  # one process logs, prints and writes the run's files
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
     check_engine_options(config, on_gpu=torch.cuda.is_available())
+    if asked_engine == "auto":
+        log(f"rollout engine: {config.rollout_engine} (auto: vLLM needs vllm installed and a GPU)")
     my_prompts = rank_slice(config.prompts_per_step, ranks)
     earlier = check_run_folder(config, log)  # one-line errors before any work; nothing deleted yet
     out = Path(config.output_dir)

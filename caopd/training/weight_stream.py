@@ -47,29 +47,31 @@ def whole(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.full_tensor()
 
 
-def saved_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of what ``save_pretrained`` writes: parameters and persistent buffers, a tied
-    tensor once under its first name. Sharded tensors stay sharded (nothing is gathered)."""
+def saved_tensors(model: torch.nn.Module, tied_once: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the model's state: parameters and persistent buffers. ``tied_once``: a tied
+    tensor once, under its first name, as ``save_pretrained`` writes it; otherwise under each of its
+    names, as an inference engine loads it (vLLM's in-place reload leaves a tied lm_head unloaded
+    without its own name). Sharded tensors stay sharded (nothing is gathered)."""
     seen, out = set(), []
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
+        if id(tensor) not in seen or not tied_once:
             seen.add(id(tensor))
             out.append((name, tensor))
     return out
 
 
-def tensor_specs(model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[TensorSpec]:
+def tensor_specs(model: torch.nn.Module, dtype: torch.dtype | None = None, tied_once: bool = True) -> list[TensorSpec]:
     """The specs of ``saved_tensors`` (whole shapes), floating-point ones saved as ``dtype`` when given."""
     return [TensorSpec.of(name, t, dtype if dtype is not None and t.is_floating_point() else None)
-            for name, t in saved_tensors(model)]
+            for name, t in saved_tensors(model, tied_once)]
 
 
-def full_tensors(model: torch.nn.Module, device: torch.device,
-                 dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def full_tensors(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None,
+                 tied_once: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole tensor) of ``saved_tensors``, gathered one at a time on ``device`` (cast to ``dtype``
     when given). The consumer must drop each tensor before asking for the next."""
     with torch.no_grad():
-        for name, tensor in saved_tensors(model):
+        for name, tensor in saved_tensors(model, tied_once):
             full = whole(tensor.detach(), device)
             if dtype is not None and full.is_floating_point():
                 full = full.to(dtype)
