@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from caopd.errors import InputError
+from caopd.errors import InputError, StoppedRun
 
 
 def _eval_parser(sub) -> None:
@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"caopd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except StoppedRun as e:
+        print(f"caopd {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -134,10 +134,11 @@ def test_trainer_on_vllm_pushes_weights_every_step(science_rows_path, tmp_path, 
     assert [r["step"] for r in history] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
     assert all(0 <= r["step"] - 1 - r["policy_version"] <= (1 if async_rollouts else 0) for r in history)
     assert len(generated) == 3 and all(len(g) == 2 and all(len(c) == 3 for c in g) for g in generated)
-    # the initial load, then one push per step; async: one per newer version the worker picked
-    # up, and each batch records the version it was sampled from
+    # the run's weights before the first step, then one push before each later step (none after the last:
+    # nothing generates from it); async: one per newer version the worker picked up, and each batch
+    # records the version it was sampled from
     picked_up = {r["policy_version"] for r in history} - {0}
-    assert len(updates) == (4 if not async_rollouts else 1 + len(picked_up))
+    assert len(updates) == (3 if not async_rollouts else 1 + len(picked_up))
 
 
 @needs_vllm
@@ -157,6 +158,8 @@ def test_after_training_the_engine_generates_from_the_trained_weights(science_ro
     (engine,) = kept
     monkeypatch.undo()
     try:
+        assert engine.weight_updates == 2  # before each step: it generated from the weights of step 1 last
+        engine.update_weights(result["models"].weights())  # the stream the trainer sends, after the last step
         tokenizer = result["tokenizer"]
         prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
         trained = TransformersEngine(result["student"], tokenizer)

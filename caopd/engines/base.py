@@ -56,6 +56,32 @@ def sampled_ids(ids, stop_ids: set[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
+class WeightStream:
+    """The trainer's weights as whole tensors, one at a time; each pass over it is a fresh one (under
+    FSDP every tensor is gathered when asked for: a collective every process runs). ``specs``
+    declares (name, shape, dtype) of each tensor beforehand, for engines that must announce what they
+    send; ``config`` is the model's transformers config."""
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 open_pass: Callable[[], Iterable[tuple[str, torch.Tensor]]], config=None):
+        self.specs, self.open_pass, self.config = specs, open_pass, config
+
+    def __iter__(self):
+        return iter(self.open_pass())
+
+
+def snapshot(weights: Weights) -> dict[str, torch.Tensor]:
+    """A copy of the weights, for an engine that loads them while the trainer goes on (async rollouts)."""
+    return {name: tensor.detach().clone() for name, tensor in named_weights(weights)}
+
+
+def staged(engine, weights: Weights) -> object:
+    """What an asynchronous worker passes to ``engine.update_weights`` later: the engine's own ``stage``
+    (optional in the protocol), else a copy."""
+    stage = getattr(engine, "stage", None)
+    return stage(weights) if stage is not None else snapshot(weights)
+
+
 Weights = torch.nn.Module | dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
@@ -80,6 +106,9 @@ class RolloutEngine(Protocol):
     def update_weights(self, weights: Weights) -> None:
         """Generate from these weights from now on."""
 
+    # optional: stage(weights) -> what an asynchronous rollout worker later passes to update_weights,
+    # taken on the trainer's thread (a copy, when absent; a folder the servers reload from)
+
 
 class ScriptedEngine:
     """Returns what ``script(prompt_index_in_call, prompt_ids, n)`` says: known completions for tests."""
@@ -96,3 +125,6 @@ class ScriptedEngine:
 
     def update_weights(self, weights) -> None:
         self.weight_updates += 1
+
+    def stage(self, weights) -> None:
+        return None  # the script ignores weights

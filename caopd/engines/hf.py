@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from caopd.engines.base import Completion, SamplingParams, Weights, named_weights, prompt_seed, sampled_ids
+from caopd.engines.base import Completion, SamplingParams, Weights, named_weights, prompt_seed, sampled_ids, snapshot
 
 
 class TransformersEngine:
@@ -34,6 +34,9 @@ class TransformersEngine:
         self.live = live
         self.run = run or (lambda fn: fn(self.model))
         self.synced = synced
+
+    def stage(self, weights: Weights) -> dict[str, torch.Tensor]:
+        return snapshot(weights)
 
     def update_weights(self, weights: Weights) -> None:
         if self.live or weights is self.model:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from caopd.engines.base import Completion, SamplingParams, Weights, named_weights, prompt_seed, sampled_ids
+from caopd.engines.base import Completion, SamplingParams, Weights, named_weights, prompt_seed, sampled_ids, snapshot
 from caopd.errors import InputError
 
 INSTALL_HINT = ("the vLLM engine needs vllm: pip install -e '.[gpu]' on a GPU machine (vllm==0.32.0), "
@@ -157,6 +157,9 @@ class VLLMEngine:
         dist.all_gather_object(out, (prompts, first_prompt), group=self.group)
         return out
 
+    def stage(self, weights: Weights) -> dict[str, torch.Tensor]:
+        return snapshot(weights)
+
     def update_weights(self, weights: Weights) -> None:
         with self._on_engine_device():
             self._update_weights(named_weights(weights))
@@ -201,7 +204,7 @@ class VLLMEngine:
 
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
-        destroy_model_parallel()
-        if not self.launched:  # in a launch, vLLM's world is the launch's process group: the trainer still needs it
+        if not self.launched:  # in a launch, vLLM's groups are the launch's: the trainer still needs them
+            destroy_model_parallel()
             destroy_distributed_environment()
         gc.collect()

@@ -22,12 +22,13 @@ The teacher's shards line up with the student's, so the EMA is a local lerp of s
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from caopd.config import TrainConfig
+from caopd.engines.base import WeightStream
 from caopd.errors import InputError
 from caopd.modeling.models import (
     apply_liger_kernels,
@@ -40,7 +41,14 @@ from caopd.modeling.models import (
 from caopd.training import checkpoint
 from caopd.training.distributed import Ranks
 from caopd.training.streamed_safetensors import write_model_folder
-from caopd.training.weight_stream import broadcast_into_shards, copy_shards, full_tensors, tensor_specs, whole
+from caopd.training.weight_stream import (
+    broadcast_into_shards,
+    copy_shards,
+    full_tensors,
+    tensor_specs,
+    weight_stream,
+    whole,
+)
 
 
 class DistillationModels(torch.nn.Module):
@@ -150,9 +158,9 @@ class ShardedModels:
         return TransformersEngine(self.student, tokenizer, live=True, run=self.generate,
                                  synced=self.ranks.world > 1)
 
-    def weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, dtype: torch.dtype | None = None) -> WeightStream:
         """Whole tensors, gathered one at a time on every process (a collective)."""
-        return full_tensors(self.student, self.device, dtype, tied_once=False)
+        return weight_stream(self.student, self.device, dtype)
 
     def save_final(self, directory: Path, tokenizer) -> None:
         """``from_pretrained`` weights (bf16 on GPUs), gathered tensor by tensor; the main process writes."""
@@ -169,8 +177,6 @@ class ShardedModels:
         return checkpoint.resume(directory, self.student, self.teacher, self.optimizer, scheduler, warn=warn,
                                  ranks=self.ranks)
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        raise InputError("--async-rollouts with --fsdp: not supported (the engine would need a whole copy)")
 
 
 def _as_tuple(result) -> tuple[torch.Tensor, int]:

@@ -16,19 +16,20 @@ saves and resumes checkpoints and the final model.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from caopd.config import TrainConfig
+from caopd.engines.base import WeightStream
 from caopd.errors import InputError
 from caopd.modeling.models import apply_liger_kernels, describe_model, ema_update_, load_model
 from caopd.training import checkpoint
 from caopd.training.distributed import Ranks
 from caopd.training.streamed_safetensors import write_model_folder
-from caopd.training.weight_stream import full_tensors, tensor_specs
+from caopd.training.weight_stream import full_tensors, tensor_specs, weight_stream
 
 
 class Models(Protocol):
@@ -47,12 +48,9 @@ class Models(Protocol):
     def generation_engine(self, tokenizer, own_copy: bool):
         """A transformers engine over the training weights (``own_copy``: a copy, for async rollouts)."""
 
-    def weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, whole tensor), one at a time, for an engine with weights of its own (a tied tensor
-        under each of its names)."""
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of the weights an asynchronous engine loads while the next step trains."""
+    def weights(self, dtype: torch.dtype | None = None) -> WeightStream:
+        """Whole tensors, one at a time, for an engine with weights of its own (a tied tensor under
+        each of its names)."""
 
     def save_checkpoint(self, directory: Path, state, scheduler, config: dict) -> Path: ...
 
@@ -189,11 +187,8 @@ class SingleProcessModels:
             return TransformersEngine(copy.deepcopy(self.student), tokenizer)
         return TransformersEngine(self.student, tokenizer, live=True)
 
-    def weights(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        return full_tensors(self.student, self.run.device, dtype, tied_once=False)
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+    def weights(self, dtype: torch.dtype | None = None) -> WeightStream:
+        return weight_stream(self.student, self.run.device, dtype)
 
     def save_checkpoint(self, directory: Path, state, scheduler, config: dict) -> Path:
         return checkpoint.save_checkpoint(directory, state, self.student, self.teacher, self.run.raw_optimizer,

@@ -16,7 +16,7 @@ from caopd.paths import check_local_source, check_output_dir
 from caopd.training.checkpoint import checkpoints, complete_checkpoints, saved_config
 
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "final")  # what makes a folder hold a run
-DERIVED = ("tokenizer", "rollout_model")  # rewritten by every fresh run
+DERIVED = ("tokenizer", "rollout_model", "rollout_weights")  # rewritten by every fresh run
 
 
 def earlier_run(out: Path) -> list[Path]:

@@ -23,8 +23,9 @@ import torch
 
 from caopd.config import TrainConfig
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
-from caopd.engines.base import RolloutEngine, SamplingParams
-from caopd.errors import InputError
+from caopd.engines.base import RolloutEngine, SamplingParams, staged
+from caopd.engines.server import RolloutServerError
+from caopd.errors import InputError, StoppedRun
 from caopd.evaluation.tables import format_table
 from caopd.inputs.data import load_examples
 from caopd.inputs.prompts import demonstration, student_messages
@@ -153,6 +154,11 @@ def build_engine(config: TrainConfig, models: Models, tokenizer, out: Path, rank
     """The configured rollout engine, holding the student's current weights."""
     if config.rollout_engine == "transformers":  # an asynchronous engine samples while weights change: own copy
         return models.generation_engine(tokenizer, own_copy=config.async_rollouts)
+    if config.rollout_engine == "server":
+        from caopd.engines.server import ServerEngine, server_urls
+
+        return ServerEngine(server_urls(config.rollout_server), tokenizer, staging=out / "rollout_weights", ranks=ranks,
+                            timeout=config.rollout_server_timeout)
     from caopd.engines.vllm_engine import VLLMEngine
 
     model_dir, tokenizer_dir = config.model, None
@@ -168,8 +174,36 @@ def build_engine(config: TrainConfig, models: Models, tokenizer, out: Path, rank
                         placement=config.vllm_placement, device=None if config.vllm_device < 0 else config.vllm_device,
                         gpu_memory_utilization=config.vllm_gpu_memory_utilization or None, seed=config.seed,
                         tensor_parallel_size=config.vllm_tensor_parallel_size, ranks=ranks)
-    engine.update_weights(models.weights())  # a resumed run's weights, not the directory's
     return engine
+
+
+def sample_step(step: int, engine: RolloutEngine, rollouts: AsyncRollouts | None, models: Models, request,
+                max_staleness: int, push: bool) -> tuple[list, int]:
+    """(this step's completions, the policy version they came from). A synchronous engine first gets
+    the current weights when ``push`` (streamed, one tensor at a time, if the engine asks for them)."""
+    if rollouts is not None:
+        batch = rollouts.get(step)
+        if step - batch.policy_version > max_staleness:
+            raise RuntimeError(f"step {step} got rollouts of policy {batch.policy_version}: staleness "
+                               f"{step - batch.policy_version} > {max_staleness}")
+        return batch.completions, batch.policy_version
+    if push:
+        engine.update_weights(models.weights())
+    req = request(step)
+    return engine.generate(req.prompts, req.n, req.sampling), step
+
+
+def stop_if_any_failed(failure: str | None, ranks: Ranks, models: Models, state: TrainState, scheduler,
+                       checkpoints: Path, config: TrainConfig) -> None:
+    """When any process's rollouts failed (a server gone): every process saves the step's checkpoint
+    (the state before its rollouts: consistent) and stops with one line saying how to continue."""
+    failures = [f for f in all_gather(failure, ranks) if f]
+    if not failures:
+        return
+    if not (checkpoints / f"step-{state.step:06d}" / "manifest.json").exists():
+        models.save_checkpoint(checkpoints, state, scheduler, asdict(config))
+    raise StoppedRun(f"{failures[0]}; stopped at step {state.step}, saved as checkpoint {state.step}: continue with "
+                     "--resume true once the server is back")
 
 
 def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_steps: int | None = None,
@@ -250,22 +284,23 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     history = []
     bar = tqdm(total=total_steps, initial=state.step, desc=progress or "train", disable=quiet)
     last_step = total_steps if stop_after_steps is None else min(total_steps, state.step + stop_after_steps)
+    if config.async_rollouts:  # the engine starts from the run's (resumed) weights
+        engine.update_weights(staged(engine, models.weights()))
     rollouts = AsyncRollouts(engine, request, state.step, last_step, config.max_staleness) \
         if config.async_rollouts else None
+    engine_holds = None  # the step whose weights the (synchronous) engine holds
     try:
         while state.step < last_step:
             indices = step_indices(state.step)
             reset_peaks()
             t0 = time.perf_counter()
-            if rollouts is not None:
-                batch_of_rollouts = rollouts.get(state.step)
-                completions, policy_version = batch_of_rollouts.completions, batch_of_rollouts.policy_version
-                if state.step - policy_version > config.max_staleness:
-                    raise RuntimeError(f"step {state.step} got rollouts of policy {policy_version}: staleness "
-                                       f"{state.step - policy_version} > {config.max_staleness}")
-            else:
-                req = request(state.step)
-                completions, policy_version = engine.generate(req.prompts, req.n, req.sampling), state.step
+            try:
+                completions, policy_version = sample_step(state.step, engine, rollouts, models, request,
+                                                          config.max_staleness, push=engine_holds != state.step)
+                engine_holds, failure = state.step, None
+            except RolloutServerError as e:
+                failure = str(e)
+            stop_if_any_failed(failure, ranks, models, state, scheduler, checkpoints, config)
             t1 = time.perf_counter()
             groups = [verify_rollouts(examples[i], c, config.dataset) for i, c in zip(indices, completions)]
             pick = random.Random(config.seed * 7919 + state.step)
@@ -288,9 +323,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             scheduler.step()
             models.update_teacher(config.teacher_ema)
             if rollouts is not None:
-                rollouts.publish(models.snapshot(), state.step + 1)
-            else:
-                engine.update_weights(models.weights())  # streamed, one tensor at a time, if the engine asks
+                rollouts.publish(staged(engine, models.weights()), state.step + 1)
             t3 = time.perf_counter()
 
             state.step += 1
@@ -313,19 +346,20 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 if ranks.is_main:
                     rotate_checkpoints(checkpoints, config.save_total_limit, state.step)
                 barrier(ranks)
+        # before the engine closes: a vLLM engine in a launch tears down the process group it joined
+        if state.step == total_steps:
+            reset_peaks()
+            models.save_final(out / "final", tokenizer if ranks.is_main else None)
+            memory["final_save"] = all_gather(peaks(), ranks)
+        if ranks.is_main:
+            (out / "memory.json").write_text(json.dumps(memory, indent=1) + "\n")
+        barrier(ranks)
     finally:
         if rollouts is not None:
             rollouts.close()
         if own_engine and hasattr(engine, "close"):
             engine.close()
     bar.close()
-    if state.step == total_steps:
-        reset_peaks()
-        models.save_final(out / "final", tokenizer if ranks.is_main else None)
-        memory["final_save"] = all_gather(peaks(), ranks)
-    barrier(ranks)
-    if ranks.is_main:
-        (out / "memory.json").write_text(json.dumps(memory, indent=1) + "\n")
     if history and not quiet and progress is None:
         keys = ["loss", "mean_p_acc", "rollout_accuracy", "format_adherence", "time_generate", "time_verify",
                 "time_forward_backward"]

@@ -79,6 +79,15 @@ def full_tensors(model: torch.nn.Module, device: torch.device, dtype: torch.dtyp
             del full
 
 
+def weight_stream(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None):
+    """The model's weights for an inference engine: every name (tied tensors under each), whole
+    tensors gathered one at a time on each pass."""
+    from caopd.engines.base import WeightStream
+
+    specs = [(s.name, s.shape, s.dtype) for s in tensor_specs(model, dtype, tied_once=False)]
+    return WeightStream(specs, lambda: full_tensors(model, device, dtype, tied_once=False), model.config)
+
+
 def _loaded_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every parameter (tied ones once) and every buffer, persistent or not, in module order."""
     return [*model.named_parameters(), *model.named_buffers()]
