@@ -1,5 +1,5 @@
-"""``caopd train | eval | demo | memory | export``: parse arguments, call one function each, turn bad input into
-one line."""
+"""``caopd train | eval | demo | memory | export | rollout-server``: parse arguments, call one function each,
+turn bad input into one line."""
 from __future__ import annotations
 
 import argparse
@@ -294,8 +294,47 @@ def run_export(args: argparse.Namespace) -> dict:
     return {"checkpoint": str(path), "output": args.output}
 
 
+def _rollout_server_parser(sub) -> None:
+    p = sub.add_parser("rollout-server", help="a vLLM server that generates for caopd train --rollout-engine server "
+                       "(on GPUs the trainer does not use, or another node)",
+                       description="Runs vLLM's OpenAI API server with its development and RL routes on (weights are "
+                       "pushed to it after every step: over NCCL on GPUs, else from a folder it reloads). Those routes "
+                       "run what they are asked: keep --host on an address only the trainer reaches (default "
+                       "127.0.0.1). Then: caopd train --rollout-engine server --rollout-server http://HOST:PORT.")
+    p.add_argument("--model", required=True, help="a model folder or hub id (the trainer's first push replaces its "
+                   "weights; its vocabulary must be the trained model's)")
+    p.add_argument("--tokenizer", help="a tokenizer folder or hub id (default: the model's)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the server shards the model over")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-model-len", type=int, default=4096, help="prompt + completion tokens a request may take")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="on CPUs: the KV cache's memory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+
+
+def run_rollout_server(args: argparse.Namespace) -> dict:
+    import os
+    import shlex
+
+    from caopd.engines.server import server_command
+
+    argv, env = server_command(args.model, host=args.host, port=args.port,
+                               tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+                               dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                               cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, tokenizer=args.tokenizer)
+    if args.dry_run:
+        print("VLLM_SERVER_DEV_MODE=1 " + shlex.join(argv))
+        return {"argv": argv}
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, env)  # the server is this process from here on: signals reach vLLM itself
+
+
 COMMANDS = {"train": (_train_parser, run_train), "eval": (_eval_parser, run_eval), "demo": (_demo_parser, run_demo),
-            "memory": (_memory_parser, run_memory), "export": (_export_parser, run_export)}
+            "memory": (_memory_parser, run_memory), "export": (_export_parser, run_export),
+            "rollout-server": (_rollout_server_parser, run_rollout_server)}
 
 
 class OneLineParser(argparse.ArgumentParser):

