@@ -75,7 +75,7 @@ def servers(model_dir):
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     deadline = time.monotonic() + 300
     while not all(map(up, urls)):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "a rollout server did not start"
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "a server did not start"
         time.sleep(1)
     yield list(zip(urls, processes))
     for process in processes:
@@ -137,7 +137,7 @@ def test_a_weight_push_reaches_the_server(servers, model_dir):
 
 def test_a_server_killed_mid_run_stops_with_a_checkpoint_and_resumes_elsewhere(servers, tmp_path):
     out = tmp_path / "run"
-    (_, spare), (doomed_url, doomed) = servers[0], servers[1]
+    (spare_url, _), (doomed_url, doomed) = servers
     args = ["--config", "tiny", "--max-steps", "6", "--num-generations", "3", "--max-completion-length", "16",
             "--save-every", "100", "--rollout-engine", "server", "--output-dir", str(out)]
     run = subprocess.Popen([sys.executable, "-m", "caopd", "train", *args, "--rollout-server", doomed_url], cwd=ROOT,
@@ -154,7 +154,7 @@ def test_a_server_killed_mid_run_stops_with_a_checkpoint_and_resumes_elsewhere(s
     stopped = len(rows(out))
     assert f"stopped at step {stopped}" in line
     assert (out / "checkpoints" / f"step-{stopped:06d}" / "manifest.json").exists()
-    done = caopd([*args, "--rollout-server", servers[0][0], "--resume", "true"])
+    done = caopd([*args, "--rollout-server", spare_url, "--resume", "true"])
     assert f"step {stopped}" in done.stderr and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
 
 
