@@ -235,8 +235,9 @@ def _memory_parser(sub) -> None:
     p.add_argument("--lora-r", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-shared-prefix", action="store_true", help="one padded row per completion")
-    p.add_argument("--rollout-engine", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--rollout-engine", choices=["transformers", "vllm", "server"], default="transformers")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--vllm-tensor-parallel-size", type=int, default=1)
     p.add_argument("--optimizer-offload", action="store_true", help="with --fsdp: shards, gradients and Adam states "
                    "in host memory (train's --fsdp-cpu-offload)")
     p.add_argument("--liger-kernels", action="store_true", help="Liger's fused RMSNorm, SwiGLU, RoPE")
@@ -253,7 +254,7 @@ def run_memory(args: argparse.Namespace) -> dict:
     from caopd.modeling.model_shapes import RANDOM_PREFIX
 
     for flag in ("gpus", "prompt_tokens", "completion_tokens", "num_generations", "prompts_per_step",
-                 "micro_batch_prompts", "processes_per_node"):
+                 "micro_batch_prompts", "processes_per_node", "vllm_tensor_parallel_size"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.optimizer_offload and not args.fsdp:
@@ -264,6 +265,7 @@ def run_memory(args: argparse.Namespace) -> dict:
                 micro_batch_prompts=args.micro_batch_prompts, fsdp=args.fsdp, lora_r=args.lora_r,
                 gradient_checkpointing=args.gradient_checkpointing, shared_prefix=not args.no_shared_prefix,
                 rollout_engine=args.rollout_engine, vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
                 optimizer_offload=args.optimizer_offload, liger_kernels=args.liger_kernels,
                 master_weights=args.master_weights, teacher_dtype=args.teacher_dtype,
                 processes_per_node=args.processes_per_node, device=args.device)

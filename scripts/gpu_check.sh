@@ -9,6 +9,8 @@
 #   4. the TRL SDFT step benchmark (benchmarks/trl_step.py, whole Qwen3-0.6B depth) if TRL is importable
 #   5. two FSDP2 processes sharing the GPU (gloo: NCCL refuses two ranks on one device) train 2 steps of
 #      --config tiny in bf16, against one process: the sharded load, generation and saves on CUDA
+#   6. if vLLM is importable: 2 steps with the colocated vLLM engine (sleep mode), and with 2 or more GPUs
+#      2 processes sharing one tensor-parallel engine (--vllm-tensor-parallel-size 2)
 # Without CUDA it stops with one line. Usage: bash scripts/gpu_check.sh  (or make gpu-check)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +61,19 @@ runs = {n: [json.loads(l) for l in (Path(sys.argv[1]) / n / "metrics.jsonl").rea
 print("gpu_check: FSDP2 losses, 2 processes vs 1:", [r["loss"] for r in runs["two"]], [r["loss"] for r in runs["one"]])
 print("gpu_check: memory.json of the 2 processes:", " ".join((Path(sys.argv[1]) / "two" / "memory.json").read_text().split()))
 EOF
+if "$py" -c 'import vllm' 2>/dev/null; then
+  timeout 300 "$py" -m caopd train --config tiny --max-steps 2 --bf16 true --rollout-engine vllm \
+    --output-dir "$out/vllm_colocate" > "$out/vllm_colocate.log" 2>&1 || status=1
+  tail -2 "$out/vllm_colocate.log"
+  if [ "$("$py" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    timeout 300 "$py" -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29534 \
+      -m caopd train --config tiny --max-steps 2 --bf16 true --fsdp true --rollout-engine vllm \
+      --vllm-tensor-parallel-size 2 --output-dir "$out/vllm_tp2" > "$out/vllm_tp2.log" 2>&1 || status=1
+    tail -2 "$out/vllm_tp2.log"
+  fi
+else
+  echo "gpu_check: vllm not importable: the vLLM steps are skipped (pip install vllm==0.32.0)"
+fi
 rm -rf "$shim"
 echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED: see $out)"
 exit $status

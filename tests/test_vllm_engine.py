@@ -166,3 +166,12 @@ def test_after_training_the_engine_generates_from_the_trained_weights(science_ro
         assert engine.generate(prompts, 1, greedy(16)) == [trained.generate([p], 1, greedy(16))[0] for p in prompts]
     finally:
         engine.close()
+
+
+@needs_vllm
+def test_many_seeded_prompts_in_one_call(engine):
+    """More prompt tokens than one scheduler step takes: vLLM's CPU backend fails on a split prefill of a
+    seeded request ("CPU Generator does not use offset"), so the engine prefills whole prompts there."""
+    prompts = [list(range(5, 205 + i)) for i in range(8)]
+    out = engine.generate(prompts, 8, SamplingParams(temperature=1.0, max_tokens=4, seed=3))
+    assert len(out) == 8 and all(len(row) == 8 and all(c.token_ids for c in row) for row in out)

@@ -86,8 +86,9 @@ def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, ten
     if torch.cuda.is_available():
         argv += ["--gpu-memory-utilization", str(gpu_memory_utilization),
                  "--weight-transfer-config", json.dumps({"backend": "nccl"})]
-    else:
-        argv += ["--kv-cache-memory-bytes", str(int(cpu_kv_cache_gib * 2**30))]
+    else:  # whole prefills: a split one rewinds a seeded request's generator, which vLLM's CPU backend cannot
+        argv += ["--kv-cache-memory-bytes", str(int(cpu_kv_cache_gib * 2**30)), "--no-enable-chunked-prefill",
+                 "--max-num-batched-tokens", str(max(max_model_len, 4096))]
     return argv, {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
 
 
@@ -214,8 +215,9 @@ class ServerEngine:
                                                    "kwargs": {"weights_path": str(staged.folder)}})
             self._request(url, "/reset_prefix_cache")
             self._request(url, "/resume")
-        for older in self.staging.glob("weights-*"):  # this engine's own files, all but the loaded ones
-            if older != staged.folder and not older.name.endswith(".tmp"):
+        for older in self.staging.glob("weights-*"):  # this engine's own files older than the loaded ones
+            version = older.name.removeprefix("weights-").removesuffix(".tmp")
+            if version.isdigit() and int(version) < staged.version:  # a newer one may be staged meanwhile
                 shutil.rmtree(older, ignore_errors=True)
 
     def _push_nccl(self, weights) -> None:

@@ -93,6 +93,9 @@ class VLLMEngine:
                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
         if not on_gpu:
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+            # whole prefills only: a split one rewinds the request's seeded generator, which vLLM's CPU
+            # backend cannot ("CPU Generator does not use offset")
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
         if self.launched:  # join the launch's processes; a group of tensor_parallel_size shares one engine
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size)
         self.sleeps = on_gpu and placement == "colocate"

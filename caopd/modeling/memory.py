@@ -108,8 +108,9 @@ class Plan:
     lora_r: int = 0
     gradient_checkpointing: bool = False
     shared_prefix: bool = True
-    rollout_engine: str = "transformers"
+    rollout_engine: str = "transformers"  # or vllm (in the trainer's processes), server (elsewhere)
     vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
     optimizer_offload: bool = False  # with fsdp: FSDP2's CPUOffloadPolicy (--fsdp-cpu-offload)
     liger_kernels: bool = False
     master_weights: str = "fp32"  # or bf16 (stochastic-rounding AdamW)
@@ -247,13 +248,14 @@ def _generation(plan: Plan, shape: Shape) -> list[Row]:
     compute = 4 if plan.device == "cpu" else 2
     generation = frozenset({"generation"})
     p, c, k = plan.prompt_tokens, plan.completion_tokens, plan.num_generations
+    whole = Row("weights to the engine: one whole tensor gathered at a time", shape.largest_tensor * 4, generation)
+    if plan.rollout_engine == "server":  # generation runs elsewhere; the trainer sends its weights
+        return [Row("rollout server: on GPUs or nodes of its own", 0.0, generation)] + ([whole] if plan.fsdp else [])
     if plan.rollout_engine == "vllm" and plan.device != "cpu":
-        rows = [Row("vLLM (colocated: its memory share; asleep while training)",
+        tp = f", its weights 1/{plan.vllm_tensor_parallel_size} a GPU" if plan.vllm_tensor_parallel_size > 1 else ""
+        rows = [Row(f"vLLM (colocated: its memory share{tp}; asleep while training)",
                     plan.vllm_gpu_memory_utilization * plan.gpu_memory_gib * GIB, generation)]
-        if plan.fsdp:  # one whole fp32 tensor gathered at a time (one process hands over its own tensors)
-            rows.append(Row("weights to vLLM: one whole tensor gathered at a time", shape.largest_tensor * 4,
-                            generation))
-        return rows
+        return rows + ([whole] if plan.fsdp else [])  # one process hands over its own tensors, no copy
     kv = k * (p + c) * shape.layers * 2 * shape.kv_width * compute  # one prompt's K rows at a time
     return [Row("generation: KV cache + logits of one prompt's K samples", kv + k * shape.vocab * 4 * 2, generation)]
 
