@@ -2,7 +2,8 @@
 joined to a 2-process launch with tensor parallelism.
 
 - `caopd train --rollout-engine server` for 3 steps samples the completions the in-process vLLM engine
-  samples for the same seeds: the same losses and final weights.
+  samples for the same seeds: the same losses and final weights, with the prompts spread over two
+  servers, and asynchronously (weights staged after each step) with staleness 0.
 - A weight push reaches the server: greedy generation follows the pushed weights and comes back.
 - A server killed mid-run stops the run with one line and a checkpoint; `--resume` on another server
   continues it to the end.
@@ -104,11 +105,18 @@ def same_run(a: Path, b: Path) -> None:
     assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5
 
 
-def test_three_steps_on_a_server_equal_the_in_process_engine(servers, in_process, tmp_path):
+def test_three_steps_on_servers_equal_the_in_process_engine(servers, in_process, tmp_path):
+    """The step's prompts spread over both servers; then asynchronous with staleness 0 (the weights
+    staged after each step, loaded by the rollout worker): the same samples as the synchronous loop."""
+    both = ",".join(url for url, _ in servers)
     out = tmp_path / "run"
-    caopd([*RUN, "--rollout-engine", "server", "--rollout-server", servers[0][0], "--output-dir", str(out)])
+    caopd([*RUN, "--rollout-engine", "server", "--rollout-server", both, "--output-dir", str(out)])
     same_run(out, in_process)
-    assert not any((out / "rollout_weights").glob("weights-*.tmp"))
+    assert [p.name for p in (out / "rollout_weights").iterdir()] == ["weights-000003"]  # older ones removed
+    staged = tmp_path / "async"
+    caopd([*RUN, "--rollout-engine", "server", "--rollout-server", both, "--async-rollouts", "true",
+           "--max-staleness", "0", "--output-dir", str(staged)])
+    same_run(staged, in_process)
 
 
 def test_a_weight_push_reaches_the_server(servers, model_dir):

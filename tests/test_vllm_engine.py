@@ -175,3 +175,16 @@ def test_many_seeded_prompts_in_one_call(engine):
     prompts = [list(range(5, 205 + i)) for i in range(8)]
     out = engine.generate(prompts, 8, SamplingParams(temperature=1.0, max_tokens=4, seed=3))
     assert len(out) == 8 and all(len(row) == 8 and all(c.token_ids for c in row) for row in out)
+
+
+def test_auto_takes_vllm_only_where_it_is_installed_and_a_gpu_is_present(monkeypatch):
+    from caopd.engines import vllm_engine
+
+    assert vllm_engine.resolve_engine("transformers") == "transformers"
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert vllm_engine.resolve_engine("auto") == "transformers"  # vLLM-CPU takes minutes to start
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert vllm_engine.resolve_engine("auto") == "vllm"
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    assert vllm_engine.resolve_engine("auto") == "transformers"
