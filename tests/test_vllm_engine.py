@@ -95,6 +95,15 @@ def test_n_samples_distinct_and_seeds_reproducible(tiny, engine):
 
 
 @needs_vllm
+def test_many_seeded_prompts_in_one_call(engine):
+    """More prompt tokens than one scheduler step takes: vLLM's CPU backend fails on a split prefill of a
+    seeded request ("CPU Generator does not use offset"), so the engine prefills whole prompts there."""
+    prompts = [list(range(5, 205 + i)) for i in range(8)]
+    out = engine.generate(prompts, 8, SamplingParams(temperature=1.0, max_tokens=4, seed=3))
+    assert len(out) == 8 and all(len(row) == 8 and all(c.token_ids for c in row) for row in out)
+
+
+@needs_vllm
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sleep/wake (colocated placement) needs a GPU")
 def test_colocated_engine_sleeps_after_generating_and_wakes_with_new_weights(tiny):
     from caopd.engines.vllm_engine import VLLMEngine
@@ -113,6 +122,7 @@ def test_colocated_engine_sleeps_after_generating_and_wakes_with_new_weights(tin
         engine.close()
 
 
+# the trainer's engines below close vLLM's process-wide state: tests of the shared engine come first
 @needs_vllm
 @pytest.mark.parametrize("async_rollouts", [False, True])
 def test_trainer_on_vllm_pushes_weights_every_step(science_rows_path, tmp_path, monkeypatch, async_rollouts):
@@ -166,15 +176,6 @@ def test_after_training_the_engine_generates_from_the_trained_weights(science_ro
         assert engine.generate(prompts, 1, greedy(16)) == [trained.generate([p], 1, greedy(16))[0] for p in prompts]
     finally:
         engine.close()
-
-
-@needs_vllm
-def test_many_seeded_prompts_in_one_call(engine):
-    """More prompt tokens than one scheduler step takes: vLLM's CPU backend fails on a split prefill of a
-    seeded request ("CPU Generator does not use offset"), so the engine prefills whole prompts there."""
-    prompts = [list(range(5, 205 + i)) for i in range(8)]
-    out = engine.generate(prompts, 8, SamplingParams(temperature=1.0, max_tokens=4, seed=3))
-    assert len(out) == 8 and all(len(row) == 8 and all(c.token_ids for c in row) for row in out)
 
 
 def test_auto_takes_vllm_only_where_it_is_installed_and_a_gpu_is_present(monkeypatch):

@@ -139,7 +139,7 @@ class VLLMEngine:
         # decoded here, as TransformersEngine does: vLLM's incremental detokenizer holds back a
         # trailing incomplete UTF-8 sequence, so its texts could differ from the other engine's
         tokenizer = self.llm.get_tokenizer()
-        stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        stop = {getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None)} - {None}
         return [[Completion(text, sampled_ids(c.token_ids, stop)) for c, text in zip(
             out.outputs, tokenizer.batch_decode([list(c.token_ids) for c in out.outputs], skip_special_tokens=True))]
             for out in outputs]

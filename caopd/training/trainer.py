@@ -220,8 +220,6 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     quiet = quiet or not ranks.is_main  # one process logs, prints and writes the run's files
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
     check_engine_options(config, on_gpu=torch.cuda.is_available())
-    if asked_engine == "auto":
-        log(f"rollout engine: {config.rollout_engine} (auto: vLLM needs vllm installed and a GPU)")
     my_prompts = rank_slice(config.prompts_per_step, ranks)
     earlier = check_run_folder(config, log)  # one-line errors before any work; nothing deleted yet
     out = Path(config.output_dir)
@@ -251,6 +249,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             + (f"; dropped {dropped} metrics row(s) the stopped run logged after it" if dropped else ""))
     own_engine = engine is None
     if own_engine:
+        if asked_engine == "auto":
+            log(f"rollout engine: {config.rollout_engine} (auto: vLLM needs vllm installed and a GPU)")
         engine = build_engine(config, models, tokenizer, out, ranks)
     memory = {"processes": ranks.world, "process_group": ranks.backend, "load": all_gather(peaks(), ranks)}
     prompt_ids = [chat_ids(tokenizer, student_messages(e), config.chat_template_kwargs) for e in examples]
