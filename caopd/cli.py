@@ -215,7 +215,11 @@ def run_train(args: argparse.Namespace) -> dict:
                  for x in ("--" + f.name, getattr(args, f.name))]
     if args.no_empirical_calibration:
         overrides += ["--empirical-calibration", "false"]
-    return train(load_config(args.config, overrides))
+    from caopd.training.distributed import leave_process_group
+
+    result = train(load_config(args.config, overrides))
+    leave_process_group()
+    return result
 
 
 def _memory_parser(sub) -> None:

@@ -24,7 +24,7 @@ def gap_closed(weight: torch.Tensor, start: torch.Tensor, target: torch.Tensor) 
 def main(out: Path) -> None:
     from caopd.config import TrainConfig
     from caopd.modeling.models import load_model, load_tokenizer
-    from caopd.training.distributed import join_process_group
+    from caopd.training.distributed import join_process_group, leave_process_group
     from caopd.training.placement import place_models
     from caopd.training.weight_stream import local
 
@@ -61,6 +61,7 @@ def main(out: Path) -> None:
     seen["gap_closed"] = gap_closed(final, start, target)
     seen["moved_share"] = float((final != start).float().mean())
     (out / f"rank{ranks.rank}.json").write_text(json.dumps(seen))
+    leave_process_group()
 
 
 if __name__ == "__main__":

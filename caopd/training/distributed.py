@@ -53,14 +53,31 @@ def join_process_group(timeout_minutes: float = 30.0, cpu_offload: bool = False,
         return Ranks()
     import torch.distributed as dist
 
+    global _JOINED
     backend = backend_for(torch.cuda.is_available(), cpu_offload, backend)
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        _JOINED = True
     else:
         backend = str(dist.get_backend())
     return Ranks(dist.get_rank(), dist.get_world_size(), backend)
+
+
+_JOINED = False  # this module joined the process group (and leaves it)
+
+
+def leave_process_group() -> None:
+    """Leave the process group joined by join_process_group, every process together: a process that
+    exits while another still talks to it aborts ("terminate called without an active exception")."""
+    global _JOINED
+    import torch.distributed as dist
+
+    if _JOINED and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _JOINED = False
 
 
 def rank_slice(count: int, ranks: Ranks) -> slice:
