@@ -1,11 +1,14 @@
-"""Shared-prefix and packed forwards (issue 14): the loss and every gradient equal the padded
-path's (one row per completion), on tiny-qwen3 in fp32, by every layout (prefix cache, 4-D mask,
-packed).
+"""Shared-prefix and packed forwards (issues 14, 25): the loss and every gradient equal the padded
+path's (one row per completion), on tiny-qwen3 in fp32, by every layout (prefix cache, segments
+with gradient checkpointing too, the dense 4-D mask, packed); the teacher's hidden states by the
+cache, segments (SDPA and flex_attention kernels) and the mask. Under 2-process FSDP the segments
+path trains what one process trains (tests/test_distributed.py).
 
-Deliberate bugs these catch: a mask that lets a completion see another completion
-(test_a_leaky_mask_is_caught); packed position ids that do not restart per sequence (then the
-sequences attend to each other: test_packed_layout_equals_padded); a layout rule that shares where
-the model or the attention implementation cannot (test_choose_layout).
+Deliberate bugs these catch: a mask or block mask that lets a completion see another completion
+(test_a_leaky_mask_is_caught); segments whose completions miss the prefix or see padded keys;
+packed position ids that do not restart per sequence (then the sequences attend to each other:
+test_packed_layout_equals_padded); a layout rule that shares where the model cannot, or that
+picks the dense mask (test_choose_layout); sharing with one completion a prompt (test_sharing_pays).
 """
 from __future__ import annotations
 
@@ -20,13 +23,23 @@ from caopd.inputs.prompts import student_messages
 from caopd.modeling.models import load_model, load_tokenizer
 from caopd.scoring.calibration import DistillationTarget, RolloutGroup, build_targets
 from caopd.training.loss import chat_ids, distillation_loss, make_batch
-from caopd.training.shared_prefix import choose_layout, completion_mask, make_shared_batch, shared_distillation_loss
+from caopd.training.segment_attention import RowSegments, use_segment_attention
+from caopd.training.shared_prefix import (
+    choose_layout,
+    completion_mask,
+    make_shared_batch,
+    shared_distillation_loss,
+    sharing_pays,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     tokenizer = load_tokenizer("tiny-qwen3", "fast")
-    return tokenizer, load_model("tiny-qwen3", tokenizer, seed=1), load_model("tiny-qwen3", tokenizer, seed=2)
+    student, teacher = load_model("tiny-qwen3", tokenizer, seed=1), load_model("tiny-qwen3", tokenizer, seed=2)
+    for model in (student, teacher):  # the segments path's attention; every other call is the model's SDPA
+        use_segment_attention(model)
+    return tokenizer, student, teacher
 
 
 def test_completion_mask():
@@ -66,19 +79,32 @@ def loss_and_grads(loss_fn, student, teacher, batch, **kw):
     return result, {n: p.grad.clone() for n, p in student.named_parameters()}
 
 
-@pytest.mark.parametrize("path", ["cache", "mask"])
+@pytest.mark.parametrize("path, teacher_path, checkpointing", [("cache", "cache", False), ("mask", "mask", False),
+                                                                 ("segments", "cache", False),
+                                                                 ("segments", "segments", True)])
 @pytest.mark.parametrize("k_per_prompt, fallback_split", [([1], False), ([4, 4], False), ([8, 3, 1], False),
                                                            ([4, 2], True)])
-def test_loss_and_every_gradient_equal_the_padded_path(tiny, science_rows_path, k_per_prompt, fallback_split, path):
+def test_loss_and_every_gradient_equal_the_padded_path(tiny, science_rows_path, k_per_prompt, fallback_split, path,
+                                                       teacher_path, checkpointing):
     tokenizer, student, teacher = tiny
+    if checkpointing:
+        student.gradient_checkpointing_enable()  # the segments' layout reaches the recomputed layers too
+    else:
+        student.gradient_checkpointing_disable()
     targets, prompts = targets_for(science_rows_path, tokenizer, k_per_prompt, fallback_split=fallback_split)
     padded = make_batch(tokenizer, targets, prompts, 256, 40)
     shared = make_shared_batch(tokenizer, targets, prompts, 256, 40)
     assert shared.length == padded.length and (len(set(padded.length)) > 1 or len(targets) == 1)  # ragged
+    unshared = shared.unshared()  # the fallback where sharing does not pay: make_batch's batch, no new tokenizing
+    for name in ("student_ids", "student_attention", "teacher_ids", "teacher_attention"):
+        assert torch.equal(getattr(unshared, name), getattr(padded, name)), name
+    assert (unshared.student_start, unshared.teacher_start) == (padded.student_start, padded.teacher_start)
     # a completion with a teacher context of its own splits its prompt's run: [0] [1] [2, 3] and [0] [1]
     assert shared.groups == (5 if fallback_split else len(k_per_prompt))
     expected, expected_grads = loss_and_grads(distillation_loss, student, teacher, padded)
-    ours, grads = loss_and_grads(shared_distillation_loss, student, teacher, shared, path=path)
+    ours, grads = loss_and_grads(shared_distillation_loss, student, teacher, shared, path=path,
+                                 teacher_path=teacher_path)
+    student.gradient_checkpointing_disable()
     assert ours.counted_tokens == expected.counted_tokens
     assert torch.allclose(ours.loss, expected.loss, rtol=1e-5, atol=1e-7), (float(ours.loss), float(expected.loss))
     for name, grad in expected_grads.items():
@@ -92,26 +118,41 @@ def test_teacher_hidden_states_equal_the_padded_path(tiny, science_rows_path):
     targets, prompts = targets_for(science_rows_path, tokenizer, [4, 2], seed=3)
     padded = make_batch(tokenizer, targets, prompts, 256, 40)
     shared = make_shared_batch(tokenizer, targets, prompts, 256, 40)
+    cpu = torch.device("cpu")
     with torch.no_grad():
-        rows = shared_prefix._hidden_rows(teacher, shared.teacher, torch.device("cpu"))
-        cached = shared_prefix._hidden_rows_cached(teacher, shared.teacher_groups, torch.device("cpu"))
+        rows = shared_prefix._hidden_rows(teacher, shared.teacher, cpu)
+        cached = shared_prefix._hidden_rows_cached(teacher, shared.teacher_groups, cpu)
+        segments = shared_prefix._hidden_rows_segments(teacher, shared.teacher, cpu, "sdpa")
+        flex = shared_prefix._hidden_rows_segments(teacher, shared.teacher, cpu, "flex")  # compiled: forward only
         hidden = teacher.model(input_ids=padded.teacher_ids, attention_mask=padded.teacher_attention,
                                use_cache=False).last_hidden_state
     expected = torch.cat([hidden[b, s - 1:s - 1 + n] for b, (s, n) in enumerate(zip(padded.teacher_start,
                                                                                     padded.length))])
-    assert torch.allclose(rows, expected, atol=1e-5) and torch.allclose(cached, expected, atol=1e-5)
+    for name, ours in (("mask", rows), ("cache", cached), ("segments", segments), ("flex", flex)):
+        assert torch.allclose(ours, expected, atol=1e-5), name
 
 
 def test_a_leaky_mask_is_caught(tiny, science_rows_path, monkeypatch):
+    import caopd.training.segment_attention as segment_attention
+
     tokenizer, student, teacher = tiny
     targets, prompts = targets_for(science_rows_path, tokenizer, [4])
     expected = distillation_loss(student, teacher, make_batch(tokenizer, targets, prompts, 256, 40), impl="torch")
-    monkeypatch.setattr(shared_prefix, "completion_mask",  # a completion may see the completions before it
-                        lambda prefix, lengths: torch.ones(prefix + sum(lengths), prefix + sum(lengths),
-                                                           dtype=torch.bool).tril_())
+    monkeypatch.setattr(shared_prefix, "dense_mask",  # a completion may see the completions before it
+                        lambda segments: torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool).tril_()
+                        .expand(segments.shape[0], -1, -1))
     leaky = shared_distillation_loss(student, teacher, make_shared_batch(tokenizer, targets, prompts, 256, 40),
-                                     impl="torch", path="mask")
+                                     impl="torch", path="mask", teacher_path="mask")
     assert not torch.allclose(leaky.loss, expected.loss, rtol=1e-3)
+    monkeypatch.undo()
+    # the same leak in flex_attention's block mask: the teacher's rows move away from the padded path's
+    shared = make_shared_batch(tokenizer, targets, prompts, 256, 40)
+    with torch.no_grad():
+        exact = shared_prefix._hidden_rows_segments(teacher, shared.teacher, torch.device("cpu"), "sdpa")
+        monkeypatch.setattr(segment_attention, "block_mask_mod", lambda segments: lambda b, h, q, kv: kv <= q)
+        shared = make_shared_batch(tokenizer, targets, prompts, 256, 40)  # a new layout: no cached block mask
+        leaked = shared_prefix._hidden_rows_segments(teacher, shared.teacher, torch.device("cpu"), "flex")
+    assert not torch.allclose(leaked, exact, atol=1e-3)
 
 
 def test_tiny_training_gives_the_same_losses_with_and_without_shared_prefixes(tmp_path, capsys, monkeypatch):
@@ -134,22 +175,15 @@ def test_tiny_training_gives_the_same_losses_with_and_without_shared_prefixes(tm
                  "--attn-implementation", "eager", "--gradient-checkpointing", "true", "--max-steps", "1",
                  "--num-generations", "2", "--max-completion-length", "8"]) == 0
     out = capsys.readouterr()
-    assert "needs attn_implementation sdpa (a 4-D attention mask" in out.err
-    assert '"forward_layout": "padded"' in out.out
+    assert '"forward_layout": "shared-segments (teacher: cache)"' in out.out  # any attention, checkpointing on
 
 
-def test_with_gradient_checkpointing_the_student_takes_the_mask_path(science_rows_path, monkeypatch):
-    tokenizer = load_tokenizer("tiny-qwen3", "fast")
-    student, teacher = load_model("tiny-qwen3", tokenizer, seed=1), load_model("tiny-qwen3", tokenizer, seed=2)
-    student.gradient_checkpointing_enable()  # transformers turns the KV cache off under it
-    targets, prompts = targets_for(science_rows_path, tokenizer, [3, 2])
-    padded = distillation_loss(student, teacher, make_batch(tokenizer, targets, prompts, 256, 40), impl="torch")
-    used = []
-    mask_rows = shared_prefix._hidden_rows
-    monkeypatch.setattr(shared_prefix, "_hidden_rows", lambda *a: used.append("mask") or mask_rows(*a))
-    ours = shared_distillation_loss(student, teacher, make_shared_batch(tokenizer, targets, prompts, 256, 40),
-                                    impl="torch")
-    assert used == ["mask"] and torch.allclose(ours.loss, padded.loss, rtol=1e-5)
+def test_sharing_pays():
+    assert not sharing_pays([RowSegments(200, (40,))])  # one completion: nothing to share
+    assert sharing_pays([RowSegments(1024, (256,) * 8)])  # tool-use-like: prompts long
+    assert sharing_pays([RowSegments(256, (1024,) * 8)])  # science-like: still 0.83x the tokens
+    assert not sharing_pays([RowSegments(8, (1024,) * 8)])  # prompts much shorter than completions
+    assert sharing_pays([RowSegments(8, (1024,) * 8), RowSegments(1024, (256,) * 8)])  # the micro-batch as a whole
 
 
 @pytest.mark.parametrize("k_per_prompt", [[1], [8, 3, 1]])
@@ -167,18 +201,19 @@ def test_packed_layout_equals_padded(tiny, science_rows_path, k_per_prompt):
         distillation_loss(student, teacher, batch, layout="shared")
 
 
-@pytest.mark.parametrize("shared, attn, model_type, checkpointing, layout, says", [
-    (False, "sdpa", "qwen3", False, "padded", None),
-    (False, "flash_attention_2", "qwen3", False, "packed", None),  # varlen: no pads
-    (True, "sdpa", "qwen3", False, "shared-cache", None),
-    (True, "eager", "qwen3", False, "shared-cache", None),  # a 2-D mask over cached keys: any attention
-    (True, "flash_attention_2", "llama", False, "shared-cache", None),
-    (True, "sdpa", "qwen3", True, "shared-mask", None),  # checkpointing turns the cache off
-    (True, "eager", "qwen3", True, "padded", "needs attn_implementation sdpa"),  # eager adds a bool mask
-    (True, "flash_attention_2", "qwen3", True, "packed", "needs attn_implementation sdpa"),
-    (True, "sdpa", "gpt2", False, "padded", "not supported for model type 'gpt2'"),
+@pytest.mark.parametrize("shared, attn, model_type, checkpointing, fsdp, layout, says", [
+    (False, "sdpa", "qwen3", False, False, "padded", None),
+    (False, "flash_attention_2", "qwen3", False, False, "packed", None),  # varlen: no pads
+    (True, "sdpa", "qwen3", False, False, "shared-cache", None),
+    (True, "eager", "qwen3", False, False, "shared-cache", None),  # a 2-D mask over cached keys: any attention
+    (True, "flash_attention_2", "llama", False, False, "shared-cache", None),
+    (True, "sdpa", "qwen3", True, False, "shared-segments (teacher: cache)", None),  # checkpointing: no cache
+    (True, "eager", "qwen3", True, False, "shared-segments (teacher: cache)", None),  # any base attention
+    (True, "flash_attention_2", "qwen3", True, False, "shared-segments (teacher: cache)", None),
+    (True, "sdpa", "qwen3", False, True, "shared-segments", None),  # FSDP: one forward a side, both models
+    (True, "sdpa", "gpt2", False, False, "padded", "not supported for model type 'gpt2'"),
 ])
-def test_choose_layout(shared, attn, model_type, checkpointing, layout, says):
-    chosen, why = choose_layout(shared, attn, model_type, checkpointing)
-    assert chosen == layout
+def test_choose_layout(shared, attn, model_type, checkpointing, fsdp, layout, says):
+    chosen, why = choose_layout(shared, attn, model_type, checkpointing, fsdp)
+    assert str(chosen) == layout and "mask" not in (chosen.student, chosen.teacher)
     assert (why is None) if says is None else (says in why and layout in why)

@@ -210,7 +210,8 @@ def test_the_loss_gets_the_configured_options(science_rows_path, tmp_path, monke
     monkeypatch.setattr(trainer_module, "distillation_loss", recording_loss)
     shared_loss = trainer_module.shared_distillation_loss
     monkeypatch.setattr(trainer_module, "shared_distillation_loss", lambda *args, **options: (
-        calls.append({k: v for k, v in options.items() if k != "path"}), shared_loss(*args, **options))[1])
+        calls.append({k: v for k, v in options.items() if k not in ("path", "teacher_path")}),
+        shared_loss(*args, **options))[1])
     run(config_for(data, "science", tmp_path / "run", max_steps=1, divergence="jsd", beta=0.3, temperature=0.7,
                    skip_loss_tokens=2), examples)
     expected = dict(divergence="jsd", beta=0.3, temperature=0.7, skip_tokens=2, impl="torch")

@@ -83,7 +83,7 @@ class DistillationBatch:
         return sum(self.length)
 
 
-def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
@@ -108,8 +108,8 @@ def make_batch(tokenizer, targets: list[DistillationTarget], student_prompt_ids:
         student_start.append(len(prompt))
         teacher_start.append(len(teacher_prompt))
         length.append(len(completion))
-    student_ids, student_attention = _pad(student_rows, tokenizer.pad_token_id)
-    teacher_ids, teacher_attention = _pad(teacher_rows, tokenizer.pad_token_id)
+    student_ids, student_attention = pad_rows(student_rows, tokenizer.pad_token_id)
+    teacher_ids, teacher_attention = pad_rows(teacher_rows, tokenizer.pad_token_id)
     return DistillationBatch(student_ids, student_attention, teacher_ids, teacher_attention, student_start,
                              teacher_start, length)
 

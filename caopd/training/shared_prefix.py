@@ -2,24 +2,27 @@
 
 A group is one prompt's trained completions with one teacher context. Its row holds the prefix
 once, then every completion:  [prefix | completion 1 | completion 2 | ...]. Position ids restart
-at len(prefix) for each completion, and a 4-D attention mask lets each completion see the prefix
-and itself (causally), never another completion. The hidden states are then exactly those of
-the padded path (one row per completion) — the same model layers, the same attention kernel
-(SDPA with a mask) — while the prefix is encoded once instead of K times on each side. The
-prefix's gradient is the sum over its completions, as autograd gives it. Completion token k is
+at len(prefix) for each completion, and each completion attends to the prefix and to itself
+(causally), never to another completion. The hidden states are then exactly those of the padded
+path (one row per completion), while the prefix is encoded once instead of K times on each side.
+The prefix's gradient is the sum over its completions, as autograd gives it. Completion token k is
 predicted from the position before it: the prefix's last token for k = 0 (shared by the group),
 else the completion's own previous token.
 
-Rows of a micro-batch are right-padded; a pad position attends only to itself (a fully masked
-row would give NaN) and nothing attends to it.
+Three ways to run a group, the same hidden states (up to float rounding):
 
-Two ways to run a group, the same hidden states (up to float rounding): ``mask`` (one row with the
-4-D mask above; SDPA then computes every (query, key) pair of the row, masked ones included) and
-``cache`` (the prefix forwarded once with ``use_cache``, its keys and values repeated for the K
-completions, which then run as a batch on top: attention costs K L (P + L), the least there is).
-The student takes ``cache`` unless gradient checkpointing is on (transformers turns the cache off
-then); the teacher, without gradients, always does. ``choose_layout`` picks among these and the
-unshared layouts of caopd.training.loss (padded, packed) from the attention implementation and the model.
+- ``cache``: the prefix forwarded once with ``use_cache``, its keys and values repeated for the K
+  completions, which then run as a batch on top (attention K L (P + L)); several forwards a group,
+  so not under FSDP, and no KV cache under gradient checkpointing.
+- ``segments``: one forward of all rows, the attention computed by segments
+  (caopd.training.segment_attention: PyTorch SDPA, flash-attn varlen or flex_attention): only the
+  pairs that are needed, no [T, T] mask; one forward a side, so it runs with gradient checkpointing
+  and under FSDP.
+- ``mask``: one forward with a dense 4-D [G, 1, T, T] mask under SDPA, which then computes every
+  (query, key) pair of the row; kept as a reference, chosen by nothing.
+
+``choose_layout`` picks the student's and the teacher's ways, or the unshared layouts of
+caopd.training.loss (padded, packed), and ``sharing_pays`` says when sharing saves nothing.
 """
 from __future__ import annotations
 
@@ -29,7 +32,16 @@ from functools import cached_property
 import torch
 
 from caopd.scoring.calibration import DistillationTarget
-from caopd.training.loss import LossOutput, chat_ids, completion_ids, fused_loss, token_weights
+from caopd.training.loss import (
+    DistillationBatch,
+    LossOutput,
+    chat_ids,
+    completion_ids,
+    fused_loss,
+    pad_rows,
+    token_weights,
+)
+from caopd.training.segment_attention import RowSegments, SharedLayout
 
 # Decoders whose layers take position ids, a 2-D mask over cached + new keys and a DynamicCache
 # (batch_repeat_interleave): the shared-prefix forwards are tested on qwen3; the others have the same
@@ -37,25 +49,54 @@ from caopd.training.loss import LossOutput, chat_ids, completion_ids, fused_loss
 SHARED_PREFIX_ARCHITECTURES = ("qwen3", "qwen2", "llama", "mistral")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a micro-batch is forwarded: ``student`` and ``teacher`` are cache, segments or mask
+    (shared), or padded or packed (unshared, then the same for both)."""
+
+    student: str
+    teacher: str
+
+    @property
+    def shared(self) -> bool:
+        return self.student in ("cache", "segments", "mask")
+
+    def __str__(self) -> str:
+        if not self.shared:
+            return self.student
+        return f"shared-{self.student}" + (f" (teacher: {self.teacher})" if self.teacher != self.student else "")
+
+
 def choose_layout(shared_prefix: bool, attn_implementation: str, model_type: str,
-                  gradient_checkpointing: bool, fsdp: bool = False) -> tuple[str, str | None]:
-    """The forward layout — "shared-cache", "shared-mask", "packed" or "padded" — and a line saying
-    why, where --shared-prefix asked for sharing and it cannot be done. Under FSDP every process must
-    run each sharded layer equally often: one forward a side (the cache path runs one per group)."""
-    unshared = "packed" if attn_implementation == "flash_attention_2" else "padded"  # varlen: no padding
+                  gradient_checkpointing: bool, fsdp: bool = False) -> tuple[Layout, str | None]:
+    """The forward layout, and a line saying why where --shared-prefix asked for sharing and it
+    cannot be done. The prefix cache where it can run (no checkpointing, no FSDP); else segments (one
+    forward a side: under FSDP every process must run each sharded layer equally often). The
+    teacher, without gradients, takes the cache unless under FSDP."""
+    unshared = "packed" if attn_implementation == "flash_attention_2" else "padded"  # varlen: no pads
     if not shared_prefix:
-        return unshared, None
+        return Layout(unshared, unshared), None
     if model_type not in SHARED_PREFIX_ARCHITECTURES:
-        return unshared, (f"--shared-prefix: not supported for model type {model_type!r} (supported: "
-                          f"{', '.join(SHARED_PREFIX_ARCHITECTURES)}); using the {unshared} forwards")
+        return Layout(unshared, unshared), (f"--shared-prefix: not supported for model type {model_type!r} "
+                                            f"(supported: {', '.join(SHARED_PREFIX_ARCHITECTURES)}); using the "
+                                            f"{unshared} forwards")
+    teacher = "segments" if fsdp else "cache"
     if not (gradient_checkpointing or fsdp):
-        return "shared-cache", None
-    if attn_implementation == "sdpa":
-        return "shared-mask", None
-    needs = "gradient checkpointing" if gradient_checkpointing else "--fsdp"
-    return unshared, (f"--shared-prefix with {needs} needs attn_implementation sdpa (a 4-D attention mask; "
-                      f"{'checkpointing turns the KV cache off' if gradient_checkpointing else 'one forward a side'}"
-                      f"), not {attn_implementation}; using the {unshared} forwards")
+        return Layout("cache", teacher), None
+    return Layout("segments", teacher), None
+
+
+def sharing_pays(rows: list[RowSegments], width: int = 1024) -> bool:
+    """Whether shared rows cost less than one padded row a completion, by a decoder layer's work:
+    12 width^2 multiply-adds a token in its linear maps against 2 width a (query, key) pair in its
+    attention. Sharing saves nothing with one completion a prompt, or where prompts are much
+    shorter than completions (then the padded rows hold little more than the shared ones)."""
+    shared = padded = 0.0
+    for row in rows:
+        k, longest, p = len(row.lengths), max(row.lengths), row.prefix
+        shared += 12 * width * (p + sum(row.lengths)) + 2 * (p * p / 2 + sum(n * (p + n / 2) for n in row.lengths))
+        padded += 12 * width * k * (p + longest) + 2 * k * (p + longest) ** 2 / 2
+    return any(len(row.lengths) > 1 for row in rows) and shared < 0.95 * padded
 
 
 @dataclass
@@ -64,8 +105,15 @@ class SharedSide:
 
     ids: torch.Tensor  # [G, T]
     positions: torch.Tensor  # [G, T]
-    mask: torch.Tensor  # [G, 1, T, T] bool: True where a query (row) may attend to a key (column)
     rows: torch.Tensor  # [n]: flat index into [G * T] of the hidden state predicting each completion token
+    layout: SharedLayout  # the rows' segments (what the segments path and the mask are built from)
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """[G, 1, T, T] bool: True where a query (row) may attend to a key (column); pads attend to
+        themselves only (a fully masked row would give NaN) and nothing attends to them. Built only
+        for the dense-mask path, by vectorised comparisons of the rows' segment ids."""
+        return dense_mask(self.layout.segment_ids).unsqueeze(1)
 
 
 @dataclass
@@ -115,40 +163,59 @@ class SharedPrefixBatch:
     def completion_tokens(self) -> int:
         return sum(self.length)
 
+    def unshared(self) -> DistillationBatch:
+        """The same sequences as one right-padded row a completion (loss.make_batch's batch), from the
+        tokens already here."""
+        student, teacher, student_start, teacher_start = [], [], [], []
+        for s_prefix, t_prefix, group in zip(self.student_prefixes, self.teacher_prefixes, self.completions):
+            for completion in group:
+                student.append(s_prefix + completion)
+                teacher.append(t_prefix + completion)
+                student_start.append(len(s_prefix))
+                teacher_start.append(len(t_prefix))
+        return DistillationBatch(*pad_rows(student, self.pad), *pad_rows(teacher, self.pad), student_start,
+                                 teacher_start, self.length)
+
+
+def dense_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[G, T, T] from [G, T] segment ids (0 the prefix, k completion k, -1 padding): the prefix causal,
+    each completion the prefix and itself causally; a pad sees itself only."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril_()
+    key_is_prefix = (segments == 0).unsqueeze(1)  # [G, 1, T]
+    same = segments.unsqueeze(2) == segments.unsqueeze(1)  # [G, T, T]
+    real = (segments >= 0).unsqueeze(1) & (segments >= 0).unsqueeze(2)
+    eye = torch.eye(width, dtype=torch.bool, device=segments.device)
+    return (causal & (key_is_prefix | same) & real) | (eye & (segments < 0).unsqueeze(2))
+
 
 def completion_mask(prefix: int, lengths: list[int]) -> torch.Tensor:
     """[T, T] bool for one row: the prefix causal, each completion the prefix plus itself causally."""
-    total = prefix + sum(lengths)
-    segment = torch.zeros(total, dtype=torch.long)  # 0 = prefix, k = completion k (1-based)
-    start = prefix
-    for k, n in enumerate(lengths, start=1):
-        segment[start:start + n] = k
-        start += n
-    causal = torch.ones(total, total, dtype=torch.bool).tril_()
-    key_is_prefix = (segment == 0).unsqueeze(0)  # [1, T]
-    same_segment = segment.unsqueeze(1) == segment.unsqueeze(0)  # [T, T]
-    return causal & (key_is_prefix | same_segment)
+    row = SharedLayout([RowSegments(prefix, tuple(lengths))], prefix + sum(lengths))
+    return dense_mask(row.segment_ids)[0]
 
 
 def _side(prefixes: list[list[int]], completions: list[list[list[int]]], pad: int) -> SharedSide:
-    rows_tokens, positions, masks, predicting = [], [], [], []
+    """The rows of one side: tokens, positions (each completion's continue its prefix's: P..P+L-1),
+    and the flat index of the hidden state predicting each completion token (the prefix's last for
+    a completion's first token, else the position before it), a tensor op per completion."""
     width = max(len(p) + sum(len(c) for c in cs) for p, cs in zip(prefixes, completions))
-    for g, (prefix, group) in enumerate(zip(prefixes, completions)):
-        tokens, pos = list(prefix), list(range(len(prefix)))
-        start = len(prefix)
-        for completion in group:
-            tokens += completion
-            pos += range(len(prefix), len(prefix) + len(completion))
-            # token j of this completion is predicted at the prefix's last position (j = 0) or at j - 1
-            predicting += [g * width + (len(prefix) - 1 if j == 0 else start + j - 1) for j in range(len(completion))]
-            start += len(completion)
-        mask = torch.eye(width, dtype=torch.bool)  # pads attend to themselves only
-        mask[:len(tokens), :len(tokens)] = completion_mask(len(prefix), [len(c) for c in group])
-        rows_tokens.append(tokens + [pad] * (width - len(tokens)))
-        positions.append(pos + [0] * (width - len(pos)))
-        masks.append(mask)
-    return SharedSide(torch.tensor(rows_tokens), torch.tensor(positions), torch.stack(masks).unsqueeze(1),
-                      torch.tensor(predicting))
+    layout = SharedLayout([RowSegments(len(p), tuple(len(c) for c in cs)) for p, cs in zip(prefixes, completions)],
+                          width)
+    tokens = [p + [t for c in cs for t in c] for p, cs in zip(prefixes, completions)]
+    ids = torch.tensor([t + [pad] * (width - len(t)) for t in tokens])
+    positions, predicting = [], []
+    for g, row in enumerate(layout.rows):
+        pieces, start = [torch.arange(row.prefix)], row.prefix
+        for n in row.lengths:
+            pieces.append(torch.arange(row.prefix, row.prefix + n))
+            before = torch.arange(start - 1, start + n - 1)
+            before[0] = row.prefix - 1
+            predicting.append(g * width + before)
+            start += n
+        used = torch.cat(pieces)
+        positions.append(torch.nn.functional.pad(used, (0, width - len(used))))
+    return SharedSide(ids, torch.stack(positions), torch.cat(predicting), layout)
 
 
 def make_shared_batch(tokenizer, targets: list[DistillationTarget], student_prompt_ids: list[list[int]],
@@ -205,28 +272,52 @@ def _hidden_rows_cached(model: torch.nn.Module, groups: list[PrefixGroup], devic
 
 
 def _hidden_rows(model: torch.nn.Module, side: SharedSide, device: torch.device) -> torch.Tensor:
+    """The dense-mask path (a reference: every (query, key) pair of the row)."""
     decoder = getattr(model, model.base_model_prefix)
     hidden = decoder(input_ids=side.ids.to(device), attention_mask=side.mask.to(device),
                      position_ids=side.positions.to(device), use_cache=False).last_hidden_state  # [G, T, H]
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, side.rows.to(device))  # [n, H]
 
 
+def _hidden_rows_segments(model: torch.nn.Module, side: SharedSide, device: torch.device, kernel: str) -> torch.Tensor:
+    """The segments path: one forward of the rows, attention by segments (the model must use
+    caopd.training.segment_attention's implementation: use_segment_attention)."""
+    if not model.config._attn_implementation.startswith("caopd_segments"):
+        raise RuntimeError("the segments path needs use_segment_attention(model) first")
+    decoder = getattr(model, model.base_model_prefix)
+    side.layout.kernel = kernel
+    hidden = decoder(input_ids=side.ids.to(device), attention_mask=side.layout.marker(device),
+                     position_ids=side.positions.to(device), use_cache=False,
+                     shared_layout=side.layout).last_hidden_state  # [G, T, H]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, side.rows.to(device))  # [n, H]
+
+
+def _rows(model: torch.nn.Module, batch: SharedPrefixBatch, side: str, path: str, device: torch.device,
+          kernel: str) -> torch.Tensor:
+    if path == "cache":
+        return _hidden_rows_cached(model, getattr(batch, f"{side}_groups"), device)
+    if path == "segments":
+        return _hidden_rows_segments(model, getattr(batch, side), device, kernel)
+    if path == "mask":
+        return _hidden_rows(model, getattr(batch, side), device)
+    raise ValueError(f"path must be cache, segments or mask, got {path!r}")
+
+
 def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: SharedPrefixBatch, *,
                              divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
-                             skip_tokens: int = 3, impl: str = "auto", path: str = "auto") -> LossOutput:
+                             skip_tokens: int = 3, impl: str = "auto", path: str = "cache",
+                             teacher_path: str | None = None, kernel: str | None = None) -> LossOutput:
     """The same loss as loss.distillation_loss (per sequence, then over sequences), from the
-    shared-prefix forwards. path: "cache", "mask", or "auto" (cache unless the student
-    checkpoints its activations)."""
-    if path not in ("auto", "cache", "mask"):
-        raise ValueError(f"path must be auto, cache or mask, got {path!r}")
+    shared-prefix forwards. path: the student's (cache, segments or mask); teacher_path: the
+    teacher's (default: the cache, without gradients; the student's under FSDP); kernel: the
+    segments' attention kernel (default: flash-attn varlen on a GPU where installed, else SDPA)."""
+    from caopd.training.segment_attention import default_kernel
+
     device = next(student.parameters()).device
-    if path == "cache" or (path == "auto" and not getattr(student, "is_gradient_checkpointing", False)):
-        student_rows = _hidden_rows_cached(student, batch.student_groups, device)
-    else:
-        student_rows = _hidden_rows(student, batch.student, device)
+    kernel = kernel or default_kernel(device)
+    student_rows = _rows(student, batch, "student", path, device, kernel)
     with torch.no_grad():
-        teacher_rows = _hidden_rows(teacher, batch.teacher, device) if path == "mask" else \
-            _hidden_rows_cached(teacher, batch.teacher_groups, device)
+        teacher_rows = _rows(teacher, batch, "teacher", teacher_path or "cache", device, kernel)
     weights = token_weights(batch, skip_tokens).to(device)
     return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
                       temperature=temperature, impl=impl)

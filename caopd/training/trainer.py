@@ -45,7 +45,14 @@ from caopd.training.loss import chat_ids, distillation_loss, make_batch
 from caopd.training.placement import Models, place_models
 from caopd.training.process_memory import merge_phase, peaks, release_freed_memory, reset_peaks
 from caopd.training.run_folder import check_run_folder, clear_earlier_run
-from caopd.training.shared_prefix import choose_layout, make_shared_batch, shared_distillation_loss
+from caopd.training.segment_attention import use_segment_attention
+from caopd.training.shared_prefix import (
+    Layout,
+    choose_layout,
+    make_shared_batch,
+    shared_distillation_loss,
+    sharing_pays,
+)
 
 
 def prompt_order(n_examples: int, seed: int, epoch: int) -> list[int]:
@@ -177,6 +184,19 @@ def build_engine(config: TrainConfig, models: Models, tokenizer, out: Path, rank
     return engine
 
 
+def micro_batch(layout: Layout, tokenizer, targets: list, prompts: list[list[int]], config: TrainConfig):
+    """(loss function, batch, its forward options) of one micro-batch: its prefixes shared in the run's
+    layout where sharing pays for its rows (sharing_pays), else one row a completion (padded or packed)."""
+    lengths = (config.max_prompt_length, config.max_completion_length, config.chat_template_kwargs)
+    unshared = {"layout": "packed" if config.attn_implementation == "flash_attention_2" else "padded"}
+    if not layout.shared:
+        return distillation_loss, make_batch(tokenizer, targets, prompts, *lengths), unshared
+    batch = make_shared_batch(tokenizer, targets, prompts, *lengths)
+    if sharing_pays(batch.student.layout.rows):
+        return shared_distillation_loss, batch, {"path": layout.student, "teacher_path": layout.teacher}
+    return distillation_loss, batch.unshared(), unshared
+
+
 def sample_step(step: int, engine: RolloutEngine, rollouts: AsyncRollouts | None, models: Models, request,
                 max_staleness: int, push: bool) -> tuple[list, int]:
     """(this step's completions, the policy version they came from). A synchronous engine first gets
@@ -271,14 +291,15 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                                 config.gradient_checkpointing, config.fsdp)
     if why:
         log(why)
-    share_prefixes = layout.startswith("shared")
-    loss_fn, make = (shared_distillation_loss, make_shared_batch) if share_prefixes else (distillation_loss, make_batch)
+    if "segments" in (layout.student, layout.teacher):
+        for model in (models.student, models.teacher):
+            if hasattr(model, "set_attn_implementation"):  # a LoRA teacher shares the student's model
+                use_segment_attention(model)
     options = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
-                   skip_tokens=config.skip_loss_tokens, impl=config.loss_impl,
-                   **({"path": layout.removeprefix("shared-")} if share_prefixes else {"layout": layout}))
+                   skip_tokens=config.skip_loss_tokens, impl=config.loss_impl)
     if not quiet and progress is None:
         print(json.dumps({"config": asdict(config), "total_steps": total_steps, "resumed_at_step": state.step,
-                          "divergence": config.divergence, "forward_layout": layout, "processes": ranks.world,
+                          "divergence": config.divergence, "forward_layout": str(layout), "processes": ranks.world,
                           "process_group": ranks.backend,
                           "method": "CaOPD" if config.empirical_calibration else "OPD"}))
     history = []
@@ -314,10 +335,9 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 micro = range(start, min(start + config.micro_batch_prompts, len(groups)))
                 micro_targets = [t for j in micro for t in targets[j]]
                 micro_prompts = [prompt_ids[indices[j]] for j in micro for _ in targets[j]]
-                batch = make(tokenizer, micro_targets, micro_prompts, config.max_prompt_length,
-                             config.max_completion_length, config.chat_template_kwargs)
+                loss_fn, batch, forward = micro_batch(layout, tokenizer, micro_targets, micro_prompts, config)
                 share = len(micro_targets) / sequences
-                loss_value += models.loss(loss_fn, batch, options, share) * share
+                loss_value += models.loss(loss_fn, batch, {**options, **forward}, share) * share
                 tokens += batch.completion_tokens
             grad_norm = models.clip_and_step(config.max_grad_norm or math.inf)
             scheduler.step()
