@@ -5,7 +5,9 @@
 # benchmarks/results/kernel_kl_<device>.{json,md,png}:
 #   1. the kernel tests with the Triton kernel compiled (no interpreter)
 #   2. the bf16 rules of training on the device (scripts/gpu_bf16_check.py)
-#   3. the kernel benchmark in bf16 at H = 4096 (against Liger if it is importable)
+#   3. the kernel benchmark in bf16 at H = 4096 (against Liger if it is importable), and one attention call
+#      over a shared row at T = 9,216 (benchmarks/attention_sharing.py): padded rows vs segments by SDPA,
+#      flex_attention and flash-attn varlen (if installed) vs the dense mask, each checked against padded
 #   4. the TRL SDFT step benchmark (benchmarks/trl_step.py, whole Qwen3-0.6B depth) if TRL is importable
 #   5. two FSDP2 processes sharing the GPU (gloo: NCCL refuses two ranks on one device) train 2 steps of
 #      --config tiny in bf16, against one process: the sharded load, generation and saves on CUDA
@@ -40,6 +42,8 @@ impls="torch triton gemm_floor"
 timeout 240 "$py" benchmarks/kernel_kl.py --device cuda --dtype bfloat16 --hidden 4096 --ns 2048 8192 16384 \
   --impls $impls > "$out/kernel_benchmark.log" 2>&1 || status=1
 tail -5 "$out/kernel_benchmark.log"
+timeout 180 "$py" -m benchmarks.attention_sharing > "$out/attention_sharing.log" 2>&1 || status=1
+tail -6 "$out/attention_sharing.log"
 if "$py" -c 'import trl' 2>/dev/null; then
   timeout 300 "$py" -m benchmarks.trl_step --layers 28 --batch 8 --completion 512 --steps 2 \
     > "$out/trl_benchmark.log" 2>&1 || status=1

@@ -91,6 +91,14 @@ def test_activations_follow_tokens_and_checkpointing():
     assert liger == 4 * 1100 * shape.saved_per_token_layer(liger=True) * 2 * shape.layers < padded
     two = parts(dataclasses.replace(base, micro_batch_prompts=2))
     assert two["student activations (saved for backward)"] == 2 * padded
+    # the segments path (checkpointing or FSDP): tokens x layer inputs, the prefix's K/V repeated for each
+    # completion (one recomputed layer with checkpointing, every layer without); no [T, T] term
+    segments = parts(dataclasses.replace(base, shared_prefix=True, gradient_checkpointing=True))
+    assert segments["student activations (saved for backward)"] == \
+        1400 * (shape.hidden * shape.layers + shape.saved_per_token_layer()) * 2 + 4 * 1000 * 2 * shape.kv_width * 2
+    sharded = parts(dataclasses.replace(base, shared_prefix=True, fsdp=True, gpus=2))
+    assert sharded["student activations (saved for backward)"] == \
+        1400 * shape.saved_per_token_layer() * 2 * shape.layers + 4 * 1000 * 2 * shape.kv_width * 2 * shape.layers
 
 
 def test_largest_micro_batch_is_the_edge_of_fitting():

@@ -25,6 +25,7 @@ from caopd.scoring.calibration import DistillationTarget, RolloutGroup, build_ta
 from caopd.training.loss import chat_ids, distillation_loss, make_batch
 from caopd.training.segment_attention import RowSegments, use_segment_attention
 from caopd.training.shared_prefix import (
+    LayerCost,
     choose_layout,
     completion_mask,
     make_shared_batch,
@@ -176,14 +177,29 @@ def test_tiny_training_gives_the_same_losses_with_and_without_shared_prefixes(tm
                  "--num-generations", "2", "--max-completion-length", "8"]) == 0
     out = capsys.readouterr()
     assert '"forward_layout": "shared-segments (teacher: cache)"' in out.out  # any attention, checkpointing on
+    assert main(["train", "--config", "tiny", "--output-dir", str(tmp_path / "one"), "--shared-prefix", "true",
+                 "--max-steps", "2", "--train-rollouts", "1", "--max-completion-length", "8"]) == 0
+    assert capsys.readouterr().err.count("sharing saves nothing") == 1  # one trained completion a prompt: said once
 
 
 def test_sharing_pays():
-    assert not sharing_pays([RowSegments(200, (40,))])  # one completion: nothing to share
-    assert sharing_pays([RowSegments(1024, (256,) * 8)])  # tool-use-like: prompts long
-    assert sharing_pays([RowSegments(256, (1024,) * 8)])  # science-like: still 0.83x the tokens
-    assert not sharing_pays([RowSegments(8, (1024,) * 8)])  # prompts much shorter than completions
-    assert sharing_pays([RowSegments(8, (1024,) * 8), RowSegments(1024, (256,) * 8)])  # the micro-batch as a whole
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+                         head_dim=128)  # Qwen3-0.6B's widths, as benchmarks/forward_sharing.py
+    cost = LayerCost.of(config, torch.device("cpu"))
+    assert cost.token == 1024 * (2 * 2048 + 2 * 1024) + 3 * 1024 * 3072 and cost.pair == 2 * 2048 * 3
+    assert LayerCost.of(config, torch.device("cuda")).pair == 2 * 2048 * 1.5
+    assert not sharing_pays([RowSegments(200, (40,))], cost)  # one completion: nothing to share
+    assert sharing_pays([RowSegments(1024, (256,) * 8)], cost)  # tool-use-like: prompts long
+    # science-like: 0.83x the tokens, but the sdpa kernel computes each completion's whole block (measured
+    # 1.08x the padded models' time on CPU); kernels that skip masked blocks (flex, flash) share
+    assert not sharing_pays([RowSegments(256, (1024,) * 8)], cost)
+    assert sharing_pays([RowSegments(256, (1024,) * 8)], cost, "flex")
+    assert not sharing_pays([RowSegments(8, (1024,) * 8)], cost, "flash")  # prompts much shorter than completions
+    assert sharing_pays([RowSegments(8, (1024,) * 8), RowSegments(1024, (256,) * 8)], cost)  # the micro-batch
+    # padded rows are as wide as the micro-batch's widest: a short prompt beside a long one shares
+    assert sharing_pays([RowSegments(64, (128,) * 4), RowSegments(900, (100,) * 4)], cost)
 
 
 @pytest.mark.parametrize("k_per_prompt", [[1], [8, 3, 1]])
@@ -217,3 +233,16 @@ def test_choose_layout(shared, attn, model_type, checkpointing, fsdp, layout, sa
     chosen, why = choose_layout(shared, attn, model_type, checkpointing, fsdp)
     assert str(chosen) == layout and "mask" not in (chosen.student, chosen.teacher)
     assert (why is None) if says is None else (says in why and layout in why)
+
+
+@pytest.mark.parametrize("device, flash_attn, kernel", [("cpu", True, "sdpa"), ("cuda", True, "flash"),
+                                                        ("cuda", False, "flex")])
+def test_default_kernel(device, flash_attn, kernel, monkeypatch):
+    import importlib.util
+
+    from caopd.training.segment_attention import default_kernel
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if flash_attn else None) if name == "flash_attn" else real(name, *a))
+    assert default_kernel(torch.device(device)) == kernel

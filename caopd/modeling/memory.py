@@ -22,7 +22,8 @@ RoPE, v, the attention output, the K/V repeated for grouped-query SDPA (5 Hq + 3
 heads x head_dim, Hkv = KV heads x head_dim), gate, up, SiLU(gate) and their product (4 I). With
 gradient checkpointing only each layer's input (H) is kept, plus one layer recomputed. The shared
 prefix runs prefix + K completions instead of K x (prefix + completion) tokens; on the cache path
-the completions attend to the prefix's keys and values repeated K times (counted).
+and the segments path the completions attend to the prefix's keys and values repeated K times
+(counted); no path holds a [T, T] mask or score matrix.
 
 Checked against measured peaks on CPU, one process and a 2-process FSDP run
 (``benchmarks/memory_check.py``, ``tests/test_fsdp_memory.py``); unchecked on GPUs.
@@ -224,6 +225,9 @@ def _training(plan: Plan, shape: Shape) -> list[Row]:
         saved = student_tokens * per_layer * shape.layers
     if plan.shared_prefix and not plan.gradient_checkpointing and not plan.fsdp:  # cache path: prefix K/V x K
         saved += mb * k * p * (2 * shape.kv_width + 2 * shape.q_width) * compute * shape.layers
+    elif plan.shared_prefix:  # segments: each completion attends to [prefix K/V | its own], kept for backward;
+        # with checkpointing for the one layer recomputed at a time (no [T, T] mask or scores on any path)
+        saved += mb * k * p * 2 * shape.kv_width * compute * (1 if plan.gradient_checkpointing else shape.layers)
     completion_rows = mb * k * c
     # chunk buffers (caopd_kernels' budget rule: [C, V] fp32, 2 of them for reverse KL; C from the budget,
     # at most the micro-batch's completion tokens) + the lm_head's fp32 dW, stored from forward to backward

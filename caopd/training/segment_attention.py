@@ -218,7 +218,10 @@ def use_segment_attention(model: torch.nn.Module) -> str:
 
 
 def default_kernel(device: torch.device) -> str:
-    """flash-attn's varlen kernels where installed on a GPU, else PyTorch's SDPA."""
+    """flash-attn's varlen kernels where installed on a GPU, else flex_attention on a GPU (compiled,
+    block-sparse; GQA with a mask would send SDPA to its math backend there), else PyTorch's SDPA."""
     import importlib.util
 
-    return "flash" if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    if device.type != "cuda":
+        return "sdpa"
+    return "flash" if importlib.util.find_spec("flash_attn") is not None else "flex"

@@ -86,16 +86,44 @@ def choose_layout(shared_prefix: bool, attn_implementation: str, model_type: str
     return Layout("segments", teacher), None
 
 
-def sharing_pays(rows: list[RowSegments], width: int = 1024) -> bool:
-    """Whether shared rows cost less than one padded row a completion, by a decoder layer's work:
-    12 width^2 multiply-adds a token in its linear maps against 2 width a (query, key) pair in its
-    attention. Sharing saves nothing with one completion a prompt, or where prompts are much
-    shorter than completions (then the padded rows hold little more than the shared ones)."""
-    shared = padded = 0.0
+@dataclass(frozen=True)
+class LayerCost:
+    """A decoder layer's cost in GEMM multiply-adds: a token's in its linear maps (q, k, v, o and the
+    gated MLP), a (query, key) pair's in its attention (q.k and p.v over every query head), weighted by
+    how much slower than a GEMM attention runs per multiply-add (softmax, masking): 3 on CPU, fitted to
+    benchmarks/results/forward_sharing_checkpointing_cpu.md; 1.5 on GPUs (FlashAttention at about half
+    a GEMM's rate; unmeasured here)."""
+
+    token: float
+    pair: float
+
+    @classmethod
+    def of(cls, config, device: torch.device) -> LayerCost:
+        heads, hidden = config.num_attention_heads, config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        q, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+        return cls(token=hidden * (2 * q + 2 * kv) + 3 * hidden * config.intermediate_size,
+                   pair=2 * q * (3.0 if device.type == "cpu" else 1.5))
+
+
+def sharing_pays(rows: list[RowSegments], cost: LayerCost, kernel: str = "sdpa") -> bool:
+    """Whether the shared rows cost less than the micro-batch's padded rows (one a completion, all as
+    wide as the widest), by a decoder layer's multiply-adds (``LayerCost``) over the pairs each kernel
+    computes: the sdpa kernel (one call per row, a mask) computes each completion's whole
+    [Lmax x (P + Lmax)] block and padded rows with padding their whole [W x W]; flash and flex skip
+    masked blocks. Sharing saves nothing with one completion a prompt, or where prompts are much
+    shorter than completions (then the padded rows hold little more than the shared ones); checked
+    against benchmarks/forward_sharing.py, and 5 % below padded is required (the shared forward's gathers)."""
+    skips = kernel != "sdpa"
+    widest = max(row.prefix + max(row.lengths) for row in rows)
+    sequences = sum(len(row.lengths) for row in rows)
+    uneven = any(row.prefix + n != widest for row in rows for n in row.lengths)
+    padded = cost.token * sequences * widest + cost.pair * sequences * widest ** 2 / (1 if uneven and not skips else 2)
+    shared = 0.0
     for row in rows:
-        k, longest, p = len(row.lengths), max(row.lengths), row.prefix
-        shared += 12 * width * (p + sum(row.lengths)) + 2 * (p * p / 2 + sum(n * (p + n / 2) for n in row.lengths))
-        padded += 12 * width * k * (p + longest) + 2 * k * (p + longest) ** 2 / 2
+        p, longest = row.prefix, max(row.lengths)
+        pairs = sum(n * (p + n / 2) for n in row.lengths) if skips else len(row.lengths) * longest * (p + longest)
+        shared += cost.token * row.used + cost.pair * (p * p / 2 + pairs)
     return any(len(row.lengths) > 1 for row in rows) and shared < 0.95 * padded
 
 
@@ -310,7 +338,7 @@ def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module,
     """The same loss as loss.distillation_loss (per sequence, then over sequences), from the
     shared-prefix forwards. path: the student's (cache, segments or mask); teacher_path: the
     teacher's (default: the cache, without gradients; the student's under FSDP); kernel: the
-    segments' attention kernel (default: flash-attn varlen on a GPU where installed, else SDPA)."""
+    segments' attention kernel (default: segment_attention.default_kernel)."""
     from caopd.training.segment_attention import default_kernel
 
     device = next(student.parameters()).device

@@ -45,8 +45,9 @@ from caopd.training.loss import chat_ids, distillation_loss, make_batch
 from caopd.training.placement import Models, place_models
 from caopd.training.process_memory import merge_phase, peaks, release_freed_memory, reset_peaks
 from caopd.training.run_folder import check_run_folder, clear_earlier_run
-from caopd.training.segment_attention import use_segment_attention
+from caopd.training.segment_attention import default_kernel, use_segment_attention
 from caopd.training.shared_prefix import (
+    LayerCost,
     Layout,
     choose_layout,
     make_shared_batch,
@@ -184,15 +185,17 @@ def build_engine(config: TrainConfig, models: Models, tokenizer, out: Path, rank
     return engine
 
 
-def micro_batch(layout: Layout, tokenizer, targets: list, prompts: list[list[int]], config: TrainConfig):
+def micro_batch(layout: Layout, tokenizer, targets: list, prompts: list[list[int]], config: TrainConfig,
+                cost: LayerCost, kernel: str):
     """(loss function, batch, its forward options) of one micro-batch: its prefixes shared in the run's
-    layout where sharing pays for its rows (sharing_pays), else one row a completion (padded or packed)."""
+    layout where sharing pays for its rows (sharing_pays, by the model's ``cost`` and the attention
+    ``kernel``), else one row a completion (padded or packed)."""
     lengths = (config.max_prompt_length, config.max_completion_length, config.chat_template_kwargs)
     unshared = {"layout": "packed" if config.attn_implementation == "flash_attention_2" else "padded"}
     if not layout.shared:
         return distillation_loss, make_batch(tokenizer, targets, prompts, *lengths), unshared
     batch = make_shared_batch(tokenizer, targets, prompts, *lengths)
-    if sharing_pays(batch.student.layout.rows):
+    if sharing_pays(batch.student.layout.rows, cost, "sdpa" if layout.student == "cache" else kernel):
         return shared_distillation_loss, batch, {"path": layout.student, "teacher_path": layout.teacher}
     return distillation_loss, batch.unshared(), unshared
 
@@ -291,6 +294,9 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                                 config.gradient_checkpointing, config.fsdp)
     if why:
         log(why)
+    said_unshared = False  # a micro-batch where sharing saves nothing is said once a run
+    device = next(models.student.parameters()).device
+    cost, kernel = LayerCost.of(models.student.config, device), default_kernel(device)
     if "segments" in (layout.student, layout.teacher):
         for model in (models.student, models.teacher):
             if hasattr(model, "set_attn_implementation"):  # a LoRA teacher shares the student's model
@@ -335,7 +341,13 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 micro = range(start, min(start + config.micro_batch_prompts, len(groups)))
                 micro_targets = [t for j in micro for t in targets[j]]
                 micro_prompts = [prompt_ids[indices[j]] for j in micro for _ in targets[j]]
-                loss_fn, batch, forward = micro_batch(layout, tokenizer, micro_targets, micro_prompts, config)
+                loss_fn, batch, forward = micro_batch(layout, tokenizer, micro_targets, micro_prompts, config,
+                                                      cost, kernel)
+                if layout.shared and loss_fn is distillation_loss and not said_unshared:
+                    said_unshared = True
+                    log(f"--shared-prefix: sharing saves nothing where a prompt has one completion or is much "
+                        f"shorter than its completions (first at step {state.step + 1}): such micro-batches run "
+                        f"the {forward['layout']} forwards")
                 share = len(micro_targets) / sequences
                 loss_value += models.loss(loss_fn, batch, {**options, **forward}, share) * share
                 tokens += batch.completion_tokens
