@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,7 +39,10 @@ def _eval_parser(sub) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="questions an engine call")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-completions", help="completions JSONL (default: beside --output, or "
-                   "eval-<dataset>-completions.jsonl); a rerun with the same arguments resumes it")
+                   "eval-<dataset>-completions.jsonl); a rerun with the same settings resumes it (they are "
+                   "recorded in <file>.settings.json), other settings are refused")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing completions file made with "
+                   "other settings")
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -67,6 +71,11 @@ def _report(args: argparse.Namespace, report, label: str, extra: dict) -> dict:
     from caopd.evaluation.evaluate import report_rows
     from caopd.evaluation.tables import format_table
 
+    if report.metrics.n == 0:  # ECE 0, Brier 0, AUROC 0.5 would read as perfect
+        raise InputError(f"no scored completions ({report.n_completions} completions, "
+                         f"{report.n_missing_confidence} stating no confidence"
+                         + (": --missing-confidence zero counts them as 0)" if report.n_completions else ")"))
+
     print(format_table(["metric", "value"], report_rows(report)))
     result = report.to_dict() | extra
     if args.output:
@@ -89,26 +98,49 @@ def run_score(args: argparse.Namespace) -> dict:
     return _report(args, report, Path(args.input).name, {"data": str(data), "input": str(args.input)})
 
 
-def run_generate_and_score(args: argparse.Namespace) -> dict:
-    from caopd.evaluation.benchmark_eval import (
-        GenerationSettings,
-        build_eval_engine,
-        generate_and_score,
-        sample_mean_view,
-    )
-    from caopd.evaluation.tables import format_table
-
+def check_generation_values(args: argparse.Namespace) -> None:
+    """caopd eval --model's generation values, one line each, with train's ranges."""
     for flag in ("samples", "max_tokens", "batch_size"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise InputError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # also false for nan
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed < 2**31:
+        raise InputError(f"--seed must be in [0, 2**31), got {args.seed}")
+    if args.samples > 1 and args.temperature == 0:
+        raise InputError(f"--samples {args.samples} with --temperature 0 (greedy) gives {args.samples} identical "
+                         "completions a question: give --temperature > 0 (e.g. 1.0), or --samples 1")
+
+
+def run_generate_and_score(args: argparse.Namespace) -> dict:
+    from caopd.evaluation.benchmark_eval import (
+        GenerationSettings,
+        build_eval_engine,
+        check_settings,
+        generate_and_score,
+        sample_mean_view,
+        weights_fingerprint,
+    )
+    from caopd.evaluation.evaluate import read_completions
+    from caopd.evaluation.tables import format_table
+
+    check_generation_values(args)
     data, examples = _examples(args)
     examples = examples[:args.limit] if args.limit else examples
     completions = Path(args.save_completions or (Path(args.output).with_suffix("").as_posix() + "-completions.jsonl"
                                                  if args.output else f"eval-{args.dataset}-completions.jsonl"))
     settings = GenerationSettings(args.samples, args.temperature, args.top_p, args.max_tokens, args.seed,
                                   args.batch_size)
+    check_settings(completions, {"model": args.model, "weights": weights_fingerprint(args.model),
+                                 "tokenizer": args.tokenizer, "dataset": args.dataset, "data": str(data),
+                                 "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
+                                 "max_tokens": args.max_tokens, "seed": args.seed}, args.overwrite)
+    if completions.exists():  # its rows checked before a model loads
+        read_completions(completions, args.samples)
     engine, tokenizer = build_eval_engine(args.model, args.tokenizer, args.engine, args.max_tokens, args.seed)
     try:
         report, scored = generate_and_score(engine, tokenizer, examples, args.dataset, settings, completions,
@@ -125,6 +157,9 @@ def run_generate_and_score(args: argparse.Namespace) -> dict:
     return _report(args, report, args.model, extra)
 
 
+MAX_METRICS_BYTES = 1 << 20
+
+
 def run_compare(args: argparse.Namespace) -> dict:
     """One table of several evals (the paper's columns) and their reliability diagrams side by side."""
     from caopd.evaluation.metrics import CalibrationMetrics
@@ -132,13 +167,22 @@ def run_compare(args: argparse.Namespace) -> dict:
 
     runs = {}
     for path in args.compare:
+        file = Path(path)
+        if file.is_dir():
+            raise InputError(f"{path}: is a folder; --compare takes the metrics JSON files of earlier evals")
         try:
-            saved = json.loads(Path(path).read_text())
+            if file.stat().st_size > MAX_METRICS_BYTES:
+                raise InputError(f"{path}: {file.stat().st_size} bytes, not a caopd eval metrics file (those are a "
+                                 f"few KB; the limit is {MAX_METRICS_BYTES} bytes)")
+            saved = json.loads(file.read_text(encoding="utf-8"))
             metrics = CalibrationMetrics.from_dict(saved["metrics"])
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{path}: not a caopd eval metrics file ({type(e).__name__}: {e})") from None
+        except RecursionError:
+            raise InputError(f"{path}: not a caopd eval metrics file (JSON nested too deeply)") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{path}: not a caopd eval metrics file ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
         runs[path] = metrics  # labelled by the metrics file: one model may be evaluated several ways
     rows = [[name, m.accuracy, m.ece, m.brier, m.spr, m.ocg, m.auroc, m.n] for name, m in runs.items()]
     print(format_table(["run", "accuracy", "ECE", "Brier", "SPR", "OCG", "AUROC", "scored"], rows))
@@ -254,6 +298,7 @@ def _memory_parser(sub) -> None:
 
 
 def run_memory(args: argparse.Namespace) -> dict:
+    from caopd.config import MAX_GENERATIONS, MAX_TOKENS
     from caopd.modeling.memory import Plan, estimate, report
     from caopd.modeling.model_shapes import RANDOM_PREFIX
 
@@ -263,6 +308,16 @@ def run_memory(args: argparse.Namespace) -> dict:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.optimizer_offload and not args.fsdp:
         raise InputError("--optimizer-offload is FSDP2's CPU offload: it needs --fsdp")
+    if not (math.isfinite(args.gpu_memory_gib) and args.gpu_memory_gib > 0):
+        raise InputError(f"--gpu-memory-gib must be a finite number > 0, got {args.gpu_memory_gib}")
+    if not 0 < args.vllm_gpu_memory_utilization <= 1:
+        raise InputError(f"--vllm-gpu-memory-utilization must be in (0, 1], got {args.vllm_gpu_memory_utilization}")
+    if args.lora_r < 0:
+        raise InputError(f"--lora-r must be >= 0, got {args.lora_r}")
+    for flag, most in (("num_generations", MAX_GENERATIONS), ("prompt_tokens", MAX_TOKENS),
+                       ("completion_tokens", MAX_TOKENS)):
+        if getattr(args, flag) > most:
+            raise InputError(f"--{flag.replace('_', '-')} must be <= {most}, got {getattr(args, flag)}")
     plan = Plan(args.model.removeprefix(RANDOM_PREFIX), gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
                 prompt_tokens=args.prompt_tokens, completion_tokens=args.completion_tokens,
                 num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,

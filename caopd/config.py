@@ -24,12 +24,15 @@ import yaml
 
 from caopd.errors import InputError
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_GENERATIONS = 1024  # rollouts a prompt
+MAX_TOKENS = 1 << 20  # a prompt's or a completion's
 GROUPS = ("model and data", "CaOPD", "sampling", "optimization", "run folder and checkpoints")
 MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
     "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels", "merge_lora",
-    "distributed_timeout_minutes", "distributed_backend", "rollout_server", "rollout_server_timeout"})
+    "distributed_timeout_minutes", "distributed_backend", "rollout_server", "rollout_server_timeout", "force"})
 
 
 def option(default, help: str, group: str, choices: tuple | None = None):
@@ -46,6 +49,8 @@ class TrainConfig:
     model: str = option("tiny-qwen3", "tiny-qwen3 (built here, random weights), random:Qwen3-0.6B ... random:Qwen3-32B "
                         "or random:<config.json> (the real architecture, random weights), a local folder, or a hub "
                         "id (from_pretrained)", "model and data")
+    force: bool = option(False, "build the model even where its weights alone exceed the memory available (checked "
+                         "before building, from its config)", "model and data")
     tokenizer: str = option("auto", "auto (the model's own; fast for tiny-qwen3, qwen3 for random:), fast (trained "
                             "here), qwen3 "
                             "(the real Qwen3 files), or a folder or hub id", "model and data")
@@ -117,7 +122,7 @@ class TrainConfig:
                                  "(the same loss and gradients as one padded row per completion)", "optimization")
     lora_r: int = option(0, "train rank-R LoRA adapters (peft) over a frozen base; the teacher is the EMA of the "
                          "adapters over the same base (0: full fine-tuning)", "optimization")
-    lora_alpha: float = option(0.0, "LoRA scale numerator (0: 2 x lora_r)", "optimization")
+    lora_alpha: float = option(0.0, "LoRA scale numerator, >= 0 (0: 2 x lora_r)", "optimization")
     lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                       "comma-separated module names that get adapters", "optimization")
     merge_lora: bool = option(False, "also save the merged weights (final/merged, a plain model) beside the "
@@ -168,8 +173,12 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
+        for name, most in (("num_generations", MAX_GENERATIONS), ("max_prompt_length", MAX_TOKENS),
+                           ("max_completion_length", MAX_TOKENS)):
+            if getattr(self, name) > most:
+                raise InputError(f"config field {name!r} must be <= {most}, got {getattr(self, name)}")
         for name in ("skip_loss_tokens", "max_steps", "max_staleness", "save_total_limit", "weight_decay",
-                     "max_grad_norm", "sampling_temperature"):
+                     "max_grad_norm", "sampling_temperature", "lora_r", "lora_alpha"):
             if getattr(self, name) < 0:
                 raise InputError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "temperature", "distributed_timeout_minutes", "rollout_server_timeout"):
@@ -253,10 +262,16 @@ def load_config(config: str | None, overrides: list[str]) -> TrainConfig:
             packaged = sorted(p.stem for p in (resources.files("caopd") / "configs").iterdir()
                               if p.name.endswith(".yaml"))
             raise InputError(f"{config}: no such config file (packaged configs: {', '.join(packaged)})")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise InputError(f"{path}: {path.stat().st_size} bytes; a config file is at most {MAX_CONFIG_BYTES} bytes")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise InputError(f"{path}: malformed YAML ({' '.join(str(e).split())})") from None
+            raise InputError(f"{path}: malformed YAML ({' '.join(str(e).split())[:300]})") from None
+        except RecursionError:
+            raise InputError(f"{path}: malformed YAML (nested too deeply)") from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
         if not isinstance(values, dict):
             raise InputError(f"{path}: expected a mapping of config fields")
     hints = typing.get_type_hints(TrainConfig)

@@ -79,6 +79,9 @@ def _check_mask(mask: torch.Tensor | None, n: int, device: torch.device) -> None
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but the hidden states are on {device}")
     if mask.is_floating_point():
+        if mask.requires_grad:
+            raise ValueError("mask requires grad, but per-token weights get no gradient from fused_linear_kl: "
+                             "pass mask.detach()")
         if bool((mask < 0).any() or not torch.isfinite(mask).all()):
             raise ValueError("a float mask holds per-token weights: they must be finite and >= 0")
     elif mask.dtype != torch.bool:
@@ -190,6 +193,9 @@ class FusedLinearKLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_token_losses):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a gradient of the gradient was asked for
+            raise RuntimeError("fused_linear_kl does not support double backward (create_graph=True): its "
+                               "gradients are computed in closed form, not as a differentiable graph")
         with torch.autocast(grad_output.device.type, enabled=False):  # as the forward: no autocast GEMMs
             return FusedLinearKLFunction._backward(ctx, grad_output)
 

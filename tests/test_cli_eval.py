@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +145,29 @@ def test_eval_split_of_a_saved_dataset_dict(tmp_path, capsys):
     assert "id 50 is not in the dataset (50 examples)" in capsys.readouterr().err
     assert main(args) == 2
     assert "a DatasetDict with splits ['train', 'eval']; choose one with split=" in capsys.readouterr().err
+
+
+def _metrics_file(path: Path, **changes) -> Path:
+    from caopd.evaluation.metrics import calibration_metrics
+
+    metrics = calibration_metrics([True, False, True], [0.9, 0.2, 0.6]).to_dict()
+    path.write_text(json.dumps({"metrics": {**metrics, **changes}}))
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: _metrics_file(d / "m.json", ece="0.1"), "field 'ece' must be a finite number, got '0.1'"),
+    (lambda d: _metrics_file(d / "m.json", auroc=float("nan")), "field 'auroc' must be a finite number, got nan"),
+    (lambda d: _metrics_file(d / "m.json", brier=float("inf")), "field 'brier' must be a finite number, got inf"),
+    (lambda d: (d / "deep.json").write_text("[" * 200_000) and d / "deep.json", "JSON nested too deeply"),
+    (lambda d: d, "is a folder; --compare takes the metrics JSON files"),
+])
+def test_compare_refuses_what_is_not_a_metrics_file(tmp_path, capsys, make, message):
+    """Issue 26 item 10: a string metric with --plot, a 200,000-deep JSON or a folder gave tracebacks; NaN
+    or infinite metrics passed without comment."""
+    good = _metrics_file(tmp_path / "good.json")
+    bad = make(tmp_path)
+    assert main(["eval", "--compare", str(good), str(bad), "--plot", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert main(["eval", "--compare", str(good), "--plot", str(tmp_path / "c.png")]) == 0

@@ -160,6 +160,9 @@ def test_boundaries_that_are_accepted(values):
     (dict(resume=True, overwrite=True), "--resume and --overwrite exclude each other: continue the run, or replace "
                                         "it"),
     (dict(loss_impl="cuda"), "config field 'loss_impl': 'cuda' is not one of ('auto', 'triton', 'torch')"),
+    (dict(lora_alpha=-1.0), "config field 'lora_alpha' must be >= 0, got -1.0"),  # issue 26 item 4
+    (dict(lora_r=-2), "config field 'lora_r' must be >= 0, got -2"),
+    (dict(num_generations=10**12), "config field 'num_generations' must be <= 1024, got 1000000000000"),
 ])
 def test_bad_values_name_the_field_and_the_value(values, message):
     with pytest.raises(InputError) as info:
@@ -216,6 +219,20 @@ def test_config_files_and_their_errors(tmp_path):
         load_config(str(listed), [])
     with pytest.raises(InputError, match=r"^overrides come in '--key value' pairs"):
         load_config("tiny", ["--seed"])
+
+
+def test_hostile_yaml_is_one_line(tmp_path):
+    """Issue 26 item 11: 100,000 nested [ was a RecursionError traceback; 100 MB took 92 s and 0.9 GB."""
+    from caopd.config import MAX_CONFIG_BYTES
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 100_000 + "\n")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(deep))}: malformed YAML"):
+        load_config(str(deep), [])
+    large = tmp_path / "large.yaml"
+    large.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(InputError, match=rf"^{re.escape(str(large))}: \d+ bytes; a config file is at most"):
+        load_config(str(large), [])
 
 
 def test_data_path():

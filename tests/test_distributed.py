@@ -49,10 +49,14 @@ def environment(env: dict | None = None) -> dict:
 
 
 def caopd(args: list[str], processes: int = 1, env: dict | None = None, command: str = "train",
-          check: bool = True) -> subprocess.CompletedProcess:
+          check: bool = True, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    import resource
+
     start = [*launch(processes), "-m", "caopd"] if processes > 1 else [sys.executable, "-m", "caopd"]
+    limit = None if file_size_limit is None else \
+        (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit)))
     done = subprocess.run(start + [command, *args], capture_output=True, text=True, cwd=ROOT, env=environment(env),
-                          timeout=600)
+                          timeout=600, preexec_fn=limit)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -112,6 +116,49 @@ def test_a_resumed_two_process_run_equals_an_uninterrupted_one(two_processes, tm
     teacher = [load_file(run / "checkpoints" / "step-000003" / "teacher.rank00000-of-00002.safetensors")
                for run in (stopped, two_processes)]
     assert all(torch.allclose(teacher[0][k], teacher[1][k], atol=1e-6) for k in teacher[0])
+
+
+def test_processes_agree_on_the_checkpoint_they_resume(two_processes, tmp_path):
+    """Issue 26 item 1: one process's newest shard changed at the same size; that process fell back
+    alone and the two trained on different steps' shards (then crashed or hung)."""
+    stopped = tmp_path / "run"
+    shutil.copytree(two_processes, stopped)
+    shutil.rmtree(stopped / "final")
+    damaged = stopped / "checkpoints" / "step-000003" / "model.rank00001-of-00002.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-8:] = bytes(8)  # its tensors still load
+    damaged.write_bytes(bytes(data))
+    done = caopd([*TINY, "--output-dir", str(stopped), "--fsdp", "true", "--save-every", "1", "--resume", "true",
+                  "--max-steps", "4"], processes=2)
+    assert "process 1: skipping checkpoint" in done.stderr and "does not match its checksum" in done.stderr
+    assert "resuming from" in done.stderr and "(step 2)" in done.stderr  # both processes: step 2
+    assert [r["step"] for r in rows(stopped)] == [1, 2, 3, 4]
+    straight = rows(two_processes)
+    assert [r["prompts"] for r in rows(stopped)[:3]] == [r["prompts"] for r in straight]
+    assert [r["loss"] for r in rows(stopped)[:3]] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
+
+
+def test_a_save_that_fails_on_a_full_disk_stops_every_process_and_resumes(two_processes, tmp_path):
+    """Issue 26: a full disk during a multi-process save (a file-size limit here: writes fail with EFBIG):
+    every process stops with one line (none waits for another), the half-written folder is not taken for
+    a checkpoint, and a resume with space continues exactly (over the folder the failed save left, as a
+    process killed mid-save leaves it)."""
+    stopped = tmp_path / "run"
+    shutil.copytree(two_processes, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "step-000003")
+    shutil.rmtree(stopped / "final")
+    args = [*TINY, "--output-dir", str(stopped), "--fsdp", "true", "--save-every", "1", "--resume", "true"]
+    full = caopd(args, processes=2, check=False, file_size_limit=256 * 1024)
+    assert full.returncode == 1, full.stderr[-2000:]
+    assert "writing checkpoint 3 failed (process 0: [Errno 27] File too large); stopped at step 3" in full.stderr
+    assert (stopped / "checkpoints" / "step-000003.tmp").is_dir()
+    assert not (stopped / "checkpoints" / "step-000003").exists()
+    done = caopd(args, processes=2)
+    assert "resuming from" in done.stderr and "(step 2)" in done.stderr
+    assert [r["step"] for r in rows(stopped)] == [1, 2, 3]
+    assert [r["loss"] for r in rows(stopped)] == pytest.approx([r["loss"] for r in rows(two_processes)], rel=1e-6)
+    assert_same_weights(stopped, two_processes)
+    assert not (stopped / "checkpoints" / "step-000003.tmp").exists()
 
 
 def test_each_process_owns_a_contiguous_share_of_whole_prompts():
@@ -184,6 +231,17 @@ def test_the_timeout_and_backend_reach_the_process_group(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     assert join_process_group(12.5, cpu_offload=True) == Ranks(1, 2, "cpu:gloo")
     assert seen == {"backend": "cpu:gloo", "timeout": datetime.timedelta(minutes=12.5)}
+
+
+def test_fsdp_without_a_launcher_is_one_line(monkeypatch, tmp_path, capsys):
+    """Issue 26 item 7: --fsdp true without torchrun was a traceback ending in 'RANK expected'."""
+    from caopd.cli import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", "--config", "tiny", "--fsdp", "true", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--fsdp true runs under a launcher" in err and "torchrun --nproc_per_node N" in err and "\n" not in err
 
 
 def test_export_joins_a_sharded_checkpoint_into_the_final_model(two_processes, tmp_path):

@@ -261,6 +261,8 @@ def test_divergence_passes_on_extreme_logits_against_fp64(divergence):
     (dict(mask=torch.ones(5, dtype=torch.bool, device="meta")), "mask is on meta"),
     (dict(memory_budget=0), "memory_budget must be > 0"),
     (dict(memory_budget=-(1 << 20)), "memory_budget must be > 0"),
+    # issue 26, item 12: a float mask that requires grad silently got no gradient
+    (dict(mask=torch.ones(5, requires_grad=True)), "mask requires grad"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     hs, ws, ht, wt = torch.randn(5, 4), torch.randn(11, 4), torch.randn(5, 4), torch.randn(11, 4)
@@ -279,6 +281,18 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_bad_shapes_and_dtypes_are_named(args, message):
     with pytest.raises(ValueError, match=message):
         fused_linear_kl(*args)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_says_it_is_not_supported(reduction):
+    """Issue 26, item 12: a second-order gradient failed with a generic message."""
+    hs = torch.randn(5, 4, requires_grad=True)
+    loss = fused_linear_kl(hs, torch.randn(11, 4), torch.randn(5, 4), torch.randn(11, 4), reduction=reduction,
+                           impl="torch").sum()
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, hs, create_graph=True)
+    (grad,) = torch.autograd.grad(loss, hs)  # a first-order gradient still works
+    assert grad.shape == hs.shape and bool(grad.abs().sum() > 0)
 
 
 def test_empty_vocabulary_is_named():

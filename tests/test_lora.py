@@ -129,3 +129,24 @@ def test_a_frozen_teacher_is_the_base_model(tmp_path):
         ours = teacher.decoder(input_ids=ids).last_hidden_state
         assert torch.allclose(ours, base.model(input_ids=ids).last_hidden_state, atol=1e-6)
         assert not torch.allclose(student.model(input_ids=ids).last_hidden_state, ours, atol=1e-4)  # it trained
+
+
+@pytest.mark.parametrize("r, targets, message", [
+    (100_000, QWEN3_PROJECTIONS, "--lora-r 100000 is above the rank the adapted layers hold: "),
+    (4, ["q_proj", "lm_head"], "--lora-target-modules lm_head: the embeddings and the lm_head take no adapters"),
+    (4, ["embed_tokens"], "--lora-target-modules embed_tokens: the embeddings"),
+])
+def test_impossible_adapters_are_one_line(r, targets, message):
+    """Issue 26 items 4 and 5: a rank of 100,000 ran for minutes at 11.6 GB; lm_head adapters were a traceback."""
+    from caopd.errors import InputError
+
+    tokenizer = load_tokenizer("tiny-qwen3", "fast")
+    model = load_model("tiny-qwen3", tokenizer)
+    smallest = min(min(m.in_features, m.out_features) for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in QWEN3_PROJECTIONS)
+    with pytest.raises(InputError, match="^" + message.replace("(", r"\(")) as caught:
+        add_lora(model, r, 8, targets)
+    assert "\n" not in str(caught.value)
+    if r > 4:
+        assert str(caught.value).endswith(f"--lora-r <= {smallest}")
+        add_lora(load_model("tiny-qwen3", tokenizer), smallest, 8, QWEN3_PROJECTIONS)  # the bound itself is fine

@@ -10,6 +10,7 @@ tests/test_fsdp_memory.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -130,3 +131,48 @@ def test_the_command(capsys):
     out = capsys.readouterr().out
     assert "the whole model, read once and broadcast (main process)" in out and "host memory per node (8" in out
     assert ": fits" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu-memory-gib", "nan"], "--gpu-memory-gib must be a finite number > 0, got nan"),
+    (["--gpu-memory-gib", "0"], "--gpu-memory-gib must be a finite number > 0"),
+    (["--gpu-memory-gib", "-5"], "--gpu-memory-gib must be a finite number > 0"),
+    (["--lora-r", "-3"], "--lora-r must be >= 0, got -3"),
+    (["--vllm-gpu-memory-utilization", "5"], "--vllm-gpu-memory-utilization must be in (0, 1], got 5.0"),
+    (["--vllm-gpu-memory-utilization", "-1"], "--vllm-gpu-memory-utilization must be in (0, 1]"),
+    (["--num-generations", str(10**12)], "--num-generations must be <= 1024"),
+])
+def test_memory_arguments_are_one_line(capsys, flags, message):
+    """Issue 26 item 9: these printed impossible tables (nan: both DOES NOT FIT and a largest micro-batch)."""
+    assert main(["memory", "--model", "Qwen3-8B", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_a_config_missing_a_field_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 64}))
+    assert main(["memory", "--model", str(tmp_path / "config.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "field 'intermediate_size' must be a positive integer, got 'nothing'" in err and "\n" not in err
+
+
+def test_a_model_larger_than_the_machine_is_refused_before_it_is_built(tmp_path, capsys):
+    """Issue 26 item 6: 10^16 parameters tried to allocate, then a traceback (or the OOM killer)."""
+    from caopd.errors import InputError
+    from caopd.modeling.memory import check_weights_fit
+
+    config = {"model_type": "qwen3", "vocab_size": 151_936, "hidden_size": 1 << 20, "intermediate_size": 1 << 22,
+              "num_hidden_layers": 1000, "num_attention_heads": 8192, "num_key_value_heads": 8, "head_dim": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = f"random:{tmp_path / 'config.json'}"
+    assert main(["train", "--model", model, "--tokenizer", "fast", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "B parameters, whose weights alone take" in err and "GiB is available" in err and "\n" not in err
+    assert f"caopd memory --model {model}" in err and "--force skips this check" in err
+    small = "random:Qwen3-0.6B"
+    need = Shape.of(shape_values("Qwen3-0.6B")).parameters * 8  # fp32 student and teacher
+    check_weights_fit(small, 8, 1, cuda=False, available=need + 1)  # just fits
+    with pytest.raises(InputError, match="0.596B parameters, whose weights alone take 4.4 GiB on this machine"):
+        check_weights_fit(small, 8, 1, cuda=False, available=need - 1)  # just over: refused
+    check_weights_fit(small, 8, 8, cuda=True, available=need // 8 + 1)  # 8 GPUs: a shard each
+    check_weights_fit("Qwen/unknown-hub-model", 8, 1, cuda=False, available=0)  # not known before a download

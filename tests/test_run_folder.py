@@ -152,10 +152,27 @@ def test_resume_skips_a_damaged_checkpoint_and_truncates_the_log(tmp_path, capsy
         assert torch.equal(value, resumed["student"].state_dict()[name]), name
 
 
-def test_resume_skips_a_checkpoint_whose_bytes_are_garbage(tmp_path, capsys):
+def test_resume_skips_a_checkpoint_whose_bytes_changed(tmp_path, capsys):
+    """Issue 26 item 1: a tensor's bytes changed at the same size loaded silently (sizes only in the manifest)."""
     out = tmp_path / "run"
     _kill_after(out, 2)
-    damaged = out / "checkpoints" / "step-000002" / "state.safetensors"
+    damaged = out / "checkpoints" / "step-000002" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-8:] = bytes(8)  # the last tensor's last bytes: the file still loads
+    damaged.write_bytes(bytes(data))
+    train(tiny_config(out, resume=True, max_steps=3), quiet=False, progress="resume")
+    err = capsys.readouterr().err
+    assert "step-000002: model.safetensors does not match its checksum" in err and "(step 1)" in err
+
+
+def test_resume_skips_an_older_checkpoint_whose_bytes_are_garbage(tmp_path, capsys):
+    out = tmp_path / "run"
+    _kill_after(out, 2)
+    folder = out / "checkpoints" / "step-000002"
+    manifest = json.loads((folder / "manifest.json").read_text())  # an older caopd's: sizes only
+    manifest["files"] = {name: entry["size"] for name, entry in manifest["files"].items()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    damaged = folder / "state.safetensors"
     damaged.write_bytes(b"\xff" * damaged.stat().st_size)  # right size, manifest intact, unreadable
     train(tiny_config(out, resume=True, max_steps=3), quiet=False, progress="resume")
     err = capsys.readouterr().err

@@ -205,6 +205,12 @@ def test_unsupported_settings_are_one_line_errors(model_dir, tmp_path, trainer_c
         use_fused_linear_kl(trainer)
     with pytest.raises(TypeError, match="takes an SDFTTrainer or SDPOTrainer"):
         use_fused_linear_kl(object())
+    if trainer_cls is SDFTTrainer:  # issue 26, item 12: these failed only at the first step
+        trainer.args.distillation_mode = "full_logits"
+        with pytest.raises(ValueError, match="impl must be one of"):
+            use_fused_linear_kl(trainer, impl="bogus")
+        with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes, got -1"):
+            use_fused_linear_kl(trainer, memory_budget=-1)
 
 
 def test_sdft_under_bf16_autocast_stays_within_bf16_error_of_trls_path(model_dir, tmp_path):

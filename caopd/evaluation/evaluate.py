@@ -54,20 +54,44 @@ class EvalReport:
         return asdict(self)
 
 
+def _warn_cut(where: str) -> None:
+    print(f"warning: {where}: a last line cut off mid-write (no newline, not JSON); skipped", file=sys.stderr)
+
+
+def read_completions(path: Path, samples: int | None = None) -> list[Completion]:
+    """The rows of a completions file, each {"id": int, "completion": str}: a missing or mistyped field
+    is one line naming file:line (an id of true or 5.0 is not question 1 or 5: such rows are refused,
+    counted); ``samples``: also refuse questions with more rows than that (a duplicated id). A last line
+    cut off mid-write is skipped with a warning."""
+    completions, wrong, per_question = [], [], Counter()
+    for row, where in iter_jsonl(path, cut_last_line=_warn_cut):
+        for name, kind in (("id", int), ("completion", str)):
+            if name not in row:
+                raise InputError(f"{where}: missing field {name!r}")
+            if not isinstance(row[name], kind) or isinstance(row[name], bool):
+                wrong.append(f"{where}: field {name!r} must be {kind.__name__}, got {type(row[name]).__name__}")
+                break
+        else:
+            completions.append(Completion(row["id"], row["completion"], where))
+            per_question[row["id"]] += 1
+    if wrong:
+        raise InputError(wrong[0] + (f" ({len(wrong) - 1} more such rows refused)" if len(wrong) > 1 else ""))
+    if samples is not None:
+        extra = [question for question, n in per_question.items() if n > samples]
+        if extra:
+            first = next(c.source for c in completions if c.id == extra[0])
+            raise InputError(f"{path}: {len(extra)} question(s) have more rows than --samples {samples} (a "
+                             f"duplicated id; first: id {extra[0]} at {first}): refused")
+    return completions
+
+
 def load_completions(path: str | Path) -> list[Completion]:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder; --input takes a JSON Lines file of completions")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    completions = []
-    for row, where in iter_jsonl(path):
-        for name, kind in (("id", int), ("completion", str)):
-            if name not in row:
-                raise InputError(f"{where}: missing field {name!r}")
-            if not isinstance(row[name], kind) or isinstance(row[name], bool):
-                raise InputError(f"{where}: field {name!r} must be {kind.__name__}, got {type(row[name]).__name__}")
-        completions.append(Completion(row["id"], row["completion"], where))
+    completions = read_completions(path)
     if not completions:
         raise InputError(f"{path}: no completions")
     return completions

@@ -42,7 +42,19 @@ class CalibrationMetrics:
 
     @classmethod
     def from_dict(cls, values: dict) -> CalibrationMetrics:
-        return cls(**{**values, "bins": [Bin(**b) for b in values["bins"]]})
+        """From to_dict's output, checked: every number a finite int or float (ValueError naming the field)."""
+        bins = values["bins"]
+        if not isinstance(bins, list) or not all(isinstance(b, dict) for b in bins):
+            raise ValueError("field 'bins' must be a list of objects")
+        for where, fields, optional in ((values, cls.__dataclass_fields__, ()), *(
+                (b, Bin.__dataclass_fields__, ("mean_confidence", "accuracy")) for b in bins)):
+            for name in fields:
+                value = where.get(name) if name != "bins" else 0
+                if value is None and name in optional:
+                    continue
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+                    raise ValueError(f"field {name!r} must be a finite number, got {value!r}")
+        return cls(**{**values, "bins": [Bin(**b) for b in bins]})
 
 
 def _as_arrays(correct, confidence) -> tuple[np.ndarray, np.ndarray]:

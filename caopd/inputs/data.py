@@ -86,14 +86,20 @@ def _tooluse(row: dict, where: str) -> tuple[Any, Any, str | None]:
 _SCHEMAS = {"science": _science, "tooluse": _tooluse}
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
-    """(object, "file:line") for each non-blank line; a malformed line is an InputError naming it."""
+def iter_jsonl(path: Path, cut_last_line=None) -> Iterator[tuple[dict, str]]:
+    """(object, "file:line") for each non-blank line; a malformed line is an InputError naming it.
+    ``cut_last_line``: called with "file:line" of a last line cut off mid-write (no newline at its end,
+    not JSON: a crash, a full disk), which is then skipped; without it that line is an error too."""
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
+            cut = cut_last_line is not None and not raw.endswith(b"\n")  # only a last line lacks one
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                if cut:
+                    cut_last_line(where)
+                    return
                 raise InputError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
                     from None
             if not line.strip():
@@ -101,6 +107,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[dict, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                if cut:
+                    cut_last_line(where)
+                    return
                 raise InputError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -139,6 +148,8 @@ def load_examples(path: str | Path, dataset: str, split: str | None = None) -> l
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
+    if not (path.is_dir() or path.is_file()):  # a FIFO would block, /dev/zero never end
+        raise InputError(f"{path}: not a regular file or a folder (a FIFO or a device is not read)")
     rows = _arrow_rows(path, split) if path.is_dir() else iter_jsonl(path)
     schema = _SCHEMAS[dataset]
     examples: list[Example] = []

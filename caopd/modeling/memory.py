@@ -31,10 +31,12 @@ Checked against measured peaks on CPU, one process and a 2-process FSDP run
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from caopd_kernels.fused_linear_kl import DEFAULT_MEMORY_BUDGET as LOSS_BUDGET
 from caopd_kernels.fused_linear_kl import MIN_CHUNK_TOKENS
 
+from caopd.errors import InputError
 from caopd.modeling.model_shapes import shape_values
 
 GIB = 2**30
@@ -62,6 +64,10 @@ class Shape:
 
     @classmethod
     def of(cls, values: dict) -> Shape:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if not isinstance(values.get(name), int) or isinstance(values.get(name), bool) or values[name] < 1:
+                raise InputError(f"the model's config.json: field {name!r} must be a positive integer, got "
+                                 f"{values.get(name, 'nothing')!r}")
         head_dim = values.get("head_dim") or values["hidden_size"] // values["num_attention_heads"]
         return cls(values["hidden_size"], values["intermediate_size"], values["num_hidden_layers"],
                    values["num_attention_heads"] * head_dim,
@@ -375,3 +381,38 @@ def report(plan: Plan) -> str:
         if result.peak > budget or most < plan.micro_batch_prompts:
             lines += ["levers (peak with each alone):", *(f"  {x}" for x in levers(plan, values))]
     return "\n".join(lines)
+
+
+def available_bytes(cuda: bool) -> int:
+    """Memory free for a new model now: the GPU's free memory, or the host's available memory."""
+    if cuda:
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_weights_fit(model: str, weight_bytes: int, processes: int, *, cuda: bool, available: int | None = None,
+                      flags: str = "") -> None:
+    """Before building the models: one line when their weights alone (``weight_bytes`` a parameter,
+    both models, sharded over ``processes`` on GPUs; on a CPU the processes share the host) exceed the
+    memory available, instead of an allocation's traceback or the OOM killer. Models whose config is
+    not at hand (a hub id) are not checked."""
+    from caopd.modeling.model_shapes import RANDOM_PREFIX
+
+    name = model.removeprefix(RANDOM_PREFIX)
+    try:
+        shape = Shape.of(shape_values(name))
+    except InputError:
+        if model.startswith(RANDOM_PREFIX) or Path(name).exists():
+            raise  # a config we should have read
+        return  # a hub id: its size is not known before the download
+    need = shape.parameters * weight_bytes / (processes if cuda else 1)
+    available = available_bytes(cuda) if available is None else available
+    if need > available:
+        where = "a GPU" if cuda else "this machine"
+        raise InputError(f"--model {model}: {shape.parameters / 1e9:.3g}B parameters, whose weights alone take "
+                         f"{need / 2**30:.1f} GiB on {where}, where {available / 2**30:.1f} GiB is available: plan the "
+                         f"run with caopd memory --model {model}{flags} (--force skips this check)")

@@ -8,18 +8,22 @@ A checkpoint is a folder ``step-000012`` written as ``step-000012.tmp`` and rena
     trainer_state.json     step, scheduler, optimizer hyper-parameters, Python/NumPy RNG states, the
                            run's config (compared on --resume)
     config.json            the model's transformers config (``caopd export`` writes it beside the weights)
-    manifest.json          written last: each file's size, so a truncated checkpoint is detected
+    manifest.json          written last: each file's size and BLAKE2b digest, so a truncated or
+                           corrupted checkpoint is detected (the digests are checked on --resume)
 
 With FSDP2 (many processes) the three tensor files are one per process, each holding that
 process's shards (``model.rank00000-of-00002.safetensors``, ...): see save_sharded_checkpoint.
 Tensor files are written a tensor at a time (caopd.training.streamed_safetensors).
 
 Nothing here unpickles: tensors are safetensors, everything else JSON. A checkpoint without a
-manifest, or whose files are missing or of another size, is incomplete; ``resume`` then falls back
-to the newest complete one that loads, with a warning.
+manifest, or whose files are missing, of another size or another digest, is incomplete; ``resume``
+then falls back to the newest complete one that loads, with a warning. With many processes each
+checks its own files and the shared ones, and all take the newest checkpoint that every one of them
+can read, or all stop with one line; every process's warnings reach the main process's log.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -110,12 +114,28 @@ def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimi
     return final
 
 
-def _seal(tmp: Path, final: Path, step: int) -> None:
-    """Sync every file of ``tmp``, write the manifest last, rename ``tmp`` to ``final``."""
+def file_digest(path: Path) -> str:
+    """BLAKE2b (128-bit) of the file's bytes, read 8 MiB at a time."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _entries(folder: Path, names) -> dict[str, dict]:
+    """The manifest's entry of each file: its size and digest."""
+    return {name: {"size": (folder / name).stat().st_size, "blake2b": file_digest(folder / name)} for name in names}
+
+
+def _seal(tmp: Path, final: Path, step: int, entries: dict[str, dict] | None = None) -> None:
+    """Sync every file of ``tmp``, write the manifest last (``entries``: files already described, by
+    the processes that wrote them), rename ``tmp`` to ``final``."""
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
         fsync_file(tmp / name)
-    _write_json(tmp / MANIFEST, {"step": step, "files": {name: (tmp / name).stat().st_size for name in files}})
+    entries = {**(entries or {}), **_entries(tmp, [n for n in files if n not in (entries or {})])}
+    _write_json(tmp / MANIFEST, {"step": step, "files": dict(sorted(entries.items()))})
     fsync_file(tmp / MANIFEST)
     if final.exists():
         shutil.rmtree(final)
@@ -139,37 +159,67 @@ def _shards(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return shards, {"sharding": SHARDING, "whole_shapes": json.dumps(shapes)}
 
 
+class SaveFailed(Exception):
+    """Writing a checkpoint failed on some process (a full disk, a file-size limit): the message names it."""
+
+
+def _together(ranks, work):
+    """``work()`` on every process, then each one's result on all; when it raised OSError on any process,
+    SaveFailed on all (every process still reaches the same collectives: none waits for a lost one)."""
+    from caopd.training.distributed import all_gather
+
+    result, failure = None, None
+    try:
+        result = work()
+    except OSError as e:
+        failure = f"process {ranks.rank}: {e}"
+    gathered = all_gather((result, failure), ranks)
+    failures = [f for _, f in gathered if f]
+    if failures:
+        raise SaveFailed(failures[0])
+    return [r for r, _ in gathered]
+
+
 def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher, optimizer, scheduler, config: dict,
                             ranks) -> Path:
     """save_checkpoint for FSDP2-sharded models: each process writes its own shards
     (``model.rank00000-of-00002.safetensors``, teacher and optimizer state likewise, as
     safetensors, a tensor at a time: nothing here or in the load unpickles, and no process holds a
-    host copy of its shards); the main process then writes config.json, trainer_state.json and the
-    manifest over all files, and renames the folder. Loads on the same number of processes;
-    ``caopd export`` joins the shards into whole tensors."""
-    from caopd.training.distributed import barrier
+    host copy of its shards) and describes them (size, digest); the main process then writes
+    config.json, trainer_state.json and the manifest over all files, and renames the folder. A write
+    that fails on any process stops all of them (SaveFailed), the folder left unsealed. Loads on the
+    same number of processes; ``caopd export`` joins the shards into whole tensors."""
     from caopd.training.weight_stream import local
 
     final = Path(directory) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    if ranks.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(ranks)
     suffix = f"rank{ranks.rank:05d}-of-{ranks.world:05d}.safetensors"
-    for module, name in ((student, "model"), (teacher, "teacher")):
-        shards, metadata = _shards(module)
-        _write_tensors(tmp / f"{name}.{suffix}", shards, metadata)
-    tensors, optimizer_rest = _optimizer_tensors(optimizer, local)
-    tensors["rng.torch"] = torch.get_rng_state()
-    _write_tensors(tmp / f"state.{suffix}", tensors)
-    barrier(ranks)
-    if ranks.is_main:
-        _write_model_config(tmp, student)
-        _write_json(tmp / TRAINER_STATE, {"state": asdict(state), "scheduler": scheduler.state_dict(),
-                                          "optimizer": optimizer_rest, "world_size": ranks.world, "config": config})
-        _seal(tmp, final, state.step)
-    barrier(ranks)
+
+    def prepare():
+        if ranks.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def write_own() -> dict[str, dict]:
+        for module, name in ((student, "model"), (teacher, "teacher")):
+            shards, metadata = _shards(module)
+            _write_tensors(tmp / f"{name}.{suffix}", shards, metadata)
+        tensors, _ = _optimizer_tensors(optimizer, local)
+        tensors["rng.torch"] = torch.get_rng_state()
+        _write_tensors(tmp / f"state.{suffix}", tensors)
+        return _entries(tmp, [f"{name}.{suffix}" for name in ("model", "teacher", "state")])  # each its own, at once
+
+    def seal(entries: dict[str, dict]):
+        if ranks.is_main:
+            _write_model_config(tmp, student)
+            _write_json(tmp / TRAINER_STATE, {"state": asdict(state), "scheduler": scheduler.state_dict(),
+                                              "optimizer": _optimizer_tensors(optimizer, local)[1],
+                                              "world_size": ranks.world, "config": config})
+            _seal(tmp, final, state.step, entries)
+
+    _together(ranks, prepare)
+    entries = {name: entry for part in _together(ranks, write_own) for name, entry in part.items()}
+    _together(ranks, lambda: seal(entries))
     return final
 
 
@@ -221,20 +271,28 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match and path.is_dir() else None
 
 
-def incomplete_reason(path: Path) -> str | None:
-    """Why the checkpoint folder ``path`` is not whole, or None when its manifest checks out."""
+def incomplete_reason(path: Path, verify: bool = False, rank: int | None = None) -> str | None:
+    """Why the checkpoint folder ``path`` is not whole, or None when its manifest checks out: every file
+    there with its size, and with ``verify`` its digest too (a manifest of an older caopd has sizes
+    only). ``rank``: the files one process reads (its own shards and the shared files)."""
     if (path / "checkpoint.pt").exists() and not (path / MANIFEST).exists():
         return "a checkpoint.pt of an older caopd, which is not loaded (unpickling can run code)"
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        entries = {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in files.items()}
+        sizes = {name: int(entry["size"]) for name, entry in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"no readable {MANIFEST} (written last: the save did not finish)"
-    for name, size in files.items():
+    for name, size in sizes.items():
+        if rank is not None and ".rank" in name and f".rank{rank:05d}-of-" not in name:
+            continue  # another process's shard
         if not (path / name).is_file():
             return f"{name} is missing"
         if (path / name).stat().st_size != size:
             return f"{name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
+        if verify and "blake2b" in entries[name] and file_digest(path / name) != entries[name]["blake2b"]:
+            return f"{name} does not match its checksum in the manifest (its bytes changed after the save)"
     return None
 
 
@@ -284,12 +342,14 @@ def load_checkpoint(path: Path, student, teacher, optimizer, scheduler, trainabl
 
 def resume(directory: Path, student, teacher, optimizer, scheduler, warn=print, ranks=None,
            trainable_only: bool = False) -> tuple[Path, TrainState]:
-    """Load the newest checkpoint under ``directory`` that is complete and loads, warning about each
-    newer one passed over. One-line InputError when there is none. ``ranks``: sharded models
-    (load_sharded_checkpoint); every process must find the same checkpoint whole."""
+    """Load the newest checkpoint under ``directory`` that is complete (sizes and checksums) and
+    loads, warning about each newer one passed over. One-line InputError when there is none.
+    ``ranks``: sharded models (load_sharded_checkpoint); the processes agree first (``_agree``)."""
+    if ranks is not None and ranks.world > 1:
+        return _resume_together(directory, student, teacher, optimizer, scheduler, warn, ranks)
     candidates = checkpoints(directory)
     for path in reversed(candidates):
-        reason = incomplete_reason(path)
+        reason = incomplete_reason(path, verify=True)
         if reason is None:
             try:
                 if ranks is not None:
@@ -298,10 +358,52 @@ def resume(directory: Path, student, teacher, optimizer, scheduler, warn=print, 
             except InputError:
                 raise
             except Exception as e:  # a damaged file: any reader's error means the same
-                reason = f"it does not load ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                reason = _load_error(e)
         warn(f"warning: skipping checkpoint {path}: {reason}")
     raise InputError(f"--resume: {directory} holds no complete checkpoint (looked for step-NNNNNN folders "
                      f"with a {MANIFEST}; found {len(candidates)} incomplete)")
+
+
+def _load_error(e: Exception) -> str:
+    return f"it does not load ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+
+
+def _resume_together(directory: Path, student, teacher, optimizer, scheduler, warn, ranks) -> tuple[Path, TrainState]:
+    """resume on many processes: each checks its own files of every checkpoint, all take the newest
+    that every process can read (or all stop with one line), and a process whose load then fails
+    stops them all; every process's warnings are gathered and logged by the main one."""
+    from caopd.training.distributed import all_gather
+
+    candidates = checkpoints(directory)
+    readable, warnings = [], []
+    for path in candidates:
+        reason = incomplete_reason(path, verify=True, rank=ranks.rank)
+        if reason is None:
+            readable.append(path.name)
+        else:
+            warnings.append(f"warning: process {ranks.rank}: skipping checkpoint {path}: {reason}")
+    views = all_gather((readable, warnings), ranks)
+    for _, said in views:
+        for line in said:
+            warn(line)
+    common = set.intersection(*(set(names) for names, _ in views))
+    chosen = [path for path in candidates if path.name in common]
+    if not chosen:
+        raise InputError(f"--resume: {directory} holds no checkpoint that all {ranks.world} processes can read "
+                         f"whole (found {len(candidates)}; see the warnings above)")
+    path, failure, state = chosen[-1], None, None
+    if path != candidates[-1]:
+        warn(f"warning: resuming from {path.name}, the newest checkpoint every process can read")
+    try:
+        state = load_sharded_checkpoint(path, student, teacher, optimizer, scheduler, ranks)
+    except InputError as e:
+        failure = str(e)
+    except Exception as e:
+        failure = f"process {ranks.rank}: checkpoint {path}: {_load_error(e)}"
+    failures = [f for f in all_gather(failure, ranks) if f]
+    if failures:  # the others already hold that checkpoint's state: stop all, a line each
+        raise InputError(f"--resume: {failures[0]}")
+    return path, state
 
 
 def rotate_checkpoints(directory: Path, keep: int, up_to_step: int) -> list[Path]:

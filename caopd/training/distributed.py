@@ -46,10 +46,16 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def join_process_group(timeout_minutes: float = 30.0, cpu_offload: bool = False, backend: str = "auto") -> Ranks:
-    """The process's rank and the world size; joins the process group under a multi-process launch.
-    Process i of a node uses GPU i (modulo the GPUs there: processes may share one, with gloo)."""
-    if launched_processes() == 1:
+def join_process_group(timeout_minutes: float = 30.0, cpu_offload: bool = False, backend: str = "auto",
+                       fsdp: bool = False) -> Ranks:
+    """The process's rank and the world size; joins the process group under a multi-process launch (and
+    under any launch with ``fsdp``: FSDP2 needs one, even of one process). Process i of a node uses
+    GPU i (modulo the GPUs there: processes may share one, with gloo)."""
+    if fsdp and "RANK" not in os.environ:
+        raise InputError("--fsdp true runs under a launcher that starts one process a GPU: torchrun "
+                         "--nproc_per_node N -m caopd train ... (or accelerate launch --config_file "
+                         "caopd/configs/accelerate/fsdp2-1node-8gpu.yaml -m caopd train ...)")
+    if launched_processes() == 1 and not fsdp:
         return Ranks()
     import torch.distributed as dist
 

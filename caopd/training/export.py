@@ -34,9 +34,9 @@ def find_checkpoint(run: Path, step: int | None) -> Path:
                              f"{', '.join(str(int(p.name[5:])) for p in found)}")
         found = chosen
     for path in reversed(found):
-        if incomplete_reason(path) is None:
+        if incomplete_reason(path, verify=True) is None:
             return path
-    raise InputError(f"{run}: no complete checkpoint ({found[-1].name}: {incomplete_reason(found[-1])})")
+    raise InputError(f"{run}: no complete checkpoint ({found[-1].name}: {incomplete_reason(found[-1], verify=True)})")
 
 
 def _pieces(path: Path, world: int) -> tuple[list[Path], dict[str, list[int]] | None]:

@@ -36,6 +36,7 @@ def _peft():
 def add_lora(model: torch.nn.Module, r: int, alpha: float, target_modules: list[str]) -> torch.nn.Module:
     """Inject rank-``r`` adapters into ``target_modules``; everything else frozen. Returns the model."""
     peft = _peft()
+    _check_targets(model, r, target_modules)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0,
                              bias="none")
     try:
@@ -45,6 +46,27 @@ def add_lora(model: torch.nn.Module, r: int, alpha: float, target_modules: list[
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
     return model
+
+
+def _check_targets(model: torch.nn.Module, r: int, target_modules: list[str]) -> None:
+    """One line for targets that cannot take adapters here (the embeddings and lm_head: the fused loss
+    reads the lm_head's weight directly, and Qwen3's embeddings are tied to it) and for a rank above
+    what the adapted layers hold (a rank-r update of an m x n layer needs r <= min(m, n))."""
+    matched = [(name, module) for name, module in model.named_modules()
+               if any(name == t or name.endswith("." + t) for t in target_modules)]
+    heads = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    embeddings = sorted({name.rsplit(".", 1)[-1] for name, module in matched if id(module) in heads})
+    if embeddings:
+        raise InputError(f"--lora-target-modules {','.join(embeddings)}: the embeddings and the lm_head take no "
+                         f"adapters here (the fused loss reads the lm_head's weight directly); adapt the decoder's "
+                         f"linear layers (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    linear = [(name, m) for name, m in matched if isinstance(m, torch.nn.Linear)]
+    if linear:
+        name, smallest = min(linear, key=lambda item: min(item[1].in_features, item[1].out_features))
+        bound = min(smallest.in_features, smallest.out_features)
+        if r > bound:
+            raise InputError(f"--lora-r {r} is above the rank the adapted layers hold: {name} is "
+                             f"{smallest.out_features} x {smallest.in_features}, so --lora-r <= {bound}")
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

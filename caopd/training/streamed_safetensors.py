@@ -119,8 +119,13 @@ def write_model_folder(directory: str | Path, specs: list[TensorSpec], tensors: 
     files = shard_plan(specs, max_shard_bytes)
     names = ["model.safetensors"] if len(files) == 1 else \
         [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-    for name, file_specs in zip(names, files):
-        write_safetensors(tmp / name, file_specs, _take(tensors, len(file_specs)))
+    try:
+        for name, file_specs in zip(names, files):
+            write_safetensors(tmp / name, file_specs, _take(tensors, len(file_specs)))
+    except OSError:  # a full disk: drive the remaining gathers, so the other processes finish theirs, then say so
+        for _ in tensors:
+            pass
+        raise
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                  "weight_map": {s.name: name for name, file_specs in zip(names, files) for s in file_specs}}

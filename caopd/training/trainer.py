@@ -32,7 +32,7 @@ from caopd.inputs.prompts import demonstration, student_messages
 from caopd.modeling.model_shapes import is_random
 from caopd.modeling.models import TINY_MODEL, load_tokenizer
 from caopd.scoring.calibration import build_targets, verify_rollouts
-from caopd.training.checkpoint import TrainState, rotate_checkpoints, truncate_metrics
+from caopd.training.checkpoint import SaveFailed, TrainState, rotate_checkpoints, truncate_metrics
 from caopd.training.distributed import (
     Ranks,
     all_gather,
@@ -216,6 +216,20 @@ def sample_step(step: int, engine: RolloutEngine, rollouts: AsyncRollouts | None
     return engine.generate(req.prompts, req.n, req.sampling), step
 
 
+def save_or_stop(save, what: str, state: TrainState, ranks: Ranks) -> None:
+    """``save()`` on every process; when a write failed on any (a full disk, a file-size limit), all stop
+    with one line. Nothing half-written passes for a checkpoint: its manifest is written last."""
+    failure = None
+    try:
+        save()
+    except (OSError, SaveFailed) as e:
+        failure = str(e)
+    failures = [f for f in all_gather(failure, ranks) if f]
+    if failures:
+        raise StoppedRun(f"writing {what} failed ({failures[0]}); stopped at step {state.step}: free space, then "
+                         "--resume true continues from the newest complete checkpoint")
+
+
 def stop_if_any_failed(failure: str | None, ranks: Ranks, models: Models, state: TrainState, scheduler,
                        checkpoints: Path, config: TrainConfig) -> None:
     """When any process's rollouts failed (a server gone): every process saves the step's checkpoint
@@ -239,10 +253,11 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     if launched_processes() > 1 and not config.fsdp:
         raise InputError(f"{launched_processes()} processes need --fsdp true (each process would otherwise hold and "
                          "train a whole model of its own)")
-    ranks = join_process_group(config.distributed_timeout_minutes, config.fsdp_cpu_offload, config.distributed_backend)
+    check_engine_options(config, on_gpu=torch.cuda.is_available())
+    ranks = join_process_group(config.distributed_timeout_minutes, config.fsdp_cpu_offload, config.distributed_backend,
+                               config.fsdp)
     quiet = quiet or not ranks.is_main  # one process logs, prints and writes the run's files
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
-    check_engine_options(config, on_gpu=torch.cuda.is_available())
     my_prompts = rank_slice(config.prompts_per_step, ranks)
     earlier = check_run_folder(config, log)  # one-line errors before any work; nothing deleted yet
     out = Path(config.output_dir)
@@ -372,7 +387,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             bar.set_postfix(loss=f"{record['loss']:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
             if state.step % config.save_every == 0 or state.step == total_steps:
                 reset_peaks()
-                models.save_checkpoint(checkpoints, state, scheduler, asdict(config))
+                save_or_stop(lambda: models.save_checkpoint(checkpoints, state, scheduler, asdict(config)),
+                             f"checkpoint {state.step}", state, ranks)
                 memory["checkpoint_save"] = [merge_phase(a, b) for a, b in zip(
                     memory.get("checkpoint_save", [None] * ranks.world), all_gather(peaks(), ranks))]
                 if ranks.is_main:
@@ -381,7 +397,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         # before the engine closes: a vLLM engine in a launch tears down the process group it joined
         if state.step == total_steps:
             reset_peaks()
-            models.save_final(out / "final", tokenizer if ranks.is_main else None)
+            save_or_stop(lambda: models.save_final(out / "final", tokenizer if ranks.is_main else None),
+                         "final/", state, ranks)
             memory["final_save"] = all_gather(peaks(), ranks)
         if ranks.is_main:
             (out / "memory.json").write_text(json.dumps(memory, indent=1) + "\n")

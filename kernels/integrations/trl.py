@@ -35,7 +35,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..fused_linear_kl import DEFAULT_MEMORY_BUDGET, divergence_for_beta, fused_linear_kl
+from ..fused_linear_kl import DEFAULT_MEMORY_BUDGET, divergence_for_beta, fused_linear_kl, resolve_impl
 
 TESTED_TRL = "1.16"
 # Attributes of TRL 1.16's SDFTTrainer / SDPOTrainer that this module relies on.
@@ -79,6 +79,10 @@ def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int = DEF
     if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and _zero_stage(trainer) == 3):
         raise ValueError(f"{name}: FSDP and DeepSpeed ZeRO-3 shard the lm_head weight outside the forward; the "
                          "fused loss needs it whole (DDP and ZeRO-1/2 work)")
+    device = next(trainer.model.parameters()).device
+    resolve_impl(impl, device)  # a wrong impl or budget now, not at the first step
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     divergence, beta = divergence_for_alpha(float(args.distillation_alpha))
     for which, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
         _check_plain_head(trainer, model, which)
