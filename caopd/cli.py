@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from caopd.errors import InputError, StoppedRun
+from caopd.errors import InputError, Interrupted, StoppedRun
 
 
 def _eval_parser(sub) -> None:
@@ -62,8 +62,9 @@ def run_eval(args: argparse.Namespace) -> dict:
 def _examples(args: argparse.Namespace):
     from caopd.evaluation.benchmark_eval import default_data
     from caopd.inputs.data import load_examples
+    from caopd.paths import data_path
 
-    data = args.data or default_data(args.dataset)
+    data = data_path(args.data) if args.data else default_data(args.dataset)
     return data, load_examples(data, args.dataset, split=args.split)
 
 
@@ -184,7 +185,8 @@ def run_compare(args: argparse.Namespace) -> dict:
             raise InputError(f"{path}: not a caopd eval metrics file ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]})") from None
         runs[path] = metrics  # labelled by the metrics file: one model may be evaluated several ways
-    rows = [[name, m.accuracy, m.ece, m.brier, m.spr, m.ocg, m.auroc, m.n] for name, m in runs.items()]
+    rows = [[name, *(m.shown(x) for x in (m.accuracy, m.ece, m.brier, m.spr, m.ocg, m.auroc)), m.n]
+            for name, m in runs.items()]
     print(format_table(["run", "accuracy", "ECE", "Brier", "SPR", "OCG", "AUROC", "scored"], rows))
     result = {"runs": {name: m.to_dict() for name, m in runs.items()}}
     if args.output:
@@ -221,14 +223,15 @@ def _train_parser(sub) -> None:
     from caopd.config import GROUPS, MAY_CHANGE_ON_RESUME, TrainConfig, field_type
 
     p = sub.add_parser("train", help="CaOPD (or plain OPD) training", allow_abbrev=False,
-                       description="Each config field below overrides the config file's value: --key value "
-                       "(the defaults shown are the fields' own; the config file, tiny unless --config says "
-                       "otherwise, sets its values over them). A fresh run refuses an output dir that holds an "
+                       description="Each config field below overrides the config file's value: --key value. "
+                       "Without --config the defaults shown are the values used (with --resume and no --config, "
+                       "the resumed run's own config). A fresh run refuses an output dir that holds an "
                        "earlier run: --resume true continues it, --overwrite true replaces it. Fields marked "
                        "[may change on resume] may differ from the run's saved config on --resume; any other "
                        "difference refuses it.")
-    p.add_argument("--config", default="tiny", help="a YAML file, or a packaged config name (tiny, "
-                   "science-qwen3-8b-h200, tooluse-qwen3-8b-h200, science-qwen3-32b-8xh200)")
+    p.add_argument("--config", default=None, help="a YAML file, or a packaged config name (tiny, "
+                   "science-qwen3-8b-h200, tooluse-qwen3-8b-h200, science-qwen3-32b-8xh200); without it, the "
+                   "defaults below")
     p.add_argument("--no-empirical-calibration", action="store_true",
                    help="plain OPD/SDFT: no P_acc replacement, the teacher keeps Confidence: 1.00")
     hints = typing.get_type_hints(TrainConfig)
@@ -250,7 +253,14 @@ def _train_parser(sub) -> None:
 def run_train(args: argparse.Namespace) -> dict:
     import dataclasses
 
-    from caopd.config import TrainConfig, load_config, unknown_option
+    from caopd.config import (
+        TrainConfig,
+        load_config,
+        non_default_sources,
+        read_config_file,
+        sources_line,
+        unknown_option,
+    )
     from caopd.training.trainer import train
 
     if args.overrides:
@@ -260,8 +270,17 @@ def run_train(args: argparse.Namespace) -> dict:
     if args.no_empirical_calibration:
         overrides += ["--empirical-calibration", "false"]
     from caopd.training.distributed import leave_process_group
+    from caopd.training.run_folder import resumable_config
 
-    result = train(load_config(args.config, overrides))
+    flags = load_config(None, overrides)  # the flags alone (and defaults): where the run folder is
+    base = resumable_config(flags.output_dir) if flags.resume and not args.config else {}
+    config = load_config(args.config, overrides, base=base)
+    file_keys = set(read_config_file(args.config)[1]) if args.config else set()
+    flag_keys = {f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.no_empirical_calibration:
+        flag_keys.add("empirical_calibration")
+    result = train(config, first_line=lambda resolved: sources_line(  # after the launcher's settings
+        args.config, non_default_sources(resolved, file_keys, flag_keys, set(base))))
     leave_process_group()
     return result
 
@@ -405,8 +424,19 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
 
+DESCRIPTION = ("Calibration-aware on-policy distillation (CaOPD) of LLMs. A student learns from a teacher that "
+               "sees privileged context, as in on-policy distillation, but its stated confidence is trained toward "
+               "the accuracy of its own K sampled answers, so it stays calibrated. Commands: demo (the main job on "
+               "this machine: OPD vs CaOPD in minutes), train (CaOPD or plain OPD, one GPU to many), eval (accuracy "
+               "and calibration of a model or of completions; compare runs), memory (will a run fit, before "
+               "launching it), export (a checkpoint to a model folder), rollout-server (generation on other GPUs).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="caopd", description=__doc__)
+    from caopd import __version__
+
+    parser = OneLineParser(prog="caopd", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"caopd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_parser, _ in COMMANDS.values():
         add_parser(sub)
@@ -426,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"caopd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"caopd {args.command}: interrupted: {e}", file=sys.stderr)
+        return 130
     except StoppedRun as e:
         print(f"caopd {args.command}: stopped: {e}", file=sys.stderr)
         return 1

@@ -32,7 +32,8 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "max_steps", "epochs", "save_every", "save_total_limit", "resume", "overwrite", "output_dir",
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
     "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels", "merge_lora",
-    "distributed_timeout_minutes", "distributed_backend", "rollout_server", "rollout_server_timeout", "force"})
+    "distributed_timeout_minutes", "distributed_backend", "rollout_server", "rollout_server_timeout", "force",
+    "logging_steps"})
 
 
 def option(default, help: str, group: str, choices: tuple | None = None):
@@ -143,6 +144,8 @@ class TrainConfig:
                             "optimization", ("auto", "triton", "torch"))
     seed: int = option(42, "seed of the data order, the rollouts and tiny-qwen3's weights", "optimization")
 
+    logging_steps: int = option(1, "print a line every N steps (step, loss, P_acc, accuracy, confidence, tokens/s, "
+                                "seconds a step); 0: none (metrics.jsonl has every step)", "run folder and checkpoints")
     save_every: int = option(100, "write a checkpoint every this many steps (and at the last)",
                              "run folder and checkpoints")
     save_total_limit: int = option(2, "keep the newest this many checkpoints, deleting older ones (0: keep all)",
@@ -177,8 +180,8 @@ class TrainConfig:
                            ("max_completion_length", MAX_TOKENS)):
             if getattr(self, name) > most:
                 raise InputError(f"config field {name!r} must be <= {most}, got {getattr(self, name)}")
-        for name in ("skip_loss_tokens", "max_steps", "max_staleness", "save_total_limit", "weight_decay",
-                     "max_grad_norm", "sampling_temperature", "lora_r", "lora_alpha"):
+        for name in ("skip_loss_tokens", "max_steps", "max_staleness", "logging_steps", "save_total_limit",
+                     "weight_decay", "max_grad_norm", "sampling_temperature", "lora_r", "lora_alpha"):
             if getattr(self, name) < 0:
                 raise InputError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "temperature", "distributed_timeout_minutes", "rollout_server_timeout"):
@@ -202,9 +205,9 @@ class TrainConfig:
             raise InputError("--resume and --overwrite exclude each other: continue the run, or replace it")
 
     def data_path(self) -> Path:
-        if self.data.startswith("caopd:"):
-            return Path(str(resources.files("caopd") / self.data.removeprefix("caopd:")))
-        return Path(self.data)
+        from caopd.paths import data_path
+
+        return data_path(self.data)
 
 
 def field_type(kind) -> type:
@@ -251,29 +254,38 @@ def unknown_option(flag: str) -> InputError:
     return InputError(f"unknown option {flag!r}{hint}")
 
 
-def load_config(config: str | None, overrides: list[str]) -> TrainConfig:
-    """The config file (or packaged name) with ``--key value`` overrides applied."""
-    values: dict = {}
+def read_config_file(config: str) -> tuple[Path, dict]:
+    """(path, values) of a YAML config file or packaged config name."""
+    path = Path(config)
+    if not path.suffix and not path.exists():
+        path = Path(str(resources.files("caopd") / "configs" / f"{config}.yaml"))
+    if not path.is_file():
+        packaged = sorted(p.stem for p in (resources.files("caopd") / "configs").iterdir()
+                          if p.name.endswith(".yaml"))
+        raise InputError(f"{config}: no such config file (packaged configs: {', '.join(packaged)})")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InputError(f"{path}: {path.stat().st_size} bytes; a config file is at most {MAX_CONFIG_BYTES} bytes")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: malformed YAML ({' '.join(str(e).split())[:300]})") from None
+    except RecursionError:
+        raise InputError(f"{path}: malformed YAML (nested too deeply)") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: expected a mapping of config fields")
+    return path, values
+
+
+def load_config(config: str | None, overrides: list[str], base: dict | None = None) -> TrainConfig:
+    """The config file (or packaged name; None: the fields' defaults) with ``--key value`` overrides
+    applied; ``base``: values under both (a resumed run's saved config)."""
+    values: dict = dict(base or {})
+    path = "the resumed run's config"
     if config:
-        path = Path(config)
-        if not path.suffix and not path.exists():
-            path = Path(str(resources.files("caopd") / "configs" / f"{config}.yaml"))
-        if not path.is_file():
-            packaged = sorted(p.stem for p in (resources.files("caopd") / "configs").iterdir()
-                              if p.name.endswith(".yaml"))
-            raise InputError(f"{config}: no such config file (packaged configs: {', '.join(packaged)})")
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise InputError(f"{path}: {path.stat().st_size} bytes; a config file is at most {MAX_CONFIG_BYTES} bytes")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise InputError(f"{path}: malformed YAML ({' '.join(str(e).split())[:300]})") from None
-        except RecursionError:
-            raise InputError(f"{path}: malformed YAML (nested too deeply)") from None
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        if not isinstance(values, dict):
-            raise InputError(f"{path}: expected a mapping of config fields")
+        path, file_values = read_config_file(config)
+        values.update(file_values)
     hints = typing.get_type_hints(TrainConfig)
     for key in values:
         if key not in hints:
@@ -290,3 +302,25 @@ def load_config(config: str | None, overrides: list[str]) -> TrainConfig:
             raise unknown_option(flag)
         values[name] = _coerce(name, hints[name], text)
     return TrainConfig(**values)
+
+
+def non_default_sources(config: TrainConfig, file_keys, flag_keys, resumed_keys) -> dict[str, list[str]]:
+    """Each field whose value is not its default, by where the value came from (a flag over the config
+    file over the resumed run's config; the launcher: set by accelerate's environment)."""
+    defaults = TrainConfig()
+    sources: dict[str, list[str]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if getattr(config, f.name) == getattr(defaults, f.name):
+            continue
+        source = ("flags" if f.name in flag_keys else "the config file" if f.name in file_keys
+                  else "the resumed run" if f.name in resumed_keys else "the launcher")
+        sources.setdefault(source, []).append(f.name)
+    return sources
+
+
+def sources_line(name: str | None, sources: dict[str, list[str]]) -> str:
+    """The first line of a run: the config and the source of each non-default value."""
+    parts = [f"from {source}: {', '.join(names)}" for source, names in sources.items()]
+    head = f"config {name}" if name else "no --config (the defaults of caopd train --help)"
+    return f"caopd train: {head}; " + ("; ".join(parts) if parts else "every field at its default") + \
+        " (all values in <output-dir>/config.yaml)"

@@ -8,3 +8,7 @@ class InputError(Exception):
 class StoppedRun(Exception):
     """A run stopped by a failure outside it (a rollout server that went away): the message says why,
     at which step, and which checkpoint ``--resume`` continues from."""
+
+
+class Interrupted(StoppedRun):
+    """A run stopped by Ctrl-C (SIGINT): exit code 130, as a shell reports an interrupted command."""

@@ -14,6 +14,15 @@ from pathlib import Path
 from caopd.errors import InputError
 
 
+def data_path(text: str) -> Path:
+    """A --data value as a path: ``caopd:<file>`` is a file shipped in the package (train and eval alike)."""
+    if text.startswith("caopd:"):
+        from importlib import resources
+
+        return Path(str(resources.files("caopd") / text.removeprefix("caopd:")))
+    return Path(text)
+
+
 def looks_like_path(name: str) -> bool:
     """True for names that can only be local paths (a hub id is ``name`` or ``owner/name``)."""
     return (name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or "\\" in name

@@ -171,3 +171,55 @@ def test_compare_refuses_what_is_not_a_metrics_file(tmp_path, capsys, make, mess
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert main(["eval", "--compare", str(good), "--plot", str(tmp_path / "c.png")]) == 0
+
+
+def test_metrics_over_nothing_read_n_a(tmp_path, capsys, monkeypatch):
+    """Issue 27 item 5: with 0 scored completions the tables printed ECE/Brier/SPR 0.0000 (and so did the
+    plot legend); the compare plot gains the per-bin counts the single-run plot has."""
+    import caopd.evaluation.plots as plots
+    from caopd.evaluation.metrics import calibration_metrics
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"metrics": calibration_metrics([], []).to_dict()}))
+    good = _metrics_file(tmp_path / "good.json")
+    figures = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    assert main(["eval", "--compare", str(good), str(empty), "--plot", str(tmp_path / "c.png")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "empty.json" in line)
+    assert row.split()[1:] == ["n/a"] * 6 + ["0"]
+    reliability, counts = figures[0].axes
+    assert "(ECE n/a, OCG n/a)" in [t.get_text() for t in reliability.get_legend().get_texts()][-1]
+    assert counts.get_ylabel() == "completions per bin" and sum(p.get_height() for p in counts.patches) == 3
+
+
+def test_eval_reads_packaged_data_as_train_does(tmp_path, capsys):
+    """Issue 27 item 5: --data caopd:examples/... worked for train, not for eval."""
+    rows = [{"id": 0, "completion": "<answer>A</answer>\nConfidence: 0.9"}]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    assert main(["eval", "--dataset", "science", "--data", "caopd:examples/arith_mc.jsonl", "--input",
+                 str(path)]) == 0
+    assert "ECE (10 bins)" in capsys.readouterr().out
+
+
+def test_version_and_what_the_tool_does(capsys):
+    """Issue 27 item 6."""
+    from caopd import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"caopd {__version__}"
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Calibration-aware on-policy distillation" in text and "memory (will a run fit" in text
+
+
+def test_vllm_logs_go_to_stderr_at_warning():
+    """Issue 27 item 5: vLLM's ~60 INFO lines went to stdout and buried the eval table."""
+    pytest.importorskip("vllm")
+    code = ("from caopd.engines.vllm_engine import quiet_vllm_logs; quiet_vllm_logs(); "
+            "from vllm.logger import init_logger; log = init_logger('vllm.caopd_test'); "
+            "log.info('an info line'); log.warning('a warning line')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "an info line" not in done.stdout + done.stderr and "a warning line" not in done.stdout
+    assert "a warning line" in done.stderr

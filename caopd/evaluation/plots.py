@@ -20,8 +20,10 @@ def draw_reliability(ax, metrics: CalibrationMetrics, title: str) -> None:
                 ha="center", va="bottom", fontsize=7)
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
-    ax.text(0.03, 0.97, f"acc {metrics.accuracy:.2f}   conf {metrics.mean_confidence:.2f}\n"
-            f"ECE {metrics.ece:.3f}   OCG {metrics.ocg:+.2f}\nSPR {metrics.spr:.2f}   n={metrics.n}",
+    m = metrics
+    ax.text(0.03, 0.97, f"acc {m.fmt(m.accuracy, '.2f')}   conf {m.fmt(m.mean_confidence, '.2f')}\n"
+            f"ECE {metrics.fmt(metrics.ece, '.3f')}   OCG {metrics.fmt(metrics.ocg, '+.2f')}\n"
+            f"SPR {metrics.fmt(metrics.spr, '.2f')}   n={metrics.n}",
             transform=ax.transAxes, va="top", fontsize=8,
             bbox=dict(boxstyle="round", facecolor="white", alpha=0.85))
 
@@ -95,12 +97,17 @@ def save_overlaid_reliability(runs: dict[str, CalibrationMetrics], path: str | P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.2, 6.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
-    for name, metrics in runs.items():
+    for i, (name, metrics) in enumerate(runs.items()):
         filled = [b for b in metrics.bins if b.count]
-        ax.plot([b.mean_confidence for b in filled], [b.accuracy for b in filled], "-o", lw=1.2,
-                markersize=3, label=f"{name} (ECE {metrics.ece:.3f}, OCG {metrics.ocg:+.2f})")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title="reliability")
+        (line,) = ax.plot([b.mean_confidence for b in filled], [b.accuracy for b in filled], "-o", lw=1.2,
+                          markersize=3, label=f"{name} (ECE {metrics.fmt(metrics.ece, '.3f')}, "
+                          f"OCG {metrics.fmt(metrics.ocg, '+.2f')})")
+        width = (metrics.bins[0].high - metrics.bins[0].low) / len(runs)
+        counts.bar([b.low + i * width for b in metrics.bins], [b.count for b in metrics.bins], width=width,
+                   align="edge", color=line.get_color(), alpha=0.8)  # completions per bin, as the single plot
+    counts.set(xlim=(0, 1), xlabel="confidence", ylabel="completions per bin")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="reliability")
     ax.legend(loc="upper left", fontsize=7)
     return _save(fig, path)

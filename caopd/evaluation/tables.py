@@ -3,6 +3,8 @@ from __future__ import annotations
 
 
 def _cell(value) -> str:
+    if value is None:  # a metric over nothing (no scored completion)
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)

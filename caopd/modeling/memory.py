@@ -416,3 +416,22 @@ def check_weights_fit(model: str, weight_bytes: int, processes: int, *, cuda: bo
         raise InputError(f"--model {model}: {shape.parameters / 1e9:.3g}B parameters, whose weights alone take "
                          f"{need / 2**30:.1f} GiB on {where}, where {available / 2**30:.1f} GiB is available: plan the "
                          f"run with caopd memory --model {model}{flags} (--force skips this check)")
+
+
+def check_vocabulary(model: str, tokens: int) -> None:
+    """One line when a tokenizer of ``tokens`` ids does not fit the model's embedding: larger (its ids
+    past the table), or far smaller (under an eighth: most of the vocabulary never trained, e.g. a
+    1,024-token tokenizer on a 151,936-row Qwen3). Models whose config is not at hand are not checked."""
+    from caopd.modeling.model_shapes import RANDOM_PREFIX
+
+    name = model.removeprefix(RANDOM_PREFIX)
+    if name == "tiny-qwen3":  # built from the tokenizer
+        return
+    try:
+        rows = int(shape_values(name)["vocab_size"])
+    except (InputError, KeyError, TypeError, ValueError):
+        return
+    if tokens > rows or 8 * tokens < rows:
+        raise InputError(f"--tokenizer: {tokens:,} tokens do not fit --model {model}'s embedding of {rows:,} rows ("
+                         + ("ids past its end" if tokens > rows else "most rows would never be trained")
+                         + "): use the model's own tokenizer (--tokenizer auto, or qwen3 for random: Qwen3 models)")

@@ -25,7 +25,7 @@ import torch
 from caopd.config import TrainConfig
 from caopd.engines.base import WeightStream
 from caopd.errors import InputError
-from caopd.modeling.memory import check_weights_fit
+from caopd.modeling.memory import check_vocabulary, check_weights_fit
 from caopd.modeling.models import apply_liger_kernels, describe_model, ema_update_, load_model
 from caopd.training import checkpoint
 from caopd.training.distributed import Ranks
@@ -88,6 +88,7 @@ def place_models(config: TrainConfig, tokenizer, ranks: Ranks, *, fsdp: bool, cp
         per_parameter = student_dtype.itemsize + (0 if config.lora_r else teacher_dtype.itemsize)  # LoRA: one base
         check_weights_fit(config.model, per_parameter, ranks.world if fsdp else 1, cuda=torch.cuda.is_available(),
                           flags=(f" --gpus {ranks.world} --fsdp" if fsdp else ""))
+    check_vocabulary(config.model, len(tokenizer))
     if config.lora_r and (fsdp or config.rollout_engine != "transformers"):
         raise InputError("--lora-r works with one process and the transformers engine for now (not with --fsdp or "
                          f"--rollout-engine {config.rollout_engine})")

@@ -16,7 +16,7 @@ from caopd.paths import check_local_source, check_output_dir
 from caopd.training.checkpoint import checkpoints, complete_checkpoints, saved_config
 
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "final")  # what makes a folder hold a run
-DERIVED = ("tokenizer", "rollout_model", "rollout_weights")  # rewritten by every fresh run
+DERIVED = ("tokenizer", "rollout_model", "rollout_weights", "config.yaml")  # rewritten by every fresh run
 
 
 def earlier_run(out: Path) -> list[Path]:
@@ -52,6 +52,20 @@ def config_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[st
             continue
         (applied if name in MAY_CHANGE_ON_RESUME else refused).append(f"{name}: {saved[name]!r} -> {new!r}")
     return refused, applied
+
+
+def resumable_config(output_dir: str) -> dict:
+    """The config saved with the newest complete checkpoint of a run folder ({} when there is none: the
+    resume then stops with its own line), as the base of a resume without --config."""
+    import dataclasses
+
+    done = complete_checkpoints(Path(output_dir) / "checkpoints")
+    try:
+        saved = saved_config(done[-1]) if done else {}
+    except (OSError, ValueError, KeyError):
+        return {}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume", "overwrite"}
+    return {name: value for name, value in saved.items() if name in known}
 
 
 def check_run_folder(config: TrainConfig, log=print) -> list[Path]:

@@ -25,14 +25,20 @@ from caopd.config import TrainConfig
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import RolloutEngine, SamplingParams, staged
 from caopd.engines.server import RolloutServerError
-from caopd.errors import InputError, StoppedRun
-from caopd.evaluation.tables import format_table
+from caopd.errors import InputError, Interrupted, StoppedRun
 from caopd.inputs.data import load_examples
 from caopd.inputs.prompts import demonstration, student_messages
 from caopd.modeling.model_shapes import is_random
 from caopd.modeling.models import TINY_MODEL, load_tokenizer
 from caopd.scoring.calibration import build_targets, verify_rollouts
-from caopd.training.checkpoint import SaveFailed, TrainState, rotate_checkpoints, truncate_metrics
+from caopd.training.checkpoint import (
+    SaveFailed,
+    TrainState,
+    checkpoint_step,
+    complete_checkpoints,
+    rotate_checkpoints,
+    truncate_metrics,
+)
 from caopd.training.distributed import (
     Ranks,
     all_gather,
@@ -136,16 +142,32 @@ def check_engine_options(config: TrainConfig, on_gpu: bool) -> None:
                          "copy of the model on every process; use synchronous rollouts")
 
 
-def resolve_launch(config: TrainConfig) -> TrainConfig:
-    """The config as it will run, recorded by the run: an accelerate config with distributed_type FSDP
-    (and fsdp_offload_params) turns --fsdp (and --fsdp-cpu-offload) on; --rollout-engine auto becomes
-    the engine it chose."""
-    from caopd.engines.vllm_engine import resolve_engine
+def check_launcher() -> None:
+    """accelerate's simple launcher, asked for several processes without a distributed type (``accelerate
+    launch --num_processes 2 --cpu``), starts one process: it sets MASTER_ADDR but no WORLD_SIZE. Say so
+    instead of silently training on one."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise InputError("accelerate launch started one process, not the several asked for (its simple launcher: "
+                         "no distributed type); pass --multi_cpu with --cpu, or a config file with distributed_type "
+                         "FSDP: --config_file caopd/configs/accelerate/fsdp2-cpu-2proc.yaml (CPU) or "
+                         "caopd/configs/accelerate/fsdp2-1node-8gpu.yaml")
 
+
+def launched(config: TrainConfig) -> TrainConfig:
+    """The config with the launcher's settings: an accelerate config with distributed_type FSDP (and
+    fsdp_offload_params) turns --fsdp (and --fsdp-cpu-offload) on."""
     fsdp = config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     offload = config.fsdp_cpu_offload or os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
-    return dataclasses.replace(config, fsdp=fsdp, fsdp_cpu_offload=offload and fsdp,
-                               rollout_engine=resolve_engine(config.rollout_engine))
+    return dataclasses.replace(config, fsdp=fsdp, fsdp_cpu_offload=offload and fsdp)
+
+
+def resolve_launch(config: TrainConfig) -> TrainConfig:
+    """The config as it will run, recorded by the run: the launcher's settings (``launched``), and
+    --rollout-engine auto become the engine it chose."""
+    from caopd.engines.vllm_engine import resolve_engine
+
+    config = launched(config)
+    return dataclasses.replace(config, rollout_engine=resolve_engine(config.rollout_engine))
 
 
 def run_tokenizer(config: TrainConfig, out: Path, examples):
@@ -216,6 +238,34 @@ def sample_step(step: int, engine: RolloutEngine, rollouts: AsyncRollouts | None
     return engine.generate(req.prompts, req.n, req.sampling), step
 
 
+def write_config_yaml(path: Path, config: TrainConfig) -> None:
+    """The config as it runs (after the launcher's settings), beside the run's other files."""
+    import yaml
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False, allow_unicode=True))
+    os.replace(tmp, path)
+
+
+def summary_line(config: TrainConfig, total_steps: int, start: int, layout: str, ranks: Ranks) -> str:
+    """What a run will do, in one line (the whole config is in config.yaml)."""
+    method = "CaOPD" if config.empirical_calibration else "OPD"
+    resumed = f", resumed at step {start}" if start else ""
+    return (f"{method}: {config.model} on {config.data} ({config.dataset}), {total_steps} steps of "
+            f"{config.prompts_per_step} prompts x {config.num_generations} rollouts{resumed}; {config.divergence} "
+            f"KL, forward layout {layout}, {ranks.world} process(es) ({ranks.backend}), rollouts by "
+            f"{config.rollout_engine}; config in {Path(config.output_dir) / 'config.yaml'}")
+
+
+def step_line(record: dict, total_steps: int) -> str:
+    """One step, for --logging-steps."""
+    confidence = "n/a" if record["mean_confidence"] is None else f"{record['mean_confidence']:.3f}"
+    seconds = record["time_generate"] + record["time_verify"] + record["time_forward_backward"]
+    return (f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}  P_acc {record['mean_p_acc']:.3f}  "
+            f"accuracy {record['rollout_accuracy']:.3f}  confidence {confidence}  tokens/s "
+            f"{record['tokens_per_s']:.1f}  {seconds:.1f} s/step")
+
+
 def save_or_stop(save, what: str, state: TrainState, ranks: Ranks) -> None:
     """``save()`` on every process; when a write failed on any (a full disk, a file-size limit), all stop
     with one line. Nothing half-written passes for a checkpoint: its manifest is written last."""
@@ -244,12 +294,15 @@ def stop_if_any_failed(failure: str | None, ranks: Ranks, models: Models, state:
 
 
 def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_steps: int | None = None,
-          quiet: bool = False, progress: str | None = None) -> dict:
+          quiet: bool = False, progress: str | None = None, first_line=None) -> dict:
     """Run (or resume) training; returns the history, the final state and the models (sharded under
-    FSDP). quiet: no output at all; progress: only a progress bar with this label."""
+    FSDP). quiet: no output at all; progress: only a progress bar with this label; first_line(config):
+    stdout's first line, of the config as it runs (the CLI's: where each non-default value came from)."""
     from tqdm import tqdm
 
-    asked_engine, config = config.rollout_engine, resolve_launch(config)
+    check_launcher()
+    asked, config = config, resolve_launch(config)
+    asked_engine = asked.rollout_engine
     if launched_processes() > 1 and not config.fsdp:
         raise InputError(f"{launched_processes()} processes need --fsdp true (each process would otherwise hold and "
                          "train a whole model of its own)")
@@ -260,6 +313,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
     my_prompts = rank_slice(config.prompts_per_step, ranks)
     earlier = check_run_folder(config, log)  # one-line errors before any work; nothing deleted yet
+    if first_line and not quiet and progress is None:
+        print(first_line(launched(asked)), flush=True)  # stdout's first line; errors and warnings stay on stderr
     out = Path(config.output_dir)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -318,11 +373,10 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 use_segment_attention(model)
     options = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
                    skip_tokens=config.skip_loss_tokens, impl=config.loss_impl)
+    if ranks.is_main:
+        write_config_yaml(out / "config.yaml", config)
     if not quiet and progress is None:
-        print(json.dumps({"config": asdict(config), "total_steps": total_steps, "resumed_at_step": state.step,
-                          "divergence": config.divergence, "forward_layout": str(layout), "processes": ranks.world,
-                          "process_group": ranks.backend,
-                          "method": "CaOPD" if config.empirical_calibration else "OPD"}))
+        print(summary_line(config, total_steps, state.step, str(layout), ranks), flush=True)
     history = []
     bar = tqdm(total=total_steps, initial=state.step, desc=progress or "train", disable=quiet)
     last_step = total_steps if stop_after_steps is None else min(total_steps, state.step + stop_after_steps)
@@ -385,6 +439,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
+            if not quiet and progress is None and config.logging_steps and state.step % config.logging_steps == 0:
+                tqdm.write(step_line(record, total_steps), file=sys.stdout)
             if state.step % config.save_every == 0 or state.step == total_steps:
                 reset_peaks()
                 save_or_stop(lambda: models.save_checkpoint(checkpoints, state, scheduler, asdict(config)),
@@ -403,15 +459,15 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         if ranks.is_main:
             (out / "memory.json").write_text(json.dumps(memory, indent=1) + "\n")
         barrier(ranks)
+    except KeyboardInterrupt:  # Ctrl-C: one line and exit code 130, the run resumable from its last checkpoint
+        done = [checkpoint_step(p) for p in complete_checkpoints(checkpoints)]
+        last = f"the last checkpoint is step {done[-1]}" if done else "no checkpoint was saved yet"
+        raise Interrupted(f"stopped at step {state.step}; {last}; continue with --resume true") from None
     finally:
         bar.close()  # ends its line: a stop's one-line message starts a line of its own
         if rollouts is not None:
             rollouts.close()
         if own_engine and hasattr(engine, "close"):
             engine.close()
-    if history and not quiet and progress is None:
-        keys = ["loss", "mean_p_acc", "rollout_accuracy", "format_adherence", "time_generate", "time_verify",
-                "time_forward_backward"]
-        print(format_table(["step", *keys], [[r["step"], *(r[k] for k in keys)] for r in history]))
     return {"history": history, "state": state, "student": models.student, "teacher": models.teacher,
             "tokenizer": tokenizer, "models": models}
