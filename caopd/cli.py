@@ -217,11 +217,6 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def _train_parser(sub) -> None:
-    import dataclasses
-    import typing
-
-    from caopd.config import GROUPS, MAY_CHANGE_ON_RESUME, TrainConfig, field_type
-
     p = sub.add_parser("train", help="CaOPD (or plain OPD) training", allow_abbrev=False,
                        description="Each config field below overrides the config file's value: --key value. "
                        "Without --config the defaults shown are the values used (with --resume and no --config, "
@@ -234,6 +229,16 @@ def _train_parser(sub) -> None:
                    "defaults below")
     p.add_argument("--no-empirical-calibration", action="store_true",
                    help="plain OPD/SDFT: no P_acc replacement, the teacher keeps Confidence: 1.00")
+    add_config_fields(p)
+
+
+def add_config_fields(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a --key value flag, by group, with its help and default (train, memory)."""
+    import dataclasses
+    import typing
+
+    from caopd.config import GROUPS, MAY_CHANGE_ON_RESUME, TrainConfig, field_type
+
     hints = typing.get_type_hints(TrainConfig)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in dataclasses.fields(TrainConfig):
@@ -248,6 +253,16 @@ def _train_parser(sub) -> None:
         groups[f.metadata["group"]].add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
             help=help_text.replace("%", "%%"), **(dict(nargs="?", const="true") if kind is bool else {}))
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The config fields given as flags, as load_config's '--key value' pairs."""
+    import dataclasses
+
+    from caopd.config import TrainConfig
+
+    return [x for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)
+            for x in ("--" + f.name, getattr(args, f.name))]
 
 
 def run_train(args: argparse.Namespace) -> dict:
@@ -265,8 +280,7 @@ def run_train(args: argparse.Namespace) -> dict:
 
     if args.overrides:
         raise unknown_option(next((a for a in args.overrides if a.startswith("-")), args.overrides[0]))
-    overrides = [x for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)
-                 for x in ("--" + f.name, getattr(args, f.name))]
+    overrides = config_overrides(args)
     if args.no_empirical_calibration:
         overrides += ["--empirical-calibration", "false"]
     from caopd.training.distributed import leave_process_group
@@ -286,67 +300,59 @@ def run_train(args: argparse.Namespace) -> dict:
 
 
 def _memory_parser(sub) -> None:
-    p = sub.add_parser("memory", help="estimate a run's peak memory per GPU before launching it",
-                       description="An analytic estimate per component (caopd/modeling/memory.py), whether it fits, "
-                       "the largest micro-batch that fits, and the levers that would make it fit.")
-    p.add_argument("--model", required=True, help="Qwen3-0.6B ... Qwen3-32B, random:<size>, tiny-qwen3, a model "
-                   "folder or a config.json")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0)
-    p.add_argument("--prompt-tokens", type=int, default=1024)
-    p.add_argument("--completion-tokens", type=int, default=1024)
-    p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--prompts-per-step", type=int, default=32)
-    p.add_argument("--micro-batch-prompts", type=int, default=1)
-    p.add_argument("--fsdp", action="store_true")
-    p.add_argument("--lora-r", type=int, default=0)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--no-shared-prefix", action="store_true", help="one padded row per completion")
-    p.add_argument("--rollout-engine", choices=["transformers", "vllm", "server"], default="transformers")
-    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)
-    p.add_argument("--vllm-tensor-parallel-size", type=int, default=1)
-    p.add_argument("--optimizer-offload", action="store_true", help="with --fsdp: shards, gradients and Adam states "
-                   "in host memory (train's --fsdp-cpu-offload)")
-    p.add_argument("--liger-kernels", action="store_true", help="Liger's fused RMSNorm, SwiGLU, RoPE")
-    p.add_argument("--master-weights", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--teacher-dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--processes-per-node", type=int, default=8, help="GPU processes a node holds (host memory "
-                   "per node)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: fp32, --gpus CPU processes "
-                   "(torchrun on CPU), each process's resident memory; --gpu-memory-gib is then the machine's")
+    p = sub.add_parser("memory", help="estimate a run's peak memory per process before launching it",
+                       allow_abbrev=False,
+                       description="Plans the run caopd train would launch with the same --config and flags: an "
+                       "analytic estimate per component (caopd/modeling/memory.py), by phase, whether it fits, the "
+                       "largest micro-batch that fits and the levers that would make it fit. The prompt and "
+                       "completion lengths planned for are --max-prompt-length and --max-completion-length.")
+    p.add_argument("--config", default=None, help="as caopd train's --config: the run to plan (without it, train's "
+                   "defaults)")
+    machine = p.add_argument_group("the machines")
+    machine.add_argument("--gpus", type=int, default=1, help="processes of the launch, one a GPU (with --device cpu: "
+                         "CPU processes on this machine) (default: 1)")
+    machine.add_argument("--gpu-memory-gib", type=float, default=None, help="each GPU's memory (default: 80; with "
+                         "--device cpu, this machine's RAM)")
+    machine.add_argument("--host-memory-gib", type=float, default=None, help="each node's host memory, for the "
+                         "host rows (default: this machine's RAM)")
+    machine.add_argument("--processes-per-node", type=int, default=8, help="GPU processes a node holds (host memory "
+                         "per node) (default: 8)")
+    machine.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: fp32, --gpus CPU processes "
+                         "(torchrun on CPU), each process's resident memory (default: cuda)")
+    add_config_fields(p)
 
 
 def run_memory(args: argparse.Namespace) -> dict:
-    from caopd.config import MAX_GENERATIONS, MAX_TOKENS
+    import psutil
+
+    from caopd.config import load_config
     from caopd.modeling.memory import Plan, estimate, report
     from caopd.modeling.model_shapes import RANDOM_PREFIX
 
-    for flag in ("gpus", "prompt_tokens", "completion_tokens", "num_generations", "prompts_per_step",
-                 "micro_batch_prompts", "processes_per_node", "vllm_tensor_parallel_size"):
+    config = load_config(args.config, config_overrides(args))  # train's checks and ranges
+    for flag in ("gpus", "processes_per_node"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.optimizer_offload and not args.fsdp:
-        raise InputError("--optimizer-offload is FSDP2's CPU offload: it needs --fsdp")
-    if not (math.isfinite(args.gpu_memory_gib) and args.gpu_memory_gib > 0):
-        raise InputError(f"--gpu-memory-gib must be a finite number > 0, got {args.gpu_memory_gib}")
-    if not 0 < args.vllm_gpu_memory_utilization <= 1:
-        raise InputError(f"--vllm-gpu-memory-utilization must be in (0, 1], got {args.vllm_gpu_memory_utilization}")
-    if args.lora_r < 0:
-        raise InputError(f"--lora-r must be >= 0, got {args.lora_r}")
-    for flag, most in (("num_generations", MAX_GENERATIONS), ("prompt_tokens", MAX_TOKENS),
-                       ("completion_tokens", MAX_TOKENS)):
-        if getattr(args, flag) > most:
-            raise InputError(f"--{flag.replace('_', '-')} must be <= {most}, got {getattr(args, flag)}")
-    plan = Plan(args.model.removeprefix(RANDOM_PREFIX), gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
-                prompt_tokens=args.prompt_tokens, completion_tokens=args.completion_tokens,
-                num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
-                micro_batch_prompts=args.micro_batch_prompts, fsdp=args.fsdp, lora_r=args.lora_r,
-                gradient_checkpointing=args.gradient_checkpointing, shared_prefix=not args.no_shared_prefix,
-                rollout_engine=args.rollout_engine, vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                vllm_tensor_parallel_size=args.vllm_tensor_parallel_size,
-                optimizer_offload=args.optimizer_offload, liger_kernels=args.liger_kernels,
-                master_weights=args.master_weights, teacher_dtype=args.teacher_dtype,
-                processes_per_node=args.processes_per_node, device=args.device)
+    ram = psutil.virtual_memory().total / 2**30
+    gpu_memory = args.gpu_memory_gib if args.gpu_memory_gib is not None else (ram if args.device == "cpu" else 80.0)
+    host_memory = args.host_memory_gib if args.host_memory_gib is not None else ram
+    for flag, value in (("--gpu-memory-gib", gpu_memory), ("--host-memory-gib", host_memory)):
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"{flag} must be a finite number > 0, got {value}")
+    if config.fsdp_cpu_offload and not config.fsdp:
+        raise InputError("--fsdp-cpu-offload is FSDP2's CPU offload: it needs --fsdp true")
+    engine = config.rollout_engine if config.rollout_engine != "auto" else \
+        ("vllm" if args.device == "cuda" else "transformers")  # what auto picks there (with vLLM installed)
+    plan = Plan(config.model.removeprefix(RANDOM_PREFIX), gpus=args.gpus, gpu_memory_gib=gpu_memory,
+                prompt_tokens=config.max_prompt_length, completion_tokens=config.max_completion_length,
+                num_generations=config.num_generations, prompts_per_step=config.prompts_per_step,
+                micro_batch_prompts=config.micro_batch_prompts, fsdp=config.fsdp, lora_r=config.lora_r,
+                gradient_checkpointing=config.gradient_checkpointing, shared_prefix=config.shared_prefix,
+                rollout_engine=engine, vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                vllm_tensor_parallel_size=config.vllm_tensor_parallel_size, optimizer_offload=config.fsdp_cpu_offload,
+                liger_kernels=config.liger_kernels, master_weights=config.master_weights,
+                teacher_dtype=config.teacher_dtype, processes_per_node=args.processes_per_node, device=args.device,
+                host_memory_gib=host_memory)
     print(report(plan))
     result = estimate(plan)
     return {"peak_bytes": result.peak, "rows": [(r.name, r.bytes) for r in result.rows]}

@@ -111,8 +111,8 @@ def test_largest_micro_batch_is_the_edge_of_fitting():
 
 
 def test_the_command(capsys):
-    args = ["memory", "--model", "Qwen3-8B", "--gpus", "1", "--gpu-memory-gib", "141", "--prompt-tokens", "1024",
-            "--completion-tokens", "1024", "--num-generations", "8"]
+    args = ["memory", "--model", "Qwen3-8B", "--gpus", "1", "--gpu-memory-gib", "141", "--max-prompt-length", "1024",
+            "--max-completion-length", "1024", "--num-generations", "8", "--prompts-per-step", "32"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Qwen3-8B: 8.19B parameters, 36 layers" in out and "DOES NOT FIT" in out
@@ -124,23 +124,51 @@ def test_the_command(capsys):
     assert ": fits" in out and "largest micro-batch that fits:" in out
     assert main(["memory", "--model", "random:Qwen3-9B"]) == 2
     assert "Qwen3-9B: not a known size" in capsys.readouterr().err
-    assert main(["memory", "--model", "Qwen3-8B", "--optimizer-offload"]) == 2
-    assert "it needs --fsdp" in capsys.readouterr().err
+    assert main(["memory", "--model", "Qwen3-8B", "--fsdp-cpu-offload", "true"]) == 2
+    assert "it needs --fsdp true" in capsys.readouterr().err
     assert main(["memory", "--model", "Qwen3-32B", "--gpus", "8", "--fsdp", "--gpu-memory-gib", "141",
-                 "--gradient-checkpointing", "--optimizer-offload", "--teacher-dtype", "bf16"]) == 0
+                 "--gradient-checkpointing", "--fsdp-cpu-offload", "true", "--teacher-dtype", "bf16",
+                 "--host-memory-gib", "256", "--prompts-per-step", "32"]) == 0
     out = capsys.readouterr().out
     assert "the whole model, read once and broadcast (main process)" in out and "host memory per node (8" in out
-    assert ": fits" in out
+    assert ": fits" in out and "of 256 GiB: DOES NOT FIT (host memory)" in out  # 8 offloading processes a node
+
+
+def test_memory_plans_the_run_a_config_describes(capsys):
+    """Issue 27 item 2: caopd memory takes --config and train's own flags, so a packaged config is planned as
+    it is; every flag has a description; on CPU the budget is this machine's RAM."""
+    import psutil
+
+    from caopd.config import load_config
+
+    assert main(["memory", "--config", "science-qwen3-8b-h200", "--gpu-memory-gib", "141"]) == 0
+    out = capsys.readouterr().out
+    config = load_config("science-qwen3-8b-h200", [])
+    assert f"prompt {config.max_prompt_length} + completion {config.max_completion_length} tokens, " \
+           f"K = {config.num_generations}, {config.micro_batch_prompts} prompt(s) a micro-batch" in out
+    assert main(["memory", "--config", "science-qwen3-8b-h200", "--gpu-memory-gib", "141",
+                 "--num-generations", "4"]) == 0
+    assert "K = 4," in capsys.readouterr().out  # a flag over the config file, as in train
+    assert main(["memory", "--config", "tiny", "--device", "cpu"]) == 0
+    ram = psutil.virtual_memory().total / GIB
+    assert f"GiB of {ram:g} GiB of RAM: fits" in capsys.readouterr().out
+    assert main(["memory", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--config", "--gpus", "--gpu-memory-gib", "--host-memory-gib", "--processes-per-node", "--device",
+                 "--fsdp-cpu-offload", "--shared-prefix", "--max-prompt-length", "--lora-r"):
+        described = text.split(flag, 1)[1].split(" --", 1)[0]
+        assert len(described.split()) > 2, flag  # its metavar and some words of description
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--gpu-memory-gib", "nan"], "--gpu-memory-gib must be a finite number > 0, got nan"),
     (["--gpu-memory-gib", "0"], "--gpu-memory-gib must be a finite number > 0"),
     (["--gpu-memory-gib", "-5"], "--gpu-memory-gib must be a finite number > 0"),
-    (["--lora-r", "-3"], "--lora-r must be >= 0, got -3"),
-    (["--vllm-gpu-memory-utilization", "5"], "--vllm-gpu-memory-utilization must be in (0, 1], got 5.0"),
-    (["--vllm-gpu-memory-utilization", "-1"], "--vllm-gpu-memory-utilization must be in (0, 1]"),
-    (["--num-generations", str(10**12)], "--num-generations must be <= 1024"),
+    (["--lora-r", "-3"], "config field 'lora_r' must be >= 0, got -3"),
+    (["--vllm-gpu-memory-utilization", "5"], "config field 'vllm_gpu_memory_utilization' must be in [0.0, 1.0]"),
+    (["--vllm-gpu-memory-utilization", "-1"], "config field 'vllm_gpu_memory_utilization' must be in [0.0, 1.0]"),
+    (["--num-generations", str(10**12)], "config field 'num_generations' must be <= 1024"),
+    (["--host-memory-gib", "inf"], "--host-memory-gib must be a finite number > 0"),
 ])
 def test_memory_arguments_are_one_line(capsys, flags, message):
     """Issue 26 item 9: these printed impossible tables (nan: both DOES NOT FIT and a largest micro-batch)."""

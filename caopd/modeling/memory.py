@@ -124,6 +124,7 @@ class Plan:
     teacher_dtype: str = "fp32"  # or bf16
     device: str = "cuda"  # "cpu": fp32 everywhere, no CUDA context, no vLLM share
     processes_per_node: int = 8
+    host_memory_gib: float = 0.0  # each node's host memory (0: not checked)
 
 
 @dataclass(frozen=True)
@@ -371,10 +372,12 @@ def report(plan: Plan) -> str:
     if not cpu:
         per_node = min(plan.gpus, plan.processes_per_node)
         node = result.host_peak + (per_node - 1) * other.host_peak
+        fits_node = "" if not plan.host_memory_gib else f" of {plan.host_memory_gib:g} GiB: " + (
+            "fits" if node <= plan.host_memory_gib * GIB else "DOES NOT FIT (host memory)")
         lines += ["", "host memory of each process", _table(result, host=True), "",
                   f"host peak by phase (GiB): {_phases_line(result.peaks(host=True))}"
                   + (f"; the other processes {_phases_line(other.peaks(host=True))}" if plan.fsdp else ""),
-                  f"host memory per node ({per_node} process(es)): {node / GIB:.1f} GiB at most"]
+                  f"host memory per node ({per_node} process(es)): {node / GIB:.1f} GiB at most{fits_node}"]
         most = largest_micro_batch(plan, values)
         lines.append(f"largest micro-batch that fits: {most} prompt(s)" if most else
                      "largest micro-batch that fits: none")
