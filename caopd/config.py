@@ -33,7 +33,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
     "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels", "merge_lora",
     "distributed_timeout_minutes", "distributed_backend", "rollout_server", "rollout_server_timeout", "force",
-    "logging_steps"})
+    "logging_steps", "report_to"})
 
 
 def option(default, help: str, group: str, choices: tuple | None = None):
@@ -144,6 +144,9 @@ class TrainConfig:
                             "optimization", ("auto", "triton", "torch"))
     seed: int = option(42, "seed of the data order, the rollouts and tiny-qwen3's weights", "optimization")
 
+    report_to: str = option("none", "also send each step's metrics to experiment trackers, through accelerate's: "
+                            "tensorboard, wandb or trackio (comma-separated; each must be installed), or none",
+                            "run folder and checkpoints")
     logging_steps: int = option(1, "print a line every N steps (step, loss, P_acc, accuracy, confidence, tokens/s, "
                                 "seconds a step); 0: none (metrics.jsonl has every step)", "run folder and checkpoints")
     save_every: int = option(100, "write a checkpoint every this many steps (and at the last)",

@@ -95,7 +95,8 @@ def test_two_processes_train_what_one_process_trains(one_process, two_processes)
     assert [r["prompts"] for r in double] == [r["prompts"] for r in single]  # the whole step, in order
     assert [r["mean_p_acc"] for r in double] == [r["mean_p_acc"] for r in single]  # the same rollouts
     assert [r["loss"] for r in double] == pytest.approx([r["loss"] for r in single], rel=1e-4)
-    assert [r["grad_norm"] for r in double] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
+    # issue 27 item 4: the norms of the same gradients differed by up to 5e-4 (fp32 sums over the vocabulary rows)
+    assert [r["grad_norm"] for r in double] == pytest.approx([r["grad_norm"] for r in single], rel=1e-6)
     assert_same_weights(one_process, two_processes)
     shards = sorted(p.name for p in (two_processes / "checkpoints" / "step-000003").iterdir())
     assert "model.rank00001-of-00002.safetensors" in shards and "manifest.json" in shards
@@ -231,7 +232,7 @@ def test_an_offloaded_two_process_run_trains_what_one_process_trains(one_process
     """FSDP2's CPUOffloadPolicy (unpinned on CPU), with the process group keyed by device as on GPUs."""
     out = tmp_path / "run"
     done = caopd([*TINY, "--output-dir", str(out), "--fsdp", "true", "--fsdp-cpu-offload", "true"], processes=2)
-    assert json.loads(done.stdout.splitlines()[0])["process_group"] == "cpu:gloo"
+    assert "2 process(es) (cpu:gloo)" in done.stdout  # the run's summary line
     assert [r["loss"] for r in rows(out)] == pytest.approx([r["loss"] for r in rows(one_process)], rel=1e-4)
     assert_same_weights(out, one_process)
 

@@ -90,3 +90,43 @@ def test_a_tokenizer_that_does_not_fit_the_embedding_is_refused(tmp_path, capsys
                  "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert f"rows ({message}): use the model's own tokenizer" in err and "\n" not in err
+
+
+def test_report_to_sends_each_step_to_the_trackers(tmp_path, capsys, monkeypatch):
+    """Issue 27 item 3: --report-to through accelerate's trackers; none by default; one line when missing."""
+    import accelerate.tracking
+
+    import caopd.training.report_to as report_to
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, run_name, logging_dir=None):
+            calls.append(("init", run_name, logging_dir))
+
+        def start(self):
+            calls.append(("start",))
+
+        def store_init_configuration(self, values):
+            calls.append(("config", values["num_generations"]))
+
+        def log(self, values, step):
+            calls.append(("log", step, values["loss"]))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    assert main(["train", "--config", "tiny", *SHORT, "--max-steps", "1", "--report-to", "tensorboard",
+                 "--output-dir", str(tmp_path / "missing")]) == 2  # not installed here
+    assert "--report-to tensorboard needs tensorboard: pip install tensorboard" in capsys.readouterr().err
+    monkeypatch.setattr(accelerate.tracking, "Recorder", Recorder, raising=False)
+    monkeypatch.setitem(report_to.TRACKERS, "tensorboard", ("Recorder", "json", "tensorboard"))
+    out = tmp_path / "run"
+    assert main(["train", "--config", "tiny", *SHORT, "--max-steps", "2", "--report-to", "tensorboard",
+                 "--output-dir", str(out)]) == 0
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert calls == [("init", "run", str(out / "runs")), ("start",), ("config", 2), ("log", 1, losses[0]),
+                     ("log", 2, losses[1]), ("finish",)]
+    calls.clear()
+    assert main(["train", "--config", "tiny", *SHORT, "--max-steps", "1", "--output-dir", str(tmp_path / "none")]) == 0
+    assert calls == []  # none by default

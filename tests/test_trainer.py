@@ -382,3 +382,23 @@ def test_async_rollouts_with_a_colocated_vllm_on_a_gpu_is_refused(tmp_path):
     check_engine_options(config, on_gpu=False)  # on CPU the engine never sleeps
     check_engine_options(config_for("x.jsonl", "science", tmp_path, rollout_engine="vllm", async_rollouts=True,
                                     vllm_placement="separate", vllm_device=1), on_gpu=True)
+
+
+def test_the_gradient_norm_is_summed_in_fp64():
+    """Issue 27 item 4: two processes reported the norm of the same gradients 2e-5..5e-4 apart (fp32 sums over
+    a 151,936-row embedding gradient, split differently); fp64 gives the same norm however it is split."""
+    from caopd.training.optim import clip_grad_norm_fp64
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(151_936, 64))
+    weight.grad = torch.rand(151_936, 64, generator=g) * 1e-3 + 1e-4
+    exact = float(weight.grad.double().norm())
+    halves = [torch.nn.Parameter(torch.zeros(75_968, 64)) for _ in range(2)]
+    for half, part in zip(halves, weight.grad.chunk(2)):
+        half.grad = part.clone()
+    whole_norm = clip_grad_norm_fp64([weight], float("inf"))
+    sharded = clip_grad_norm_fp64([halves[0]], float("inf"), all_reduce=lambda own: own + float(halves[1].grad.double()
+                                                                                                   .norm()) ** 2)
+    assert whole_norm == pytest.approx(exact, rel=1e-12) and sharded == pytest.approx(exact, rel=1e-12)
+    assert clip_grad_norm_fp64([weight], 0.5 * exact) == pytest.approx(exact, rel=1e-12)  # returns the norm before
+    assert float(weight.grad.double().norm()) == pytest.approx(0.5 * exact, rel=1e-5)  # and clips to max_norm

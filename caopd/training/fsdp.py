@@ -40,6 +40,7 @@ from caopd.modeling.models import (
 )
 from caopd.training import checkpoint
 from caopd.training.distributed import Ranks
+from caopd.training.optim import clip_grad_norm_fp64
 from caopd.training.streamed_safetensors import write_model_folder
 from caopd.training.weight_stream import (
     broadcast_into_shards,
@@ -47,7 +48,6 @@ from caopd.training.weight_stream import (
     full_tensors,
     tensor_specs,
     weight_stream,
-    whole,
 )
 
 
@@ -91,9 +91,15 @@ def shard(student: torch.nn.Module, teacher: torch.nn.Module, *, bf16: bool, cpu
 
 
 def grad_norm_and_clip(parameters: list[torch.nn.Parameter], max_norm: float, device: torch.device) -> float:
-    """The global gradient norm (over every shard), and clip to ``max_norm``."""
-    total = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    return float(whole(total, device))
+    """The global gradient norm (over every shard, in fp64), and clip to ``max_norm``."""
+    import torch.distributed as dist
+
+    def all_reduce(local_squares: float) -> float:
+        total = torch.tensor(local_squares, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return float(total)
+
+    return clip_grad_norm_fp64(parameters, max_norm, all_reduce)
 
 
 class ShardedModels:

@@ -29,6 +29,7 @@ from caopd.modeling.memory import check_vocabulary, check_weights_fit
 from caopd.modeling.models import apply_liger_kernels, describe_model, ema_update_, load_model
 from caopd.training import checkpoint
 from caopd.training.distributed import Ranks
+from caopd.training.optim import clip_grad_norm_fp64
 from caopd.training.streamed_safetensors import write_model_folder
 from caopd.training.weight_stream import full_tensors, tensor_specs, weight_stream
 
@@ -132,7 +133,7 @@ class _Accelerated:
         if hasattr(self.raw_optimizer, "clip_grad_norm_"):
             norm = self.raw_optimizer.clip_grad_norm_(max_norm)
         else:
-            norm = self.accelerator.clip_grad_norm_(self.student.parameters(), max_norm)
+            norm = clip_grad_norm_fp64(self.student.parameters(), max_norm)  # no fp16 scaler to unscale: bf16
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the engine wakes up
         return float(norm)

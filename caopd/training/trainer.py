@@ -50,6 +50,8 @@ from caopd.training.distributed import (
 from caopd.training.loss import chat_ids, distillation_loss, make_batch
 from caopd.training.placement import Models, place_models
 from caopd.training.process_memory import merge_phase, peaks, release_freed_memory, reset_peaks
+from caopd.training.report_to import close as close_trackers
+from caopd.training.report_to import log_step, open_trackers, tracker_names
 from caopd.training.run_folder import check_run_folder, clear_earlier_run
 from caopd.training.segment_attention import default_kernel, use_segment_attention
 from caopd.training.shared_prefix import (
@@ -313,6 +315,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
     my_prompts = rank_slice(config.prompts_per_step, ranks)
     earlier = check_run_folder(config, log)  # one-line errors before any work; nothing deleted yet
+    trackers = tracker_names(config.report_to) if ranks.is_main else []
     if first_line and not quiet and progress is None:
         print(first_line(launched(asked)), flush=True)  # stdout's first line; errors and warnings stay on stderr
     out = Path(config.output_dir)
@@ -375,6 +378,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                    skip_tokens=config.skip_loss_tokens, impl=config.loss_impl)
     if ranks.is_main:
         write_config_yaml(out / "config.yaml", config)
+        trackers = open_trackers(trackers, out, asdict(config))
     if not quiet and progress is None:
         print(summary_line(config, total_steps, state.step, str(layout), ranks), flush=True)
     history = []
@@ -437,6 +441,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             if ranks.is_main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                log_step(trackers, record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
             if not quiet and progress is None and config.logging_steps and state.step % config.logging_steps == 0:
@@ -465,6 +470,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
         raise Interrupted(f"stopped at step {state.step}; {last}; continue with --resume true") from None
     finally:
         bar.close()  # ends its line: a stop's one-line message starts a line of its own
+        close_trackers(trackers)
         if rollouts is not None:
             rollouts.close()
         if own_engine and hasattr(engine, "close"):
