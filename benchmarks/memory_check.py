@@ -3,10 +3,10 @@
 Each setting is a fresh `caopd train` process of two steps (rollouts, verify, loss, backward, Adam,
 EMA, checkpoint, final save); the trainer measures its own peak resident memory per phase
 (memory.json: VmHWM, reset at each phase). The estimate is `caopd memory --device cpu` for the same
-settings, with the steps' longest prompt and the completion cap. The 2-process FSDP comparison is
-benchmarks/fsdp_memory.py.
+settings (``memory.plan_of``, as `caopd memory --config` plans), with the steps' longest prompt and the
+completion cap; for several processes, the process furthest from its estimate.
 
-    python -m benchmarks.memory_check          # tiny and random:Qwen3-0.6B (about 5 minutes, 16 GB)
+    python -m benchmarks.memory_check          # tiny, random:Qwen3-0.6B whole, LoRA, 2 processes (~10 min, 16 GB)
 Writes benchmarks/results/memory_cpu.{json,md}.
 """
 from __future__ import annotations
@@ -22,12 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_SCIENCE = ROOT.parent / "shared" / "data" / "caopd" / "science_eval.jsonl"
 PHASES = ("load", "steps", "checkpoint_save", "final_save")
-SETTINGS = {
-    "tiny-qwen3 (--config tiny)": ["--max-steps", "2", "--save-every", "2"],
-    "random:Qwen3-0.6B, K = 2": ["--model", "random:Qwen3-0.6B", "--tokenizer", "qwen3", "--dataset", "science",
-                                 "--data", str(SHARED_SCIENCE), "--num-generations", "2", "--prompts-per-step", "1",
-                                 "--micro-batch-prompts", "1", "--max-completion-length", "16",
-                                 "--max-prompt-length", "512", "--max-steps", "2", "--save-every", "2"],
+QWEN3_0_6B = ["--model", "random:Qwen3-0.6B", "--tokenizer", "qwen3", "--dataset", "science", "--data",
+              str(SHARED_SCIENCE), "--num-generations", "2", "--prompts-per-step", "2", "--micro-batch-prompts", "1",
+              "--max-completion-length", "16", "--max-prompt-length", "512", "--max-steps", "2", "--save-every", "2"]
+SETTINGS = {  # name: (processes, train's flags over --config tiny)
+    "tiny-qwen3 (--config tiny)": (1, ["--max-steps", "2", "--save-every", "2"]),
+    "random:Qwen3-0.6B, K = 2": (1, QWEN3_0_6B),
+    "random:Qwen3-0.6B, K = 2, LoRA r 16": (1, [*QWEN3_0_6B, "--lora-r", "16"]),
+    "random:Qwen3-0.6B, K = 2, 2 processes (FSDP2)": (2, [*QWEN3_0_6B, "--fsdp", "true"]),
 }
 
 
@@ -46,27 +48,30 @@ def longest_prompt(run: Path, model: str, data: Path, dataset: str, max_prompt_l
 
 
 def measure(setting: str, out: Path) -> dict:
+    """One run of ``setting``: each process's measured peak against the planner's (main, other) estimates."""
     from caopd.config import load_config
-    from caopd.modeling.memory import GIB, Plan, estimate
+    from caopd.modeling.memory import GIB, estimate, plan_of
 
-    args = [*SETTINGS[setting], "--output-dir", str(out)]
-    done = subprocess.run([sys.executable, "-m", "caopd", "train", "--config", "tiny", *args], capture_output=True,
+    processes, flags = SETTINGS[setting]
+    args = [*flags, "--output-dir", str(out)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+              "127.0.0.1", "--master_port", "29591"] if processes > 1 else [sys.executable]
+    done = subprocess.run([*launch, "-m", "caopd", "train", "--config", "tiny", *args], capture_output=True,
                           text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if done.returncode:
         raise SystemExit(f"{setting}: {done.stderr.strip().splitlines()[-1]}")
     memory = json.loads((out / "memory.json").read_text())
     config = load_config("tiny", args)
     prompt = longest_prompt(out, config.model, config.data_path(), config.dataset, config.max_prompt_length)
-    plan = Plan(config.model.removeprefix("random:"), prompt_tokens=prompt,
-                completion_tokens=config.max_completion_length, num_generations=config.num_generations,
-                prompts_per_step=config.prompts_per_step, micro_batch_prompts=config.micro_batch_prompts,
-                shared_prefix=config.shared_prefix, device="cpu")
-    estimated = estimate(plan)
-    measured = {phase: memory[phase][0]["host_gib"] for phase in PHASES}
-    peak = max(measured.values())
-    return {"setting": setting, "measured_gib": peak, "phases_gib": measured, "estimated_gib": estimated.peak / GIB,
-            "ratio": estimated.peak / GIB / peak, "prompt_tokens": prompt,
-            "rows": [(r.name, r.bytes / GIB) for r in estimated.rows]}
+    plan = plan_of(config, gpus=processes, device="cpu", prompt_tokens=prompt)
+    measured = [max(memory[phase][rank]["host_gib"] for phase in PHASES) for rank in range(processes)]
+    estimated = [estimate(plan, main=rank == 0).peak / GIB for rank in range(processes)]
+    worst = max(range(processes), key=lambda rank: abs(estimated[rank] / measured[rank] - 1))
+    return {"setting": setting, "processes": processes, "measured_gib": measured[worst],
+            "estimated_gib": estimated[worst], "ratio": estimated[worst] / measured[worst], "process": worst,
+            "measured_by_process_gib": measured, "estimated_by_process_gib": estimated, "prompt_tokens": prompt,
+            "phases_gib": {phase: memory[phase][worst]["host_gib"] for phase in PHASES},
+            "rows": [(r.name, r.bytes / GIB) for r in estimate(plan, main=worst == 0).rows]}
 
 
 def main() -> None:
@@ -80,10 +85,10 @@ def main() -> None:
             rows.append(measure(setting, Path(tmp) / f"run{i}"))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "rows"}), flush=True)
     device, commit = device_name("cuda" if torch.cuda.is_available() else "cpu"), git_sha()
-    lines = ["| run | prompt tokens | measured peak GiB | estimated GiB | estimate / measured |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['prompt_tokens']} | {r['measured_gib']:.3f} | {r['estimated_gib']:.3f} | "
-              f"{r['ratio']:.2f} |" for r in rows]
+    lines = ["| run | prompt tokens | process (the worst) | measured peak GiB | estimated GiB | estimate / measured |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['prompt_tokens']} | {r['process']} of {r['processes']} | "
+              f"{r['measured_gib']:.3f} | {r['estimated_gib']:.3f} | {r['ratio']:.2f} |" for r in rows]
     for r in rows:
         lines += ["", f"{r['setting']}, the estimate's components:", "", "| component | GiB |", "|---|---|"]
         lines += [f"| {name} | {gib:.3f} |" for name, gib in r["rows"]]

@@ -326,8 +326,7 @@ def run_memory(args: argparse.Namespace) -> dict:
     import psutil
 
     from caopd.config import load_config
-    from caopd.modeling.memory import Plan, estimate, report
-    from caopd.modeling.model_shapes import RANDOM_PREFIX
+    from caopd.modeling.memory import estimate, plan_of, report
 
     config = load_config(args.config, config_overrides(args))  # train's checks and ranges
     for flag in ("gpus", "processes_per_node"):
@@ -341,18 +340,8 @@ def run_memory(args: argparse.Namespace) -> dict:
             raise InputError(f"{flag} must be a finite number > 0, got {value}")
     if config.fsdp_cpu_offload and not config.fsdp:
         raise InputError("--fsdp-cpu-offload is FSDP2's CPU offload: it needs --fsdp true")
-    engine = config.rollout_engine if config.rollout_engine != "auto" else \
-        ("vllm" if args.device == "cuda" else "transformers")  # what auto picks there (with vLLM installed)
-    plan = Plan(config.model.removeprefix(RANDOM_PREFIX), gpus=args.gpus, gpu_memory_gib=gpu_memory,
-                prompt_tokens=config.max_prompt_length, completion_tokens=config.max_completion_length,
-                num_generations=config.num_generations, prompts_per_step=config.prompts_per_step,
-                micro_batch_prompts=config.micro_batch_prompts, fsdp=config.fsdp, lora_r=config.lora_r,
-                gradient_checkpointing=config.gradient_checkpointing, shared_prefix=config.shared_prefix,
-                rollout_engine=engine, vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                vllm_tensor_parallel_size=config.vllm_tensor_parallel_size, optimizer_offload=config.fsdp_cpu_offload,
-                liger_kernels=config.liger_kernels, master_weights=config.master_weights,
-                teacher_dtype=config.teacher_dtype, processes_per_node=args.processes_per_node, device=args.device,
-                host_memory_gib=host_memory)
+    plan = plan_of(config, gpus=args.gpus, device=args.device, gpu_memory_gib=gpu_memory,
+                   host_memory_gib=host_memory, processes_per_node=args.processes_per_node)
     print(report(plan))
     result = estimate(plan)
     return {"peak_bytes": result.peak, "rows": [(r.name, r.bytes) for r in result.rows]}

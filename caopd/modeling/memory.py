@@ -329,6 +329,27 @@ def levers(plan: Plan, values: dict | None = None) -> list[str]:
     return [f"{name}: {peak / GIB:.1f} GiB" for peak, name in sorted(scored)]
 
 
+def plan_of(config, *, gpus: int = 1, device: str = "cuda", gpu_memory_gib: float = 80.0,
+            host_memory_gib: float = 0.0, processes_per_node: int = 8, prompt_tokens: int | None = None) -> Plan:
+    """The Plan of the run a TrainConfig describes on ``gpus`` processes (``caopd memory``, and
+    benchmarks/memory_check.py with the longest prompt a run actually trained on)."""
+    from caopd.modeling.model_shapes import RANDOM_PREFIX
+
+    engine = config.rollout_engine if config.rollout_engine != "auto" else \
+        ("vllm" if device == "cuda" else "transformers")  # what auto picks there (with vLLM installed)
+    return Plan(config.model.removeprefix(RANDOM_PREFIX), gpus=gpus, gpu_memory_gib=gpu_memory_gib,
+                prompt_tokens=prompt_tokens or config.max_prompt_length,
+                completion_tokens=config.max_completion_length, num_generations=config.num_generations,
+                prompts_per_step=config.prompts_per_step, micro_batch_prompts=config.micro_batch_prompts,
+                fsdp=config.fsdp, lora_r=config.lora_r, gradient_checkpointing=config.gradient_checkpointing,
+                shared_prefix=config.shared_prefix, rollout_engine=engine,
+                vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                vllm_tensor_parallel_size=config.vllm_tensor_parallel_size, optimizer_offload=config.fsdp_cpu_offload,
+                liger_kernels=config.liger_kernels, master_weights=config.master_weights,
+                teacher_dtype=config.teacher_dtype, processes_per_node=processes_per_node, device=device,
+                host_memory_gib=host_memory_gib)
+
+
 def _table(estimate: Estimate, host: bool) -> str:
     from caopd.evaluation.tables import format_table
 
