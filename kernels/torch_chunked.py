@@ -164,6 +164,7 @@ def chunked_linear_kl(
         loss[rows], grad_z = kl_rows(z, u, divergence, beta, compute_grad)
         del u
         if not compute_grad:
+            del z  # before the next chunk's logits, which would otherwise be a third [C, V] buffer
             continue
         # Each token's reduction weight and the 1/T of d(W h / T) scale rows of dL/dz; applied on
         # the [C, H] side of the GEMMs (and as a GEMV for the bias) instead of a pass over [C, V].
@@ -176,5 +177,5 @@ def chunked_linear_kl(
             grad_weight.addmm_(grad_z.T, h.to(acc) * scale)
         if grad_bias is not None:
             grad_bias.addmv_(grad_z.T, scale.squeeze(1))
-        del z, grad_z
+        del z, grad_z, grad_z_low  # grad_z_low is grad_z in fp32: kept, it outlived the chunk (issue 29)
     return ChunkResult(loss, grad_hidden, grad_weight, grad_bias)

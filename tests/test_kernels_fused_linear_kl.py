@@ -6,6 +6,7 @@ than the reference's own error in the same dtype, plus a small tolerance.
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from caopd_kernels import fused_linear_kl as _fused_linear_kl
 from caopd_kernels.fused_linear_kl import chunk_tokens_for_budget, resolve_impl
 from caopd_kernels.torch_chunked import kl_rows_torch
 from caopd_kernels.triton_kl import kl_rows_triton as _kl_rows_triton
+from torch.utils._python_dispatch import TorchDispatchMode
 
 IMPLS = ["torch", "triton"]
 # Triton runs compiled on a GPU (scripts/gpu_check.sh) and interpreted on CPU: its inputs go where
@@ -476,3 +478,51 @@ def test_teacher_side_mismatches_are_named(change, message):
     bias = args.pop("teacher_bias", None)
     with pytest.raises(ValueError, match=message):
         fused_linear_kl(**args, teacher_bias=bias)
+
+
+class _VocabBuffers(TorchDispatchMode):
+    """The most [rows x V] buffers (distinct storages) alive at once, other than ``inputs``' own, seen
+    after every aten op: what the chunk loop holds, whatever the timing (no allocator needed)."""
+
+    def __init__(self, vocab: int, inputs):
+        super().__init__()
+        self.vocab, self.refs, self.most = vocab, [], 0
+        self.skip = {t.untyped_storage().data_ptr() for t in inputs}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == self.vocab:
+                self.refs.append(weakref.ref(t))
+        self.refs = [r for r in self.refs if r() is not None]
+        alive = {r().untyped_storage().data_ptr() for r in self.refs if r() is not None} - self.skip
+        self.most = max(self.most, len(alive))
+        return out
+
+
+@pytest.mark.parametrize("divergence", ["reverse", "forward", "jsd"])
+@pytest.mark.parametrize("case", ["fp32", "bf16", "bf16 hidden, fp32 weight", "vocab common"])
+def test_no_vocab_buffer_outlives_its_chunk(divergence, case):
+    """Issue 29: grad_z_low (grad_z itself in fp32) stayed alive while the next chunk computed its logits: one
+    [C, V] fp32 buffer more than the budget (+400 MiB at V 151,936). With gradients, the loop holds no more
+    [C, V] buffers than without; at most the budget's (TORCH_BUFFERS) plus one op's transient operand."""
+    from caopd_kernels.torch_chunked import TORCH_BUFFERS
+
+    n, h, v = 37, 24, 211
+    g = torch.Generator().manual_seed(0)
+    hidden_dtype = torch.float32 if case in ("fp32", "vocab common") else torch.bfloat16
+    weight_dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    teacher_vocab = v + 5 if case == "vocab common" else v
+    hs = torch.randn(n, h, generator=g).to(hidden_dtype)
+    ws = torch.randn(v, h, generator=g).to(weight_dtype)
+    ht = torch.randn(n, h, generator=g).to(hidden_dtype)
+    wt = torch.randn(teacher_vocab, h, generator=g).to(weight_dtype)
+    most = {}
+    for grad in (False, True):
+        inputs = [x.clone().requires_grad_(grad and i < 2) for i, x in enumerate((hs, ws, ht, wt))]
+        mode = _VocabBuffers(v, inputs)
+        with mode:
+            fused_linear_kl(*inputs, divergence=divergence, impl="torch", chunk_tokens=8,
+                            vocab="common" if case == "vocab common" else "equal")
+        most[grad] = mode.most
+    assert most[True] == most[False] <= TORCH_BUFFERS[divergence] + 1, most
