@@ -110,3 +110,11 @@ def test_metrics_round_trip_and_reject_nan():
         calibration_metrics([1], [float("nan")])
     with pytest.raises(ValueError, match=r"^confidences must lie in \[0, 1\]"):
         calibration_metrics([1, 0], [0.5, -0.1])
+
+
+def test_a_table_without_rows_is_its_headers():
+    """benchmarks/kernel_kl.py with one implementation has no ratio rows: format_table raised TypeError."""
+    from caopd.evaluation.tables import format_table
+
+    assert format_table(["ratio", "value"], [], markdown=True) == "| ratio | value |\n|-------|-------|"
+    assert format_table(["a"], [[None], [1.5]]).splitlines()[2:] == ["   n/a", "1.5000"]

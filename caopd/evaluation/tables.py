@@ -12,7 +12,7 @@ def _cell(value) -> str:
 
 def format_table(headers: list[str], rows: list[list], markdown: bool = False) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]  # no rows: the headers
     line = (lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |") if markdown \
         else (lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths)))
     rule = ("|" + "|".join("-" * (w + 2) for w in widths) + "|") if markdown \
