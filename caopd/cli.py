@@ -140,12 +140,11 @@ def run_generate_and_score(args: argparse.Namespace) -> dict:
                                  "tokenizer": args.tokenizer, "dataset": args.dataset, "data": str(data),
                                  "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
                                  "max_tokens": args.max_tokens, "seed": args.seed}, args.overwrite)
-    if completions.exists():  # its rows checked before a model loads
-        read_completions(completions, args.samples)
+    rows = read_completions(completions, args.samples) if completions.exists() else []  # checked before a model loads
     engine, tokenizer = build_eval_engine(args.model, args.tokenizer, args.engine, args.max_tokens, args.seed)
     try:
         report, scored = generate_and_score(engine, tokenizer, examples, args.dataset, settings, completions,
-                                            args.missing_confidence, {"enable_thinking": False})
+                                            args.missing_confidence, {"enable_thinking": False}, rows=rows)
     finally:
         if hasattr(engine, "close"):
             engine.close()

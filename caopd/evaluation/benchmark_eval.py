@@ -123,13 +123,16 @@ def done_ids(path: Path, samples: int) -> set[int]:
 
 
 def generate_completions(engine, tokenizer, examples: list[Example], settings: GenerationSettings, path: Path,
-                         chat_template_kwargs: dict | None = None, progress: str | None = "generate") -> None:
-    """Append ``settings.samples`` completions of every example not yet in ``path`` to ``path``."""
+                         chat_template_kwargs: dict | None = None, progress: str | None = "generate",
+                         rows: list[Completion] | None = None) -> None:
+    """Append ``settings.samples`` completions of every example not yet in ``path`` to ``path``;
+    ``rows``: the file's rows when the caller has read them already."""
     from tqdm import tqdm
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = read_completions(path, settings.samples) if path.exists() else []
+    if rows is None:
+        rows = read_completions(path, settings.samples) if path.exists() else []
     finished = _finished_questions(rows, settings.samples)
     kept = [row for row in rows if row.id in finished]
     if len(kept) < len(rows) or _last_line_cut(path):
@@ -206,9 +209,10 @@ def sample_mean_view(scored: list[ScoredCompletion]) -> dict:
 
 def generate_and_score(engine, tokenizer, examples: list[Example], dataset: str, settings: GenerationSettings,
                        path: Path, missing_confidence: str = "exclude", chat_template_kwargs: dict | None = None,
-                       progress: str | None = "generate") -> tuple[EvalReport, list[ScoredCompletion]]:
-    """Generate (resuming ``path``), then score every example's completions."""
-    generate_completions(engine, tokenizer, examples, settings, path, chat_template_kwargs, progress)
+                       progress: str | None = "generate", rows: list[Completion] | None = None,
+                       ) -> tuple[EvalReport, list[ScoredCompletion]]:
+    """Generate (resuming ``path``; ``rows``: its rows, read already), then score every example's completions."""
+    generate_completions(engine, tokenizer, examples, settings, path, chat_template_kwargs, progress, rows)
     scored = score_completions(examples, load_generated(path, examples, settings.samples), dataset)
     return summarize(scored, dataset, missing_confidence), scored
 
