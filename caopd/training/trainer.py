@@ -315,7 +315,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
     my_prompts = rank_slice(config.prompts_per_step, ranks)
     earlier = check_run_folder(config, log)  # one-line errors before any work; nothing deleted yet
-    trackers = tracker_names(config.report_to) if ranks.is_main else []
+    wanted_trackers = tracker_names(config.report_to) if ranks.is_main else []  # checked before any work
     if first_line and not quiet and progress is None:
         print(first_line(launched(asked)), flush=True)  # stdout's first line; errors and warnings stay on stderr
     out = Path(config.output_dir)
@@ -378,7 +378,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                    skip_tokens=config.skip_loss_tokens, impl=config.loss_impl)
     if ranks.is_main:
         write_config_yaml(out / "config.yaml", config)
-        trackers = open_trackers(trackers, out, asdict(config))
+    trackers = open_trackers(wanted_trackers, out, asdict(config))  # none on the other processes
     if not quiet and progress is None:
         print(summary_line(config, total_steps, state.step, str(layout), ranks), flush=True)
     history = []
