@@ -91,26 +91,30 @@ def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimi
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    entries = {}
     if trainable_only:
-        _write_tensors(tmp / "model.safetensors", _trainable(student))
-        _write_tensors(tmp / "teacher.safetensors", {k: v.detach() for k, v in teacher.state_dict().items()})
+        entries["model.safetensors"] = _write_tensors(tmp / "model.safetensors", _trainable(student))
+        entries["teacher.safetensors"] = _write_tensors(tmp / "teacher.safetensors",
+                                                        {k: v.detach() for k, v in teacher.state_dict().items()})
     else:
         from caopd.training.weight_stream import saved_tensors
 
-        _write_tensors(tmp / "model.safetensors", {k: v.detach() for k, v in saved_tensors(student)})
-        _write_tensors(tmp / "teacher.safetensors", {k: v.detach() for k, v in saved_tensors(teacher)})
+        entries["model.safetensors"] = _write_tensors(tmp / "model.safetensors",
+                                                      {k: v.detach() for k, v in saved_tensors(student)})
+        entries["teacher.safetensors"] = _write_tensors(tmp / "teacher.safetensors",
+                                                        {k: v.detach() for k, v in saved_tensors(teacher)})
         _write_model_config(tmp, student)
     tensors, optimizer_rest = _optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    _write_tensors(tmp / "state.safetensors", tensors)
+    entries["state.safetensors"] = _write_tensors(tmp / "state.safetensors", tensors)
     numpy_state = np.random.get_state()
     _write_json(tmp / TRAINER_STATE, {
         "state": asdict(state), "scheduler": scheduler.state_dict(), "optimizer": optimizer_rest,
         "rng": {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]},
         "config": config})
-    _seal(tmp, final, state.step)
+    _seal(tmp, final, state.step, entries)
     return final
 
 
@@ -143,11 +147,15 @@ def _seal(tmp: Path, final: Path, step: int, entries: dict[str, dict] | None = N
     fsync_file(final.parent)
 
 
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file of ``tensors`` (each moved to host memory as it is written, one at a time)."""
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
+    """A safetensors file of ``tensors`` (each moved to host memory as it is written, one at a time);
+    returns its manifest entry (size, and the digest of the bytes as they were written)."""
     from caopd.training.streamed_safetensors import TensorSpec, write_safetensors
 
-    write_safetensors(path, [TensorSpec.of(name, t) for name, t in tensors.items()], tensors.values(), metadata)
+    digest = hashlib.blake2b(digest_size=16)
+    write_safetensors(path, [TensorSpec.of(name, t) for name, t in tensors.items()], tensors.values(), metadata,
+                      digest)
+    return {"size": path.stat().st_size, "blake2b": digest.hexdigest()}
 
 
 def _shards(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -201,13 +209,14 @@ def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher
             tmp.mkdir(parents=True)
 
     def write_own() -> dict[str, dict]:
+        own = {}
         for module, name in ((student, "model"), (teacher, "teacher")):
             shards, metadata = _shards(module)
-            _write_tensors(tmp / f"{name}.{suffix}", shards, metadata)
+            own[f"{name}.{suffix}"] = _write_tensors(tmp / f"{name}.{suffix}", shards, metadata)
         tensors, _ = _optimizer_tensors(optimizer, local)
         tensors["rng.torch"] = torch.get_rng_state()
-        _write_tensors(tmp / f"state.{suffix}", tensors)
-        return _entries(tmp, [f"{name}.{suffix}" for name in ("model", "teacher", "state")])  # each its own, at once
+        own[f"state.{suffix}"] = _write_tensors(tmp / f"state.{suffix}", tensors)
+        return own
 
     def seal(entries: dict[str, dict]):
         if ranks.is_main:

@@ -71,19 +71,24 @@ def fsync_file(path: Path) -> None:
 
 
 def write_safetensors(path: str | Path, specs: list[TensorSpec], tensors: Iterable[torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> None:
+                      metadata: dict[str, str] | None = None, digest=None) -> None:
     """Write ``tensors`` (in ``specs``' order, each of its spec's shape; cast to the spec's dtype)
-    to ``path``, holding one at a time. The file is synced to disk before this returns."""
+    to ``path``, holding one at a time. The file is synced to disk before this returns. ``digest``: a
+    hashlib object fed every byte written (the file's checksum without reading it back)."""
     header = _header(specs, metadata)
+    update = digest.update if digest is not None else (lambda _: None)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
+        for chunk in (struct.pack("<Q", len(header)), header):
+            f.write(chunk)
+            update(chunk)
         for spec, tensor in zip(specs, tensors, strict=True):
             if tuple(tensor.shape) != spec.shape:
                 raise ValueError(f"{spec.name}: got shape {tuple(tensor.shape)}, the header says {spec.shape}")
             data = tensor.detach().to("cpu", spec.dtype).contiguous().reshape(-1)
-            f.write(memoryview(data.view(torch.uint8).numpy()))
-            del data
+            view = memoryview(data.view(torch.uint8).numpy())
+            f.write(view)
+            update(view)
+            del data, view
     fsync_file(Path(path))
 
 
