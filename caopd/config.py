@@ -65,6 +65,10 @@ class TrainConfig:
 
     empirical_calibration: bool = option(True, "CaOPD: the confidence target is P_acc = correct/K; false: plain "
                                          "OPD/SDFT (the teacher keeps Confidence: 1.00)", "CaOPD")
+    confidence_prior: float = option(0.0, "CaOPD's target: (correct + N x the mean confidence the K rollouts "
+                                     "state) / (K + N), the Beta posterior mean with the student's own stated "
+                                     "confidence as a prior worth N rollouts: a less noisy target with the same "
+                                     "fixed point, the accuracy (0: the paper's P_acc = correct/K)", "CaOPD")
     teacher_context: str = option("demo", "the teacher's privileged context: a gold demonstration (SDFT) or a "
                                   "verified correct rollout (SDPO)", "CaOPD", ("demo", "correct_solution"))
     num_generations: int = option(8, "K: rollouts per prompt", "CaOPD")
@@ -183,8 +187,9 @@ class TrainConfig:
                            ("max_completion_length", MAX_TOKENS)):
             if getattr(self, name) > most:
                 raise InputError(f"config field {name!r} must be <= {most}, got {getattr(self, name)}")
-        for name in ("skip_loss_tokens", "max_steps", "max_staleness", "logging_steps", "save_total_limit",
-                     "weight_decay", "max_grad_norm", "sampling_temperature", "lora_r", "lora_alpha"):
+        for name in ("confidence_prior", "skip_loss_tokens", "max_steps", "max_staleness", "logging_steps",
+                     "save_total_limit", "weight_decay", "max_grad_norm", "sampling_temperature", "lora_r",
+                     "lora_alpha"):
             if getattr(self, name) < 0:
                 raise InputError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "temperature", "distributed_timeout_minutes", "rollout_server_timeout"):

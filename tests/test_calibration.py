@@ -121,3 +121,20 @@ def test_targets_keep_the_example_and_p_acc_and_pick_a_correct_rollout():
         shown = t.teacher_messages[-1]["content"].split("Correct solution:\n\n")[1]
         assert shown.startswith(("<answer>B</answer> right one\n", "<answer>B</answer> also\n"))
         assert not t.used_fallback
+
+
+def test_the_target_with_a_prior_is_the_beta_posterior_mean_of_the_stated_confidence(science_rows_path):
+    """(correct + N x mean stated) / (K + N); the paper's P_acc at N = 0 and where nothing is stated."""
+    example = load_examples(science_rows_path, "science")[0]
+    completions = ["a\nConfidence: 0.40", "b\nConfidence: 0.60", "c", "d\nConfidence: 0.50"] * 2
+    group = RolloutGroup(example, completions, [True, True] + [False] * 6)
+    assert group.target() == group.target(0.0) == 0.25
+    assert group.target(8.0) == pytest.approx((2 + 8 * 0.5) / 16)  # the stated mean 0.5, the missing two left out
+    assert group.target(24.0) == pytest.approx((2 + 24 * 0.5) / 32)
+    targets = build_targets(group, "science", "demo", calibrate=True, rng=random.Random(0), prior=8.0)
+    assert {t.confidence_line for t in targets} == {"Confidence: 0.38"}
+    assert "is 0.38." in targets[0].teacher_messages[-1]["content"] and targets[0].p_acc == 0.25
+    silent = RolloutGroup(example, ["a", "b"], [True, False])
+    assert silent.target(8.0) == 0.5
+    opd = build_targets(group, "science", "demo", calibrate=False, rng=random.Random(0), prior=8.0)
+    assert opd[0].confidence_line is None and "Confidence: 1.00" in opd[0].teacher_messages[-1]["content"]

@@ -14,7 +14,7 @@ import torch
 
 from caopd.cli import main
 from caopd.demo.task import IN_DISTRIBUTION_CANDIDATES, OOD_CANDIDATES, WARMUP_CANDIDATES, build_splits, write_jsonl
-from caopd.demo.warmup import supervised_warmup, warmup_sequences
+from caopd.demo.warmup import padded, supervised_warmup, two_widths, warmup_sequences
 from caopd.inputs.data import load_examples
 from caopd.modeling.models import fast_tokenizer, load_model
 from caopd.scoring.confidence import parse_confidence
@@ -73,6 +73,35 @@ def test_supervised_warmup_lowers_the_loss():
     losses = supervised_warmup(model, sequences, steps=30, batch_size=4, learning_rate=3e-3, seed=0,
                                pad_id=tokenizer.pad_token_id)
     assert len(losses) == 30 and losses[-1] < 0.3 * losses[0]
+
+
+def test_the_warmup_splits_a_batch_in_two_widths_without_changing_its_loss():
+    assert two_widths([70, 72, 75, 160, 170, 174]) == 3  # student prompts | teacher contexts
+    assert two_widths([100, 101, 102, 103]) == 4  # nothing to gain: one batch
+    tokenizer = fast_tokenizer()
+    short, long = tokenizer("<answer>7</answer>").input_ids, tokenizer("<answer>12345</answer> and more").input_ids
+    question = tokenizer("A much longer question " * 8).input_ids
+    sequences = [(tokenizer("Q?").input_ids, short)] * 3 + [(question, long)] * 3
+    lengths = sorted(len(p) + len(r) for p, r in sequences)
+    assert two_widths(lengths) == 3
+    grads = []
+    for split in (True, False):
+        model = load_model("tiny-qwen3", tokenizer, seed=0, layers=1)
+        if not split:  # one padded batch of all six: the plain mean over response tokens
+            model.train()
+            ids, labels, attention = padded(sequences, tokenizer.pad_token_id)
+            logits = model(input_ids=ids, attention_mask=attention).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the warm-up clips
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            continue
+        def keep_grads(step: int, loss: float, model=model) -> None:
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+
+        supervised_warmup(model, sequences, steps=1, batch_size=6, learning_rate=1e-30, seed=0,
+                          pad_id=tokenizer.pad_token_id, on_step=keep_grads)
+    for name, grad in grads[1].items():
+        assert torch.allclose(grads[0][name], grad, atol=1e-6), name
 
 
 def test_tokenizer_splits_digits_so_every_confidence_value_is_digit_tokens():

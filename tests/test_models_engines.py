@@ -11,6 +11,7 @@ from caopd_kernels.reference import kl_per_token
 
 from caopd.cli import main
 from caopd.engines.base import SamplingParams
+from caopd.engines.decode import gumbel_noise, nucleus_filter
 from caopd.engines.hf import TransformersEngine
 from caopd.errors import InputError
 from caopd.inputs.data import load_examples
@@ -140,3 +141,45 @@ def test_train_bad_input_is_one_line(args, message, capsys, tmp_path):
     assert main(["train", "--output-dir", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_batched_sampling_gives_each_prompt_what_it_samples_alone(tiny):
+    """One decode loop over prompts of different lengths (left-padded) samples for each prompt the
+    completions it samples alone with the same seed and weights."""
+    tokenizer, model = tiny
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}])
+               for q in ["Hi", "A much longer question about colours, numbers and other things?", "What is 2+2?"]]
+    sampling = SamplingParams(temperature=1.0, max_tokens=10, seed=5)
+    together = TransformersEngine(model, tokenizer).generate(prompts, 4, sampling)
+    alone = [TransformersEngine(model, tokenizer).generate([p], 4, dataclasses.replace(sampling, first_prompt=i))[0]
+             for i, p in enumerate(prompts)]
+    assert together == alone
+    assert [c.token_ids for c in together[1]] == [c.token_ids for c in alone[1]]
+    two_at_a_time = TransformersEngine(model, tokenizer, prompts_per_batch=2).generate(prompts, 4, sampling)
+    assert two_at_a_time == together
+
+
+def test_gumbel_max_draws_follow_the_softmax_and_top_p_keeps_the_nucleus():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(20_000, 1)
+    generator = torch.Generator().manual_seed(0)
+    draws = (logits / 0.7 + gumbel_noise([generator], 20_000, 4, "cpu")).argmax(-1)
+    frequencies = torch.bincount(draws, minlength=4) / 20_000
+    assert torch.allclose(frequencies, (logits[0] / 0.7).softmax(-1), atol=0.01)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = nucleus_filter(probs.log(), 0.7).isfinite()  # 0.5 < 0.7 <= 0.8: the two most probable
+    assert kept.tolist() == [[True, True, False, False]]
+    assert nucleus_filter(probs.log(), 0.8).isfinite().sum() == 2
+    assert nucleus_filter(probs.log(), 1e-9).isfinite().tolist() == [[True, False, False, False]]
+
+
+def test_the_engines_first_tokens_follow_the_models_softmax(tiny):
+    tokenizer, model = tiny
+    prompt = chat_ids(tokenizer, [{"role": "user", "content": "What is 2+2?"}])
+    sampling = SamplingParams(temperature=0.8, max_tokens=1)
+    firsts = TransformersEngine(model, tokenizer).generate([prompt], 4000, sampling)
+    with torch.no_grad():
+        probs = (model(input_ids=torch.tensor([prompt])).logits[0, -1].float() / 0.8).softmax(-1)
+    counts = torch.zeros_like(probs)
+    for completion in firsts[0]:
+        counts[completion.token_ids[0] if completion.token_ids else tokenizer.eos_token_id] += 1
+    assert (counts / 4000 - probs).abs().max() < 0.03

@@ -61,6 +61,7 @@ class DemoSettings:
     train_rollouts: int = 2
     learning_rate: float = 1e-3
     divergence: str = "reverse"
+    confidence_prior: float = 8.0  # CaOPD's target, the Beta posterior with the stated confidence (0: the paper's)
     teacher_ema: float = 0.0
     eval_samples: int = 6
 
@@ -82,6 +83,7 @@ def train_config(settings: DemoSettings, base_dir: Path, train_path: Path, out: 
                        micro_batch_prompts=settings.prompts_per_step, max_prompt_length=256,
                        max_completion_length=24, max_steps=settings.train_steps, learning_rate=settings.learning_rate,
                        warmup_ratio=0.1, teacher_ema=settings.teacher_ema, divergence=settings.divergence,
+                       confidence_prior=settings.confidence_prior,
                        skip_loss_tokens=0, bf16=False,
                        save_every=10_000, seed=seed, loss_impl="torch", overwrite=overwrite)
 

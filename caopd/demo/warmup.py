@@ -12,6 +12,7 @@ Loss on the response tokens only; plain next-token cross-entropy.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -49,10 +50,36 @@ def warmup_sequences(examples: list[Example], dataset: str, tokenizer, rng: rand
     return sequences
 
 
+def two_widths(lengths: list[int]) -> int:
+    """Where to split a batch sorted by length into two padded sub-batches with the fewest padded
+    tokens (len(lengths): one batch; the warm-up mixes short student prompts with long teacher
+    contexts, and one split cuts a quarter of its padded tokens)."""
+    n = len(lengths)
+    cost = {k: k * lengths[k - 1] + (n - k) * lengths[-1] for k in range(1, n)}
+    best = min(cost, key=cost.get, default=n)
+    return best if cost.get(best, math.inf) < 0.9 * n * lengths[-1] else n
+
+
+def padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, labels: -100 but on the response, attention mask) of right-padded rows."""
+    width = max(len(p) + len(r) for p, r in batch)
+    ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), -100)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, (prompt, reply) in enumerate(batch):
+        row = prompt + reply
+        ids[b, :len(row)] = torch.tensor(row)
+        labels[b, len(prompt):len(row)] = torch.tensor(reply)
+        attention[b, :len(row)] = 1
+    return ids, labels, attention
+
+
 def supervised_warmup(model: torch.nn.Module, sequences: list[tuple[list[int], list[int]]], *, steps: int,
                       batch_size: int, learning_rate: float, seed: int, pad_id: int,
                       on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """AdamW on the response tokens, cosine decay; returns the loss of each step."""
+    """AdamW on the response tokens (the mean over the batch's response tokens), cosine decay;
+    each batch forwarded as two sub-batches of similar lengths (``two_widths``); returns the loss
+    of each step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + torch.cos(
@@ -62,24 +89,24 @@ def supervised_warmup(model: torch.nn.Module, sequences: list[tuple[list[int], l
     losses = []
     model.train()
     for step in range(steps):
-        batch = order.sample(sequences, min(batch_size, len(sequences)))
-        width = max(len(p) + len(r) for p, r in batch)
-        ids = torch.full((len(batch), width), pad_id)
-        labels = torch.full((len(batch), width), -100)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, (prompt, reply) in enumerate(batch):
-            row = prompt + reply
-            ids[b, :len(row)] = torch.tensor(row)
-            labels[b, len(prompt):len(row)] = torch.tensor(reply)
-            attention[b, :len(row)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(device))
+        batch = sorted(order.sample(sequences, min(batch_size, len(sequences))), key=lambda s: len(s[0]) + len(s[1]))
+        split = two_widths([len(p) + len(r) for p, r in batch])
+        tokens = sum(len(r) for _, r in batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for part in (batch[:split], batch[split:]):
+            if not part:
+                continue
+            ids, labels, attention = padded(part, pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(device),
+                                   reduction="sum") / tokens
+            loss.backward()
+            total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(total)
         if on_step is not None:
             on_step(step, losses[-1])
     model.eval()

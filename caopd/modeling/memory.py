@@ -9,8 +9,8 @@ process's host memory; on ``--device cpu`` both are the process's resident memor
   (in the compute precision) and broadcasts it tensor by tensor into the shards: it holds one whole
   model, the others their shards plus one tensor in flight.
 - *generation*: the engine samples (gradients were freed after the last step). The transformers
-  engine samples from the training weights (under FSDP the sharded model, layer by layer); vLLM
-  holds its memory share and receives whole tensors one at a time after each step.
+  engine decodes a micro-batch of prompts together from the training weights (under FSDP the
+  sharded model, layer by layer); vLLM holds its memory share and receives whole tensors one at a time after each step.
 - *training*: one micro-batch's forward and backward, then the optimizer step (gradients and Adam's
   moments together).
 - *save*: a checkpoint or ``final/``, written a tensor at a time (under FSDP the main process
@@ -267,8 +267,10 @@ def _generation(plan: Plan, shape: Shape) -> list[Row]:
         rows = [Row(f"vLLM (colocated: its memory share{tp}; asleep while training)",
                     plan.vllm_gpu_memory_utilization * plan.gpu_memory_gib * GIB, generation)]
         return rows + ([whole] if plan.fsdp else [])  # one process hands over its own tensors, no copy
-    kv = k * (p + c) * shape.layers * 2 * shape.kv_width * compute  # one prompt's K rows at a time
-    return [Row("generation: KV cache + logits of one prompt's K samples", kv + k * shape.vocab * 4 * 2, generation)]
+    rows = plan.micro_batch_prompts * k  # a micro-batch of prompts decoded together, K rows each
+    kv = rows * (p + c) * shape.layers * 2 * shape.kv_width * compute
+    return [Row("generation: KV cache + logits and sampling noise of a micro-batch's prompts x K samples",
+                kv + rows * shape.vocab * 4 * 3, generation)]
 
 
 def _saving(plan: Plan, shape: Shape, main: bool) -> list[Row]:

@@ -1,8 +1,22 @@
 """Stages 2-4 of CaOPD: empirical accuracy over K rollouts and target replacement.
 
-P_acc = correct / K per prompt; the student's completion gets its confidence replaced by P_acc;
-the teacher context gets ``Confidence: P_acc`` and the note (prompts.teacher_messages). With
-``calibrate=False`` (plain OPD/SDFT) completions are kept as sampled and the teacher keeps 1.00.
+P_acc = correct / K per prompt; the student's completion gets its confidence replaced by the target
+(P_acc, the paper's rule); the teacher context gets ``Confidence: <target>`` and the note
+(prompts.teacher_messages). With ``calibrate=False`` (plain OPD/SDFT) completions are kept as
+sampled and the teacher keeps 1.00.
+
+The target with a prior (``confidence_prior`` N > 0): P_acc from K = 8 rollouts is a noisy draw
+(standard deviation sqrt(p (1 - p) / K), 0.11 at p = 0.11), and the per-token reverse KL fits
+the student to the targets' mode, not their mean: on hard questions the most frequent targets
+(0.00 and 0.12 at p = 0.11) sit below the accuracy, and the demo's CaOPD ended underconfident
+there. The Beta posterior mean with a prior centred on the student's own mean stated confidence
+s over the K rollouts, worth N rollouts,
+
+    target = (correct + N s) / (K + N),
+
+is less noisy (its rollout part's deviation times K / (K + N)) and keeps the fixed point: the
+student's s is the target's mean only where s equals the accuracy. Without a stated confidence
+among the K, the target is P_acc.
 """
 from __future__ import annotations
 
@@ -32,6 +46,14 @@ class RolloutGroup:
     def confidences(self) -> list[float]:
         """The confidences the completions state (those without one left out)."""
         return [p.value for p in map(parse_confidence, self.completions) if p is not None]
+
+    def target(self, prior: float = 0.0) -> float:
+        """The confidence target: P_acc, or with ``prior`` N > 0 the posterior mean
+        (correct + N x mean stated confidence) / (K + N)."""
+        stated = self.confidences
+        if prior <= 0 or not stated:
+            return self.p_acc
+        return (sum(self.correct) + prior * sum(stated) / len(stated)) / (len(self.correct) + prior)
 
     @property
     def format_adherence(self) -> float:
@@ -64,19 +86,19 @@ def revise_completion(completion: str, p_acc: float) -> tuple[str, str]:
 
 
 def build_targets(group: RolloutGroup, dataset: str, teacher_mode: str, calibrate: bool,
-                  rng: random.Random) -> list[DistillationTarget]:
-    """A distillation target for each of the group's K completions."""
-    p_acc = group.p_acc if calibrate else None
+                  rng: random.Random, prior: float = 0.0) -> list[DistillationTarget]:
+    """A distillation target for each of the group's K completions (``prior``: ``RolloutGroup.target``)."""
+    confidence = group.target(prior) if calibrate else None
     correct = [c for c, ok in zip(group.completions, group.correct) if ok]
     mode, fallback = teacher_mode, False
     if teacher_mode == "correct_solution" and not correct:
         mode, fallback = "demo", True
     response = rng.choice(correct) if mode == "correct_solution" else demonstration(group.example, dataset)
-    teacher = teacher_messages(group.example, response, mode, p_acc)
+    teacher = teacher_messages(group.example, response, mode, confidence)
     targets = []
     for completion in group.completions:
         if calibrate:
-            body, line = revise_completion(completion, group.p_acc)
+            body, line = revise_completion(completion, confidence)
         else:
             body, line = completion, None
         targets.append(DistillationTarget(group.example, body, line, teacher, group.p_acc, fallback,

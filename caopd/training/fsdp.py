@@ -155,14 +155,14 @@ class ShardedModels:
         """``fn(student)`` through the root, every process together (a generation)."""
         return self.both(lambda student, teacher: fn(student))
 
-    def generation_engine(self, tokenizer, own_copy: bool):
+    def generation_engine(self, tokenizer, own_copy: bool, prompts_per_batch: int | None = None):
         from caopd.engines.hf import TransformersEngine
 
         if own_copy:
             raise InputError("--async-rollouts with --fsdp: the transformers engine generates with the sharded "
                              "model, whose gathers cannot run while the step trains; use synchronous rollouts")
         return TransformersEngine(self.student, tokenizer, live=True, run=self.generate,
-                                 synced=self.ranks.world > 1)
+                                 synced=self.ranks.world > 1, prompts_per_batch=prompts_per_batch)
 
     def weights(self, dtype: torch.dtype | None = None) -> WeightStream:
         """Whole tensors, gathered one at a time on every process (a collective)."""

@@ -47,8 +47,9 @@ class Models(Protocol):
 
     def update_teacher(self, alpha: float) -> None: ...
 
-    def generation_engine(self, tokenizer, own_copy: bool):
-        """A transformers engine over the training weights (``own_copy``: a copy, for async rollouts)."""
+    def generation_engine(self, tokenizer, own_copy: bool, prompts_per_batch: int | None = None):
+        """A transformers engine over the training weights (``own_copy``: a copy, for async rollouts),
+        decoding ``prompts_per_batch`` prompts together."""
 
     def weights(self, dtype: torch.dtype | None = None) -> WeightStream:
         """Whole tensors, one at a time, for an engine with weights of its own (a tied tensor under
@@ -188,12 +189,12 @@ class SingleProcessModels:
         else:
             ema_update_(self.teacher, self.student, alpha)
 
-    def generation_engine(self, tokenizer, own_copy: bool):
+    def generation_engine(self, tokenizer, own_copy: bool, prompts_per_batch: int | None = None):
         from caopd.engines.hf import TransformersEngine
 
         if own_copy:  # asynchronous rollouts: the engine samples while the weights change
-            return TransformersEngine(copy.deepcopy(self.student), tokenizer)
-        return TransformersEngine(self.student, tokenizer, live=True)
+            return TransformersEngine(copy.deepcopy(self.student), tokenizer, prompts_per_batch=prompts_per_batch)
+        return TransformersEngine(self.student, tokenizer, live=True, prompts_per_batch=prompts_per_batch)
 
     def weights(self, dtype: torch.dtype | None = None) -> WeightStream:
         return weight_stream(self.student, self.run.device, dtype)

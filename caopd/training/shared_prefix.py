@@ -92,34 +92,44 @@ class LayerCost:
     gated MLP), a (query, key) pair's in its attention (q.k and p.v over every query head), weighted by
     how much slower than a GEMM attention runs per multiply-add (softmax, masking): 3 on CPU, fitted to
     benchmarks/results/forward_sharing_checkpointing_cpu.md; 1.5 on GPUs (FlashAttention at about half
-    a GEMM's rate; unmeasured here)."""
+    a GEMM's rate; unmeasured here). ``call``: one call of the layer whatever its size (its dozen small
+    ops, forward and backward), as many multiply-adds: on CPU 180 M, fitted to tiny-qwen3's demo step
+    (16 prompts, the cache path's 2 forwards a prompt and side took 0.37 s against the padded rows'
+    0.18 s, at 111 G multiply-adds/s measured on the same 2 cores); on GPUs 200 us of kernel launches
+    at a GEMM's 200 T/s (unmeasured). Only a model of a few MiB notices it."""
 
     token: float
     pair: float
+    call: float = 0.0
 
     @classmethod
     def of(cls, config, device: torch.device) -> LayerCost:
         heads, hidden = config.num_attention_heads, config.hidden_size
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         q, kv = heads * head_dim, (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+        cpu = device.type == "cpu"
         return cls(token=hidden * (2 * q + 2 * kv) + 3 * hidden * config.intermediate_size,
-                   pair=2 * q * (3.0 if device.type == "cpu" else 1.5))
+                   pair=2 * q * (3.0 if cpu else 1.5), call=180e6 if cpu else 40e9)
 
 
-def sharing_pays(rows: list[RowSegments], cost: LayerCost, kernel: str = "sdpa") -> bool:
+def sharing_pays(rows: list[RowSegments], cost: LayerCost, kernel: str = "sdpa", calls_per_row: int = 0) -> bool:
     """Whether the shared rows cost less than the micro-batch's padded rows (one a completion, all as
     wide as the widest), by a decoder layer's multiply-adds (``LayerCost``) over the pairs each kernel
     computes: the sdpa kernel (one call per row, a mask) computes each completion's whole
     [Lmax x (P + Lmax)] block and padded rows with padding their whole [W x W]; flash and flex skip
-    masked blocks. Sharing saves nothing with one completion a prompt, or where prompts are much
-    shorter than completions (then the padded rows hold little more than the shared ones); checked
-    against benchmarks/forward_sharing.py, and 5 % below padded is required (the shared forward's gathers)."""
+    masked blocks; ``calls_per_row``: layer calls a shared row takes (the cache path's 2: its prefix,
+    then its completions), else one call for all rows, as padded. Sharing saves nothing with one
+    completion a prompt, where prompts are much shorter than completions (then the padded rows hold
+    little more than the shared ones), or for a tiny model with many prompts (calls, not arithmetic);
+    checked against benchmarks/forward_sharing.py, and 5 % below padded is required (the shared
+    forward's gathers)."""
     skips = kernel != "sdpa"
     widest = max(row.prefix + max(row.lengths) for row in rows)
     sequences = sum(len(row.lengths) for row in rows)
     uneven = any(row.prefix + n != widest for row in rows for n in row.lengths)
-    padded = cost.token * sequences * widest + cost.pair * sequences * widest ** 2 / (1 if uneven and not skips else 2)
-    shared = 0.0
+    padded = cost.call + cost.token * sequences * widest + cost.pair * sequences * widest ** 2 / (
+        1 if uneven and not skips else 2)
+    shared = cost.call * (calls_per_row * len(rows) or 1)
     for row in rows:
         p, longest = row.prefix, max(row.lengths)
         pairs = sum(n * (p + n / 2) for n in row.lengths) if skips else len(row.lengths) * longest * (p + longest)

@@ -185,7 +185,8 @@ def run_tokenizer(config: TrainConfig, out: Path, examples):
 def build_engine(config: TrainConfig, models: Models, tokenizer, out: Path, ranks: Ranks) -> RolloutEngine:
     """The configured rollout engine, holding the student's current weights."""
     if config.rollout_engine == "transformers":  # an asynchronous engine samples while weights change: own copy
-        return models.generation_engine(tokenizer, own_copy=config.async_rollouts)
+        return models.generation_engine(tokenizer, own_copy=config.async_rollouts,
+                                        prompts_per_batch=config.micro_batch_prompts)
     if config.rollout_engine == "server":
         from caopd.engines.server import ServerEngine, server_urls
 
@@ -219,7 +220,8 @@ def micro_batch(layout: Layout, tokenizer, targets: list, prompts: list[list[int
     if not layout.shared:
         return distillation_loss, make_batch(tokenizer, targets, prompts, *lengths), unshared
     batch = make_shared_batch(tokenizer, targets, prompts, *lengths)
-    if sharing_pays(batch.student.layout.rows, cost, "sdpa" if layout.student == "cache" else kernel):
+    cache = layout.student == "cache"
+    if sharing_pays(batch.student.layout.rows, cost, "sdpa" if cache else kernel, calls_per_row=2 if cache else 0):
         return shared_distillation_loss, batch, {"path": layout.student, "teacher_path": layout.teacher}
     return distillation_loss, batch.unshared(), unshared
 
@@ -326,7 +328,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     examples = load_examples(config.data_path(), config.dataset, config.split)
     tokenizer, resumed_tokenizer = run_tokenizer(config, out, examples)
     models = place_models(config, tokenizer, ranks, fsdp=config.fsdp, cpu_offload=config.fsdp_cpu_offload)
-    release_freed_memory()  # the main process's loaded copy, once broadcast into the shards
+    model_bytes = sum(p.numel() * p.element_size() for p in models.student.parameters())
+    release_freed_memory(model_bytes)  # the main process's loaded copy, once broadcast into the shards
     barrier(ranks)  # every process loaded before the main one deletes anything
     if ranks.is_main:
         clear_earlier_run(out, earlier, log)  # --overwrite only, and only now that everything loaded
@@ -405,7 +408,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             groups = [verify_rollouts(examples[i], c, config.dataset) for i, c in zip(indices, completions)]
             pick = random.Random(config.seed * 7919 + state.step)
             targets = [build_targets(g, config.dataset, config.teacher_context, config.empirical_calibration,
-                                     pick)[:config.train_rollouts or None] for g in groups]
+                                     pick, config.confidence_prior)[:config.train_rollouts or None] for g in groups]
             t2 = time.perf_counter()
 
             sequences = sum(all_gather(sum(len(t) for t in targets), ranks))  # the whole step's

@@ -1,0 +1,100 @@
+"""CaOPD's confidence-target options on the demo's task, from the demo's own starts (issue 28).
+
+For each seed of a finished ``caopd demo --out RUN_DIR`` run: trains every option below from that
+seed's warmed-up ``base`` on the same data and steps as the demo's OPD and CaOPD, and evaluates it
+as the demo does (held-out and OOD, the same sampling seed). Rows ``base``, ``OPD`` and the demo's
+``CaOPD`` (the default) come from ``RUN_DIR/report.json``; nothing is trained twice.
+
+    python scripts/demo_ablation.py RUN_DIR [--options paper,prior-24,forward] [--json out.json] [--md out.md]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+from caopd.demo.pipeline import EVAL_SPLITS, METRICS, DemoSettings, evaluate_model, train_config
+from caopd.evaluation.tables import format_table
+from caopd.inputs.data import load_examples
+from caopd.modeling.models import load_tokenizer
+from caopd.training.trainer import train
+
+OPTIONS = {  # name: what it changes in the demo's settings
+    "paper": {"confidence_prior": 0.0},  # P_acc = correct/K, the paper's rule
+    "prior-24": {"confidence_prior": 24.0},
+    "forward": {"confidence_prior": 0.0, "divergence": "forward"},  # the paper's targets, the forward KL
+    "forward-prior-8": {"confidence_prior": 8.0, "divergence": "forward"},
+    "forward-prior-24": {"confidence_prior": 24.0, "divergence": "forward"},
+}
+
+
+def run_option(seed_dir: Path, seed: int, settings: DemoSettings, name: str) -> dict:
+    data = seed_dir / "data"
+    run = train(train_config(settings, seed_dir / "base", data / "train.jsonl", seed_dir / f"ablation-{name}", True,
+                             seed, overwrite=True), progress=f"seed {seed}: {name}")
+    tokenizer = load_tokenizer(str(seed_dir / "base"))
+    result = {}
+    for split in EVAL_SPLITS:
+        examples = load_examples(data / f"{split}.jsonl", "science")
+        report, breakdown = evaluate_model(run["student"], tokenizer, examples, settings.eval_samples, seed * 7919 + 1,
+                                           seed_dir / "completions" / f"ablation-{name}-{split}.jsonl")
+        result[split] = {"metrics": dataclasses.asdict(report.metrics), "format_adherence": report.format_adherence,
+                         "by_candidates": breakdown}
+    return result
+
+
+def rows_of(per_seed: list[dict], names: list[str]) -> list[list]:
+    rows = []
+    for split in EVAL_SPLITS:
+        for name in names:
+            entries = [s[name][split] for s in per_seed]
+            cells = []
+            for key, _ in METRICS:
+                values = [{**e["metrics"], "format_adherence": e["format_adherence"]}[key] for e in entries]
+                cells.append(f"{statistics.fmean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}"
+                                                                   if len(values) > 1 else ""))
+            rows.append([split, name, *cells])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--md", type=Path)
+    args = parser.parse_args()
+    report = json.loads((args.run_dir / "report.json").read_text())
+    base_settings = DemoSettings(**{k: tuple(tuple(p) for p in v) if k == "model_sizes" else v
+                                    for k, v in report["settings"].items()})
+    default = f"CaOPD (prior {base_settings.confidence_prior:g})"
+    names = ["base", "OPD", default, *args.options.split(",")]
+    per_seed, seconds = [], {}
+    for entry in report["per_seed"]:
+        seed = entry["seed"]
+        evaluation = entry["evaluation"]
+        results = {"base": evaluation["base"], "OPD": evaluation["OPD"], default: evaluation["CaOPD"]}
+        for name in args.options.split(","):
+            start = time.perf_counter()
+            results[name] = run_option(args.run_dir / f"seed-{seed}", seed,
+                                       dataclasses.replace(base_settings, **OPTIONS[name]), name)
+            seconds.setdefault(name, []).append(time.perf_counter() - start)
+        per_seed.append(results)
+    table = format_table(["split", "model", *(label for _, label in METRICS)], rows_of(per_seed, names), markdown=True)
+    print(table)
+    if args.json:
+        seeds = [e["seed"] for e in report["per_seed"]]
+        args.json.write_text(json.dumps({"device": report["device"], "seeds": seeds, "default": default,
+                                         "options": {n: OPTIONS[n] for n in args.options.split(",")},
+                                         "per_seed": per_seed, "seconds": seconds}, indent=1) + "\n")
+    if args.md:
+        args.md.write_text(f"# CaOPD confidence-target ablation on the demo's task\n\n{report['device']}; seeds "
+                           f"{', '.join(str(e['seed']) for e in report['per_seed'])}; each option trained from the "
+                           f"demo's own warmed-up start with its data and steps.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
