@@ -67,8 +67,14 @@ class TrainConfig:
                                          "OPD/SDFT (the teacher keeps Confidence: 1.00)", "CaOPD")
     confidence_prior: float = option(0.0, "CaOPD's target: (correct + N x the mean confidence the K rollouts "
                                      "state) / (K + N), the Beta posterior mean with the student's own stated "
-                                     "confidence as a prior worth N rollouts: a less noisy target with the same "
-                                     "fixed point, the accuracy (0: the paper's P_acc = correct/K)", "CaOPD")
+                                     "confidence as a prior worth N rollouts, N growing from 0 at the first step "
+                                     "to this at the last: a less noisy target with the same fixed point, the "
+                                     "accuracy (0: the paper's P_acc = correct/K)", "CaOPD")
+    confidence_divergence: str = option("same", "the divergence on the tokens stating the confidence (the line "
+                                        "CaOPD appends, or the statement a sampled completion ends in): the "
+                                        "forward KL fits the mean of CaOPD's noisy targets where the reverse KL "
+                                        "fits their mode; same: --divergence's", "CaOPD",
+                                        ("same", "reverse", "forward", "jsd"))
     teacher_context: str = option("demo", "the teacher's privileged context: a gold demonstration (SDFT) or a "
                                   "verified correct rollout (SDPO)", "CaOPD", ("demo", "correct_solution"))
     num_generations: int = option(8, "K: rollouts per prompt", "CaOPD")
@@ -201,7 +207,7 @@ class TrainConfig:
                 raise InputError(f"config field {name!r} must be in [{low}, {high}], got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"config field 'top_p' must be in (0, 1], got {self.top_p}")
-        if self.divergence == "jsd" and not 0 < self.beta < 1:
+        if "jsd" in (self.divergence, self.confidence_divergence) and not 0 < self.beta < 1:
             raise InputError(f"config field 'beta' must be in (0, 1) for divergence jsd, got {self.beta}")
         if not 0 <= self.train_rollouts <= self.num_generations:
             raise InputError(f"config field 'train_rollouts' must be in [0, num_generations], "

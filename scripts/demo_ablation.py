@@ -22,12 +22,16 @@ from caopd.inputs.data import load_examples
 from caopd.modeling.models import load_tokenizer
 from caopd.training.trainer import train
 
-OPTIONS = {  # name: what it changes in the demo's settings
-    "paper": {"confidence_prior": 0.0},  # P_acc = correct/K, the paper's rule
-    "prior-24": {"confidence_prior": 24.0},
-    "forward": {"confidence_prior": 0.0, "divergence": "forward"},  # the paper's targets, the forward KL
-    "forward-prior-8": {"confidence_prior": 8.0, "divergence": "forward"},
-    "forward-prior-24": {"confidence_prior": 24.0, "divergence": "forward"},
+OPTIONS = {  # name: what it changes in the demo's settings (the demo's default: the forward KL, prior 16)
+    "paper": {"divergence": "reverse", "confidence_prior": 0.0},  # the paper's CaOPD: reverse KL, P_acc
+    "prior-16": {"divergence": "reverse", "confidence_prior": 16.0},  # the prior alone
+    "forward": {"confidence_prior": 0.0},  # the forward KL alone
+    "span-forward": {"divergence": "reverse", "confidence_divergence": "forward", "confidence_prior": 0.0},
+    "span-forward-prior-16": {"divergence": "reverse", "confidence_divergence": "forward"},
+    "forward-prior-32": {"confidence_prior": 32.0},
+    "lr-2e-3": {"learning_rate": 2e-3},
+    "rollouts-4": {"train_rollouts": 4},
+    "span-forward-prior-32": {"divergence": "reverse", "confidence_divergence": "forward", "confidence_prior": 32.0},
 }
 
 
@@ -64,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--seeds", help="only these of the run's seeds, comma-separated")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     args = parser.parse_args()
@@ -73,6 +78,8 @@ def main() -> None:
     default = f"CaOPD (prior {base_settings.confidence_prior:g})"
     names = ["base", "OPD", default, *args.options.split(",")]
     per_seed, seconds = [], {}
+    if args.seeds:
+        report["per_seed"] = [e for e in report["per_seed"] if str(e["seed"]) in args.seeds.split(",")]
     for entry in report["per_seed"]:
         seed = entry["seed"]
         evaluation = entry["evaluation"]

@@ -138,3 +138,11 @@ def test_the_target_with_a_prior_is_the_beta_posterior_mean_of_the_stated_confid
     assert silent.target(8.0) == 0.5
     opd = build_targets(group, "science", "demo", calibrate=False, rng=random.Random(0), prior=8.0)
     assert opd[0].confidence_line is None and "Confidence: 1.00" in opd[0].teacher_messages[-1]["content"]
+
+
+def test_the_prior_grows_from_nothing_at_the_first_step_to_its_weight_at_the_last():
+    from caopd.training.trainer import prior_at
+
+    assert prior_at(16.0, 0, 150) == 0.0 and prior_at(16.0, 149, 150) == 16.0
+    assert prior_at(16.0, 149 // 2, 150) == pytest.approx(16.0 * 74 / 149)
+    assert prior_at(0.0, 100, 150) == 0.0 and prior_at(8.0, 0, 1) == 0.0

@@ -22,7 +22,15 @@ from caopd.inputs.data import load_examples
 from caopd.inputs.prompts import student_messages
 from caopd.modeling.models import load_model, load_tokenizer
 from caopd.scoring.calibration import DistillationTarget, RolloutGroup, build_targets
-from caopd.training.loss import chat_ids, distillation_loss, make_batch
+from caopd.training.loss import (
+    chat_ids,
+    completion_ids,
+    confidence_span,
+    distillation_loss,
+    fused_loss,
+    make_batch,
+    span_mask,
+)
 from caopd.training.segment_attention import RowSegments, use_segment_attention
 from caopd.training.shared_prefix import (
     LayerCost,
@@ -254,3 +262,52 @@ def test_default_kernel(device, flash_attn, kernel, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (object() if flash_attn else None) if name == "flash_attn" else real(name, *a))
     assert default_kernel(torch.device(device)) == kernel
+
+
+def test_the_confidence_span_is_the_statement_and_the_end_of_sequence(tiny, science_rows_path):
+    tokenizer, _, _ = tiny
+    example = load_examples(science_rows_path, "science")[0]
+    sampled = ["<answer>B</answer>\nConfidence: 0.98", "<answer>B</answer> and no statement"]
+    group = RolloutGroup(example, sampled, [True, False])
+    line = len(tokenizer("\nConfidence: 0.50", add_special_tokens=False).input_ids)
+    for calibrate in (True, False):  # CaOPD's appended line; OPD's statement as sampled (0 without one)
+        targets = build_targets(group, "science", "demo", calibrate=calibrate, rng=random.Random(0))
+        ids = [make_batch(tokenizer, [t], [[1, 2]], 256, 40).length[0] for t in targets]
+        spans = [confidence_span(tokenizer, t, completion_ids(tokenizer, t, 40)) for t in targets]
+        assert spans == ([line + 1] * 2 if calibrate else [len(tokenizer("\nConfidence: 0.98",
+                                                                         add_special_tokens=False).input_ids) + 1, 0])
+        assert all(0 <= s <= n for s, n in zip(spans, ids))
+    assert span_mask([3, 2], [1, 0]).tolist() == [False, False, True, False, False]
+
+
+def test_the_confidence_divergence_applies_to_the_span_tokens_only(tiny, science_rows_path):
+    """reverse KL on the body, forward KL on the span, against logits written out; both layouts agree."""
+    tokenizer, student, teacher = tiny
+    torch.manual_seed(0)
+    hidden = student.config.hidden_size
+    s_rows, t_rows = torch.randn(7, hidden), torch.randn(7, hidden)
+    weights = torch.rand(7)
+    span = torch.tensor([False, False, True, True, False, False, True])
+    out = fused_loss(student, teacher, s_rows, t_rows, weights, divergence="reverse", beta=0.5, temperature=1.0,
+                     impl="torch", span=span, span_divergence="forward")
+    with torch.no_grad():
+        log_s = (s_rows @ student.get_output_embeddings().weight.T).log_softmax(-1)
+        log_t = (t_rows @ teacher.get_output_embeddings().weight.T).log_softmax(-1)
+    reverse = (log_s.exp() * (log_s - log_t)).sum(-1)
+    forward = (log_t.exp() * (log_t - log_s)).sum(-1)
+    expected = (weights * torch.where(span, forward, reverse)).sum()
+    assert torch.allclose(out.loss, expected, rtol=1e-5) and out.counted_tokens == 7
+    same = fused_loss(student, teacher, s_rows, t_rows, weights, divergence="reverse", beta=0.5, temperature=1.0,
+                      impl="torch", span=span, span_divergence="same")
+    assert torch.allclose(same.loss, (weights * reverse).sum(), rtol=1e-5)
+    targets, prompts = targets_for(science_rows_path, tokenizer, [4, 2])
+    padded = make_batch(tokenizer, targets, prompts, 256, 40, spans=True)
+    shared = make_shared_batch(tokenizer, targets, prompts, 256, 40, spans=True)
+    assert shared.span == padded.span and all(s > 1 for s in padded.span)
+    kw = dict(confidence_divergence="forward")
+    expected, expected_grads = loss_and_grads(distillation_loss, student, teacher, padded, **kw)
+    plain, _ = loss_and_grads(distillation_loss, student, teacher, padded)
+    ours, grads = loss_and_grads(shared_distillation_loss, student, teacher, shared, path="cache", **kw)
+    assert torch.allclose(ours.loss, expected.loss, rtol=1e-5) and not torch.allclose(plain.loss, expected.loss)
+    for name, grad in expected_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max())), name

@@ -64,6 +64,7 @@ class DemoSettings:
     # (underconfident on hard questions); OPD's target, 1.00, has no spread, so either KL gives it
     divergence: str = "forward"
     confidence_prior: float = 16.0  # CaOPD's target, the Beta posterior with the stated confidence (0: the paper's)
+    confidence_divergence: str = "same"
     teacher_ema: float = 0.0
     eval_samples: int = 4
 
@@ -86,6 +87,7 @@ def train_config(settings: DemoSettings, base_dir: Path, train_path: Path, out: 
                        max_completion_length=24, max_steps=settings.train_steps, learning_rate=settings.learning_rate,
                        warmup_ratio=0.1, teacher_ema=settings.teacher_ema, divergence=settings.divergence,
                        confidence_prior=settings.confidence_prior,
+                       confidence_divergence=settings.confidence_divergence,
                        skip_loss_tokens=0, bf16=False,
                        save_every=10_000, seed=seed, loss_impl="torch", overwrite=overwrite)
 
@@ -95,7 +97,9 @@ def evaluate_model(model, tokenizer, examples: list[Example], samples: int, seed
     """``caopd eval --model``'s generate-and-score (benchmark_eval) at the rollouts' temperature 1,
     ``samples`` completions a question saved in ``caopd eval``'s input format (a missing confidence
     counts as 0); also the accuracy and mean stated confidence per candidate count."""
-    settings = GenerationSettings(samples=samples, temperature=1.0, max_tokens=24, seed=seed, batch_size=len(examples))
+    # 50 questions a decoding loop: 2.2x faster than all 400 at once on 2 CPU cores (a loop runs until its
+    # longest row ends, and fewer rows end sooner)
+    settings = GenerationSettings(samples=samples, temperature=1.0, max_tokens=24, seed=seed, batch_size=50)
     Path(completions_path).unlink(missing_ok=True)  # a fresh sample of this model, never a resumed one
     report, scored = generate_and_score(TransformersEngine(model, tokenizer), tokenizer, examples, DATASET, settings,
                                         completions_path, missing_confidence="zero", progress=None)

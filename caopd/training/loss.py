@@ -20,6 +20,7 @@ import torch
 from caopd_kernels import fused_linear_kl
 
 from caopd.scoring.calibration import DistillationTarget
+from caopd.scoring.confidence import strip_confidence
 
 
 def chat_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
@@ -36,6 +37,18 @@ def completion_ids(tokenizer, target: DistillationTarget, max_tokens: int) -> li
     tail = tail + [tokenizer.eos_token_id]
     body = body_ids(tokenizer, target)
     return body[:max(0, max_tokens - len(tail))] + tail
+
+
+def confidence_span(tokenizer, target: DistillationTarget, ids: list[int]) -> int:
+    """How many of the completion's last tokens (``ids``, from ``completion_ids``) state its
+    confidence, the end-of-sequence token included: CaOPD's appended line, or the statement the
+    student's completion ends in as sampled (plain OPD); 0 without one."""
+    if target.confidence_line:
+        return min(len(ids), len(tokenizer("\n" + target.confidence_line, add_special_tokens=False).input_ids) + 1)
+    body = strip_confidence(target.completion)
+    if body == target.completion.rstrip():
+        return 0
+    return len(ids) - spelled_prefix(tokenizer, ids[:-1], body)
 
 
 def body_ids(tokenizer, target: DistillationTarget) -> list[int]:
@@ -77,6 +90,7 @@ class DistillationBatch:
     student_start: list[int]
     teacher_start: list[int]
     length: list[int]
+    span: list[int] | None = None  # each completion's last tokens stating its confidence (confidence_span)
 
     @property
     def completion_tokens(self) -> int:
@@ -92,9 +106,10 @@ def pad_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 def make_batch(tokenizer, targets: list[DistillationTarget], student_prompt_ids: list[list[int]],
                max_prompt_tokens: int, max_completion_tokens: int,
-               chat_template_kwargs: dict | None = None) -> DistillationBatch:
-    """Tokenize targets; prompts longer than ``max_prompt_tokens`` keep their last tokens."""
-    student_rows, teacher_rows, student_start, teacher_start, length = [], [], [], [], []
+               chat_template_kwargs: dict | None = None, spans: bool = False) -> DistillationBatch:
+    """Tokenize targets; prompts longer than ``max_prompt_tokens`` keep their last tokens; with
+    ``spans``, each completion's confidence span (for a divergence of its own)."""
+    student_rows, teacher_rows, student_start, teacher_start, length, span = [], [], [], [], [], []
     teacher_cache: dict[int, list[int]] = {}
     for target, prompt in zip(targets, student_prompt_ids, strict=True):
         key = id(target.teacher_messages)
@@ -108,10 +123,12 @@ def make_batch(tokenizer, targets: list[DistillationTarget], student_prompt_ids:
         student_start.append(len(prompt))
         teacher_start.append(len(teacher_prompt))
         length.append(len(completion))
+        if spans:
+            span.append(confidence_span(tokenizer, target, completion))
     student_ids, student_attention = pad_rows(student_rows, tokenizer.pad_token_id)
     teacher_ids, teacher_attention = pad_rows(teacher_rows, tokenizer.pad_token_id)
     return DistillationBatch(student_ids, student_attention, teacher_ids, teacher_attention, student_start,
-                             teacher_start, length)
+                             teacher_start, length, span if spans else None)
 
 
 def final_hidden_states(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -146,6 +163,13 @@ def token_weights(batch: DistillationBatch, skip_tokens: int) -> torch.Tensor:
     return torch.tensor(weights)
 
 
+def span_mask(length: list[int], span: list[int] | None) -> torch.Tensor | None:
+    """Per completion token: True on each completion's last ``span`` tokens (None without spans)."""
+    if span is None:
+        return None
+    return torch.tensor([k >= n - s for n, s in zip(length, span) for k in range(n)], dtype=torch.bool)
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar with grad: the divergence averaged per sequence, then over sequences
@@ -154,8 +178,11 @@ class LossOutput:
 
 def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: DistillationBatch, *,
                       divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
-                      skip_tokens: int = 3, impl: str = "auto", layout: str = "padded") -> LossOutput:
-    """layout: "padded" or "packed" (see the module docstring); the same loss either way."""
+                      skip_tokens: int = 3, impl: str = "auto", layout: str = "padded",
+                      confidence_divergence: str = "same") -> LossOutput:
+    """layout: "padded" or "packed" (see the module docstring); the same loss either way.
+    confidence_divergence: the divergence on the tokens stating the confidence (the batch's
+    ``span``), "same" as the rest's unless named."""
     if layout not in ("padded", "packed"):
         raise ValueError(f"layout must be padded or packed, got {layout!r}")
     forward = packed_hidden_states if layout == "packed" else final_hidden_states
@@ -170,13 +197,24 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
                               for b, (s, n) in enumerate(zip(batch.teacher_start, batch.length))])
     weights = token_weights(batch, skip_tokens).to(device)
     return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
-                      temperature=temperature, impl=impl)
+                      temperature=temperature, impl=impl, span=span_mask(batch.length, batch.span),
+                      span_divergence=confidence_divergence)
 
 
 def fused_loss(student: torch.nn.Module, teacher: torch.nn.Module, student_rows: torch.Tensor,
                teacher_rows: torch.Tensor, weights: torch.Tensor, *, divergence: str, beta: float,
-               temperature: float, impl: str) -> LossOutput:
-    """sum_i weights[i] * divergence of token i through both lm_heads, by fused_linear_kl."""
+               temperature: float, impl: str, span: torch.Tensor | None = None,
+               span_divergence: str = "same") -> LossOutput:
+    """sum_i weights[i] * divergence of token i through both lm_heads, by fused_linear_kl; the
+    tokens where ``span`` is True with ``span_divergence`` instead (unless "same"): two calls over
+    the two sets of rows, so no token's logits are computed twice."""
+    if span is not None and span_divergence not in ("same", divergence) and bool(span.any()):
+        span = span.to(student_rows.device)
+        rest = ~span
+        parts = [fused_loss(student, teacher, student_rows[rows], teacher_rows[rows], weights[rows],
+                            divergence=kind, beta=beta, temperature=temperature, impl=impl)
+                 for rows, kind in ((rest, divergence), (span, span_divergence)) if bool(rows.any())]
+        return LossOutput(sum(p.loss for p in parts), sum(p.counted_tokens for p in parts))
     student_head = student.get_output_embeddings()
     teacher_head = teacher.get_output_embeddings()
     student_weight, student_bias = student_head.weight, student_head.bias

@@ -37,8 +37,10 @@ from caopd.training.loss import (
     LossOutput,
     chat_ids,
     completion_ids,
+    confidence_span,
     fused_loss,
     pad_rows,
+    span_mask,
     token_weights,
 )
 from caopd.training.segment_attention import RowSegments, SharedLayout
@@ -172,10 +174,15 @@ class SharedPrefixBatch:
     teacher_prefixes: list[list[int]]
     completions: list[list[list[int]]]  # per group, its completions' tokens
     pad: int
+    spans: list[list[int]] | None = None  # per group, its completions' confidence spans (loss.confidence_span)
 
     @property
     def length(self) -> list[int]:  # tokens of each completion, in target order (token_weights reads it)
         return [len(c) for group in self.completions for c in group]
+
+    @property
+    def span(self) -> list[int] | None:
+        return None if self.spans is None else [s for group in self.spans for s in group]
 
     @property
     def groups(self) -> int:
@@ -212,7 +219,7 @@ class SharedPrefixBatch:
                 student_start.append(len(s_prefix))
                 teacher_start.append(len(t_prefix))
         return DistillationBatch(*pad_rows(student, self.pad), *pad_rows(teacher, self.pad), student_start,
-                                 teacher_start, self.length)
+                                 teacher_start, self.length, self.span)
 
 
 def dense_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -258,23 +265,28 @@ def _side(prefixes: list[list[int]], completions: list[list[list[int]]], pad: in
 
 def make_shared_batch(tokenizer, targets: list[DistillationTarget], student_prompt_ids: list[list[int]],
                       max_prompt_tokens: int, max_completion_tokens: int,
-                      chat_template_kwargs: dict | None = None) -> SharedPrefixBatch:
+                      chat_template_kwargs: dict | None = None, spans: bool = False) -> SharedPrefixBatch:
     """Group consecutive targets with the same student prompt and teacher context (a fallback
-    context in correct_solution mode is a group of its own); the same tokens as make_batch."""
+    context in correct_solution mode is a group of its own); the same tokens (and with ``spans``
+    confidence spans) as make_batch."""
     groups: list[tuple[list[int], list[dict], list[list[int]]]] = []
+    group_spans: list[list[int]] = []
     for target, prompt in zip(targets, student_prompt_ids, strict=True):
         completion = completion_ids(tokenizer, target, max_completion_tokens)
+        span = confidence_span(tokenizer, target, completion) if spans else 0
         if groups and groups[-1][0] is prompt and groups[-1][1] is target.teacher_messages:
             groups[-1][2].append(completion)
+            group_spans[-1].append(span)
         else:
             groups.append((prompt, target.teacher_messages, [completion]))
+            group_spans.append([span])
     teacher_prefixes = {}
     for _, messages, _ in groups:
         if id(messages) not in teacher_prefixes:
             teacher_prefixes[id(messages)] = chat_ids(tokenizer, messages, chat_template_kwargs)[-max_prompt_tokens:]
     return SharedPrefixBatch([p[-max_prompt_tokens:] for p, _, _ in groups],
                              [teacher_prefixes[id(m)] for _, m, _ in groups], [cs for _, _, cs in groups],
-                             tokenizer.pad_token_id)
+                             tokenizer.pad_token_id, group_spans if spans else None)
 
 
 def _cache_groups(prefixes: list[list[int]], completions: list[list[list[int]]], pad: int) -> list[PrefixGroup]:
@@ -344,7 +356,8 @@ def _rows(model: torch.nn.Module, batch: SharedPrefixBatch, side: str, path: str
 def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: SharedPrefixBatch, *,
                              divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
                              skip_tokens: int = 3, impl: str = "auto", path: str = "cache",
-                             teacher_path: str | None = None, kernel: str | None = None) -> LossOutput:
+                             teacher_path: str | None = None, kernel: str | None = None,
+                             confidence_divergence: str = "same") -> LossOutput:
     """The same loss as loss.distillation_loss (per sequence, then over sequences), from the
     shared-prefix forwards. path: the student's (cache, segments or mask); teacher_path: the
     teacher's (default: the cache, without gradients; the student's under FSDP); kernel: the
@@ -358,4 +371,5 @@ def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module,
         teacher_rows = _rows(teacher, batch, "teacher", teacher_path or "cache", device, kernel)
     weights = token_weights(batch, skip_tokens).to(device)
     return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
-                      temperature=temperature, impl=impl)
+                      temperature=temperature, impl=impl, span=span_mask(batch.length, batch.span),
+                      span_divergence=confidence_divergence)

@@ -82,6 +82,14 @@ def prompts_at(position: int, count: int, n_examples: int, seed: int) -> list[in
     return indices
 
 
+def prior_at(prior: float, step: int, total_steps: int) -> float:
+    """CaOPD's confidence prior at ``step`` (from 0): growing linearly from 0 to ``prior`` at the
+    last step. Early on the student's stated confidence is far from its accuracy (the prior would
+    hold the target back); later it is the better estimate, and the prior averages out the noise
+    of K rollouts."""
+    return prior * step / max(1, total_steps - 1)
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -216,10 +224,11 @@ def micro_batch(layout: Layout, tokenizer, targets: list, prompts: list[list[int
     layout where sharing pays for its rows (sharing_pays, by the model's ``cost`` and the attention
     ``kernel``), else one row a completion (padded or packed)."""
     lengths = (config.max_prompt_length, config.max_completion_length, config.chat_template_kwargs)
+    spans = config.confidence_divergence not in ("same", config.divergence)
     unshared = {"layout": "packed" if config.attn_implementation == "flash_attention_2" else "padded"}
     if not layout.shared:
-        return distillation_loss, make_batch(tokenizer, targets, prompts, *lengths), unshared
-    batch = make_shared_batch(tokenizer, targets, prompts, *lengths)
+        return distillation_loss, make_batch(tokenizer, targets, prompts, *lengths, spans=spans), unshared
+    batch = make_shared_batch(tokenizer, targets, prompts, *lengths, spans=spans)
     cache = layout.student == "cache"
     if sharing_pays(batch.student.layout.rows, cost, "sdpa" if cache else kernel, calls_per_row=2 if cache else 0):
         return shared_distillation_loss, batch, {"path": layout.student, "teacher_path": layout.teacher}
@@ -378,7 +387,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             if hasattr(model, "set_attn_implementation"):  # a LoRA teacher shares the student's model
                 use_segment_attention(model)
     options = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
-                   skip_tokens=config.skip_loss_tokens, impl=config.loss_impl)
+                   skip_tokens=config.skip_loss_tokens, impl=config.loss_impl,
+                   confidence_divergence=config.confidence_divergence)
     if ranks.is_main:
         write_config_yaml(out / "config.yaml", config)
     trackers = open_trackers(wanted_trackers, out, asdict(config))  # none on the other processes
@@ -408,7 +418,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             groups = [verify_rollouts(examples[i], c, config.dataset) for i, c in zip(indices, completions)]
             pick = random.Random(config.seed * 7919 + state.step)
             targets = [build_targets(g, config.dataset, config.teacher_context, config.empirical_calibration,
-                                     pick, config.confidence_prior)[:config.train_rollouts or None] for g in groups]
+                                     pick, prior_at(config.confidence_prior, state.step, total_steps))
+                       [:config.train_rollouts or None] for g in groups]
             t2 = time.perf_counter()
 
             sequences = sum(all_gather(sum(len(t) for t in targets), ranks))  # the whole step's
