@@ -65,7 +65,7 @@ class TrainConfig:
 
     empirical_calibration: bool = option(True, "CaOPD: the confidence target is P_acc = correct/K; false: plain "
                                          "OPD/SDFT (the teacher keeps Confidence: 1.00)", "CaOPD")
-    confidence_prior: float = option(0.0, "CaOPD's target: (correct + N x the mean confidence the K rollouts "
+    confidence_prior: float = option(8.0, "CaOPD's target: (correct + N x the mean confidence the K rollouts "
                                      "state) / (K + N), the Beta posterior mean with the student's own stated "
                                      "confidence as a prior worth N rollouts, N growing from 0 at the first step "
                                      "to this at the last: a less noisy target with the same fixed point, the "

@@ -5,13 +5,17 @@ seed's warmed-up ``base`` on the same data and steps as the demo's OPD and CaOPD
 as the demo does (held-out and OOD, the same sampling seed). Rows ``base``, ``OPD`` and the demo's
 ``CaOPD`` (the default) come from ``RUN_DIR/report.json``; nothing is trained twice.
 
-    python scripts/demo_ablation.py RUN_DIR [--options paper,prior-24,forward] [--json out.json] [--md out.md]
+    python scripts/demo_ablation.py RUN_DIR [--options "paper,forward, P_acc"] [--seeds 0] [--json F] [--md F]
+
+Options are separated by commas and named as in OPTIONS (names may hold ", ": split on "," only
+where the next character is not a space).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -22,29 +26,25 @@ from caopd.inputs.data import load_examples
 from caopd.modeling.models import load_tokenizer
 from caopd.training.trainer import train
 
-OPTIONS = {  # name: what it changes in the demo's settings (the demo's default: the forward KL, prior 16)
-    "paper": {"divergence": "reverse", "confidence_prior": 0.0},  # the paper's CaOPD: reverse KL, P_acc
-    "prior-16": {"divergence": "reverse", "confidence_prior": 16.0},  # the prior alone
-    "forward": {"confidence_prior": 0.0},  # the forward KL alone
-    "span-forward": {"divergence": "reverse", "confidence_divergence": "forward", "confidence_prior": 0.0},
-    "span-forward-prior-16": {"divergence": "reverse", "confidence_divergence": "forward"},
-    "forward-prior-32": {"confidence_prior": 32.0},
-    "lr-2e-3": {"learning_rate": 2e-3},
-    "rollouts-4": {"train_rollouts": 4},
-    "span-forward-prior-32": {"divergence": "reverse", "confidence_divergence": "forward", "confidence_prior": 32.0},
+OPTIONS = {  # name: what it changes in the demo's CaOPD (forward KL, confidence prior 8, lr 2e-3, 150 steps)
+    "paper": {"divergence": "reverse", "confidence_prior": 0.0},  # the paper's CaOPD: reverse KL, P_acc = correct/K
+    "forward, P_acc": {"confidence_prior": 0.0},  # the forward KL alone
+    "reverse, prior 8": {"divergence": "reverse"},  # the prior alone
+    "reverse + forward on the confidence": {"divergence": "reverse", "confidence_divergence": "forward"},
+    "forward, prior 16": {"confidence_prior": 16.0},
 }
 
 
 def run_option(seed_dir: Path, seed: int, settings: DemoSettings, name: str) -> dict:
-    data = seed_dir / "data"
-    run = train(train_config(settings, seed_dir / "base", data / "train.jsonl", seed_dir / f"ablation-{name}", True,
+    data, folder = seed_dir / "data", "ablation-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+    run = train(train_config(settings, seed_dir / "base", data / "train.jsonl", seed_dir / folder, True,
                              seed, overwrite=True), progress=f"seed {seed}: {name}")
     tokenizer = load_tokenizer(str(seed_dir / "base"))
     result = {}
     for split in EVAL_SPLITS:
         examples = load_examples(data / f"{split}.jsonl", "science")
         report, breakdown = evaluate_model(run["student"], tokenizer, examples, settings.eval_samples, seed * 7919 + 1,
-                                           seed_dir / "completions" / f"ablation-{name}-{split}.jsonl")
+                                           seed_dir / "completions" / f"{folder}-{split}.jsonl")
         result[split] = {"metrics": dataclasses.asdict(report.metrics), "format_adherence": report.format_adherence,
                          "by_candidates": breakdown}
     return result
@@ -75,8 +75,9 @@ def main() -> None:
     report = json.loads((args.run_dir / "report.json").read_text())
     base_settings = DemoSettings(**{k: tuple(tuple(p) for p in v) if k == "model_sizes" else v
                                     for k, v in report["settings"].items()})
-    default = f"CaOPD (prior {base_settings.confidence_prior:g})"
-    names = ["base", "OPD", default, *args.options.split(",")]
+    default = f"CaOPD ({base_settings.divergence}, prior {base_settings.confidence_prior:g}: the default)"
+    options = re.split(r",(?! )", args.options)
+    names = ["base", "OPD", default, *options]
     per_seed, seconds = [], {}
     if args.seeds:
         report["per_seed"] = [e for e in report["per_seed"] if str(e["seed"]) in args.seeds.split(",")]
@@ -84,7 +85,7 @@ def main() -> None:
         seed = entry["seed"]
         evaluation = entry["evaluation"]
         results = {"base": evaluation["base"], "OPD": evaluation["OPD"], default: evaluation["CaOPD"]}
-        for name in args.options.split(","):
+        for name in options:
             start = time.perf_counter()
             results[name] = run_option(args.run_dir / f"seed-{seed}", seed,
                                        dataclasses.replace(base_settings, **OPTIONS[name]), name)
@@ -95,7 +96,7 @@ def main() -> None:
     if args.json:
         seeds = [e["seed"] for e in report["per_seed"]]
         args.json.write_text(json.dumps({"device": report["device"], "seeds": seeds, "default": default,
-                                         "options": {n: OPTIONS[n] for n in args.options.split(",")},
+                                         "options": {n: OPTIONS[n] for n in options},
                                          "per_seed": per_seed, "seconds": seconds}, indent=1) + "\n")
     if args.md:
         args.md.write_text(f"# CaOPD confidence-target ablation on the demo's task\n\n{report['device']}; seeds "
