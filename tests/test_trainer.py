@@ -132,10 +132,13 @@ def test_two_steps_p_acc_ema_and_no_teacher_grad(dataset, calibrate, tmp_path, r
     result, engine = run(config, examples)
     assert len(seen_targets) == 2 * 3 * K
     note = "The empirical confidence for this question is"
-    for target in seen_targets:
-        p_acc = correct_count(target.example.id) / K
+    for i, target in enumerate(seen_targets):
+        # the target: P_acc at the first step; at the last the posterior mean with the prior's full weight
+        # N = 8 on the stated 0.97 (every scripted completion states it), (correct + 8 x 0.97) / (K + 8)
+        prior = 0.0 if i < 3 * K else config.confidence_prior
+        p_acc = (correct_count(target.example.id) + prior * 0.97) / (K + prior)
         teacher = target.teacher_messages[-1]["content"]
-        assert "0.97" not in teacher
+        assert "0.97" not in teacher or (calibrate and prior and f"{p_acc:.2f}" == "0.97")
         if calibrate:
             assert target.confidence_line == f"Confidence: {p_acc:.2f}" and "Confidence" not in target.completion
             assert f"Confidence: {p_acc:.2f}" in teacher and f"{note} {p_acc:.2f}." in teacher
@@ -213,8 +216,9 @@ def test_the_loss_gets_the_configured_options(science_rows_path, tmp_path, monke
         calls.append({k: v for k, v in options.items() if k not in ("path", "teacher_path")}),
         shared_loss(*args, **options))[1])
     run(config_for(data, "science", tmp_path / "run", max_steps=1, divergence="jsd", beta=0.3, temperature=0.7,
-                   skip_loss_tokens=2), examples)
-    expected = dict(divergence="jsd", beta=0.3, temperature=0.7, skip_tokens=2, impl="torch")
+                   skip_loss_tokens=2, confidence_divergence="forward"), examples)
+    expected = dict(divergence="jsd", beta=0.3, temperature=0.7, skip_tokens=2, impl="torch",
+                    confidence_divergence="forward")
     assert calls and all({k: v for k, v in c.items() if k != "layout"} == expected for c in calls)
 
 

@@ -70,7 +70,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """About 40 s a seed on 2 CPU cores. 150 warm-up steps (60 left the base model without the
+        """About 55 s a seed on 2 CPU cores (54 s measured). 150 warm-up steps (60 left the base model without the
         answer format, and OPD and CaOPD then stated alike): with them OPD already states ~0.85
         and CaOPD ~0.15 after 8 steps, the paper's direction, which the test suite checks."""
         return cls(warmup_examples=1500, train_examples=400, heldout_examples=120, ood_examples=60, warmup_steps=150,
