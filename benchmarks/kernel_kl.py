@@ -7,16 +7,22 @@ on GPU torch.cuda.max_memory_allocated minus the memory allocated before the cal
 
     python benchmarks/kernel_kl.py                       # CPU: H=1024, fp32, N in 1024..16384
     python benchmarks/kernel_kl.py --device cuda --dtype bfloat16 --hidden 4096
-Writes benchmarks/results/kernel_kl_<device>.{json,md,png}.
+    python benchmarks/kernel_kl.py --impls torch liger --ns 2048 4096 8192 --baseline 36fcd05
+Writes benchmarks/results/kernel_kl_<device>.{json,md,png}. ``--baseline REV`` also runs the torch
+implementation as it was at commit REV (its ``kernels/`` extracted as ``caopd_kernels`` ahead of
+the installed one), in the same run, as rows ``torch@REV``.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -121,7 +127,10 @@ def worker(args) -> dict:
         peak_extra = peak.peak - before
     grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in inputs[:2] if t.grad is not None)
     flops = 8 * args.n * args.hidden * args.vocab
-    return {"impl": args.impl, "n": args.n, "seconds": seconds, "peak_extra_gib": peak_extra / GIB,
+    import caopd_kernels
+
+    return {"impl": args.label or args.impl, "n": args.n, "kernels": str(Path(caopd_kernels.__file__).parent),
+            "seconds": seconds, "peak_extra_gib": peak_extra / GIB,
             "grad_gib": grad_bytes / GIB, "tflops": flops / seconds / 1e12}
 
 
@@ -145,12 +154,26 @@ def git_sha() -> str:
         return "unknown"
 
 
+def baseline_kernels(rev: str) -> Path:
+    """A folder holding ``kernels/`` as it was at commit ``rev``, as the package ``caopd_kernels``."""
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", rev, "kernels"], capture_output=True, check=True, cwd=repo).stdout
+    root = Path(tempfile.mkdtemp(prefix=f"kernels-{rev}-"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root, filter="data")
+    (root / "kernels").rename(root / "caopd_kernels")
+    return root
+
+
 def run_all(args) -> list[dict]:
     from tqdm import tqdm
 
     impls = [i for i in args.impls if not (i == "triton" and args.device == "cpu")]
     rows = []
     jobs = [(impl, n) for n in args.ns for impl in impls]
+    if args.baseline:
+        old = baseline_kernels(args.baseline)
+        jobs += [(f"torch@{args.baseline}", n) for n in args.ns]
     for impl, n in tqdm(jobs, desc="kernel_kl", unit="run"):
         if impl == "reference" and naive_gib(n, args.vocab) > args.memory_limit_gib:
             rows.append({"impl": impl, "n": n, "skipped": f"needs ~{naive_gib(n, args.vocab):.0f} GiB"})
@@ -161,9 +184,12 @@ def run_all(args) -> list[dict]:
             except ImportError:
                 rows.append({"impl": impl, "n": n, "skipped": "liger-kernel not installed"})
                 continue
-        cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--n", str(n), "--hidden", str(args.hidden),
-               "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if "@" in impl:  # the baseline's kernels ahead of the installed ones
+            env["PYTHONPATH"] = os.pathsep.join([str(old), *filter(None, [env.get("PYTHONPATH")])])
+        cmd = [sys.executable, __file__, "--worker", "--impl", impl.split("@")[0], "--label", impl, "--n", str(n),
+               "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             rows.append({"impl": impl, "n": n, "skipped": f"failed (exit {proc.returncode}): "
                          f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:120]}"})
@@ -180,7 +206,8 @@ def ratios(rows) -> dict:
         ours = by.get(("torch", n)) or by.get(("triton", n))
         if not ours:
             continue
-        for other in ["gemm_floor", "reference", "liger"]:
+        baselines = sorted({r["impl"] for r in rows if "@" in r["impl"]})
+        for other in ["gemm_floor", "reference", "liger", *baselines]:
             if (other, n) in by:
                 out[f"time ours/{other} @N={n}"] = ours["seconds"] / by[(other, n)]["seconds"]
                 out[f"memory ours/{other} @N={n}"] = ours["peak_extra_gib"] / max(by[(other, n)]["peak_extra_gib"],
@@ -212,14 +239,15 @@ def write_report(args, rows, stem: Path, meta: dict | None = None) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for impl in IMPLS:
+    for impl in [*IMPLS, *sorted({r["impl"] for r in rows if "@" in r["impl"]})]:
         done = [r for r in rows if r["impl"] == impl and "seconds" in r]
         if done:
             ns = [r["n"] for r in done]
-            style = "--" if impl == "gemm_floor" else "-"
-            ax_t.plot(ns, [r["seconds"] for r in done], "o" + style, color=COLORS[impl], label=impl)
+            style = "--" if impl == "gemm_floor" or "@" in impl else "-"
+            color = COLORS.get(impl, "#7f7f7f")
+            ax_t.plot(ns, [r["seconds"] for r in done], "o" + style, color=color, label=impl)
             if impl != "gemm_floor":
-                ax_m.plot(ns, [r["peak_extra_gib"] for r in done], "o-", color=COLORS[impl], label=impl)
+                ax_m.plot(ns, [r["peak_extra_gib"] for r in done], "o" + style, color=color, label=impl)
     for ax, label in ((ax_t, "seconds (fwd+bwd)"), (ax_m, "peak extra memory (GiB)")):
         ax.set(xscale="log", xlabel="tokens N", ylabel=label)
         ax.set_xticks(args.ns, [str(n) for n in args.ns])
@@ -234,6 +262,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="torch", choices=IMPLS)
+    p.add_argument("--label", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--baseline", metavar="REV", help="also run the torch implementation of commit REV")
     p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--ns", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
