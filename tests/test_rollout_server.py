@@ -100,7 +100,9 @@ def same_run(a: Path, b: Path) -> None:
     first, second = rows(a), rows(b)
     assert [r["prompts"] for r in first] == [r["prompts"] for r in second]
     assert [r["mean_completion_tokens"] for r in first] == [r["mean_completion_tokens"] for r in second]
-    assert [r["loss"] for r in first] == pytest.approx([r["loss"] for r in second], rel=1e-5)
+    # the same loss up to float32 summation order: the runs may take different forward layouts (one
+    # process: padded rows, chosen by cost for tiny-qwen3; two under FSDP: segments), 2e-8 apart measured
+    assert [r["loss"] for r in first] == pytest.approx([r["loss"] for r in second], rel=1e-5, abs=1e-7)
     x, y = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5
 
