@@ -141,6 +141,28 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert json.loads(rescored.read_text())["metrics"]["ece"] == pytest.approx(
         result["evaluation"]["CaOPD"]["heldout"]["metrics"]["ece"])
     check_confidence_targets_script(tmp_path)
+    check_ablation_script(tmp_path, report)
+
+
+def check_ablation_script(run_dir, report):
+    """scripts/demo_ablation.py on the quick run, one option on seed 0: the demo's rows are taken from
+    its report, the option is trained from the seed's base with its setting changed (the paper's rule
+    states other confidences than the default) and evaluated like the demo."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "demo_ablation.py"
+    done = subprocess.run([sys.executable, str(script), str(run_dir), "--options", "paper", "--seeds", "0",
+                           "--json", str(run_dir / "ablation.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ablation = json.loads((run_dir / "ablation.json").read_text())
+    (seed,) = ablation["per_seed"]
+    demo = report["per_seed"][0]["evaluation"]
+    assert seed["OPD"] == demo["OPD"] and seed[ablation["default"]] == demo["CaOPD"]
+    paper = seed["paper"]["heldout"]["metrics"]
+    assert paper["n"] == demo["CaOPD"]["heldout"]["metrics"]["n"]
+    assert paper["mean_confidence"] != demo["CaOPD"]["heldout"]["metrics"]["mean_confidence"]
+    config = (run_dir / "seed-0" / "ablation-paper" / "config.yaml").read_text()
+    assert "confidence_prior: 0.0" in config and "divergence: reverse" in config
 
 
 def check_confidence_targets_script(run_dir):
