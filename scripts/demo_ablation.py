@@ -16,11 +16,10 @@ import argparse
 import dataclasses
 import json
 import re
-import statistics
 import time
 from pathlib import Path
 
-from caopd.demo.pipeline import EVAL_SPLITS, METRICS, DemoSettings, evaluate_model, train_config
+from caopd.demo.pipeline import EVAL_SPLITS, METRICS, DemoSettings, evaluate_model, summary_rows, train_config
 from caopd.evaluation.tables import format_table
 from caopd.inputs.data import load_examples
 from caopd.modeling.models import load_tokenizer
@@ -50,20 +49,6 @@ def run_option(seed_dir: Path, seed: int, settings: DemoSettings, name: str) -> 
     return result
 
 
-def rows_of(per_seed: list[dict], names: list[str]) -> list[list]:
-    rows = []
-    for split in EVAL_SPLITS:
-        for name in names:
-            entries = [s[name][split] for s in per_seed]
-            cells = []
-            for key, _ in METRICS:
-                values = [{**e["metrics"], "format_adherence": e["format_adherence"]}[key] for e in entries]
-                cells.append(f"{statistics.fmean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}"
-                                                                   if len(values) > 1 else ""))
-            rows.append([split, name, *cells])
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -77,6 +62,9 @@ def main() -> None:
                                     for k, v in report["settings"].items()})
     default = f"CaOPD ({base_settings.divergence}, prior {base_settings.confidence_prior:g}: the default)"
     options = re.split(r",(?! )", args.options)
+    unknown = [name for name in options if name not in OPTIONS]
+    if unknown:
+        parser.error(f"--options: unknown {', '.join(map(repr, unknown))}; the options: {' | '.join(OPTIONS)}")
     names = ["base", "OPD", default, *options]
     per_seed, seconds = [], {}
     if args.seeds:
@@ -91,7 +79,8 @@ def main() -> None:
                                        dataclasses.replace(base_settings, **OPTIONS[name]), name)
             seconds.setdefault(name, []).append(time.perf_counter() - start)
         per_seed.append(results)
-    table = format_table(["split", "model", *(label for _, label in METRICS)], rows_of(per_seed, names), markdown=True)
+    table = format_table(["split", "model", *(label for _, label in METRICS)],
+                         summary_rows([{"evaluation": results} for results in per_seed], tuple(names)), markdown=True)
     print(table)
     if args.json:
         seeds = [e["seed"] for e in report["per_seed"]]

@@ -187,11 +187,11 @@ METRICS = (("accuracy", "acc"), ("ece", "ECE"), ("brier", "Brier"), ("spr", "SPR
            ("mean_confidence", "conf"), ("format_adherence", "format"))
 
 
-def summary_rows(per_seed: list[dict]) -> list[list]:
+def summary_rows(per_seed: list[dict], models: tuple[str, ...] = MODELS) -> list[list]:
     """One row per split and model: each metric's mean over seeds (± the spread, with several seeds)."""
     rows = []
     for split in EVAL_SPLITS:
-        for name in MODELS:
+        for name in models:
             entries = [s["evaluation"][name][split] for s in per_seed]
             values = [[{**e["metrics"], "format_adherence": e["format_adherence"]}[k] for e in entries]
                       for k, _ in METRICS]

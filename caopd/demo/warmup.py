@@ -12,7 +12,6 @@ Loss on the response tokens only; plain next-token cross-entropy.
 """
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
 
@@ -55,9 +54,14 @@ def two_widths(lengths: list[int]) -> int:
     tokens (len(lengths): one batch; the warm-up mixes short student prompts with long teacher
     contexts, and one split cuts a quarter of its padded tokens)."""
     n = len(lengths)
-    cost = {k: k * lengths[k - 1] + (n - k) * lengths[-1] for k in range(1, n)}
-    best = min(cost, key=cost.get, default=n)
-    return best if cost.get(best, math.inf) < 0.9 * n * lengths[-1] else n
+    if n < 2:
+        return n
+
+    def padded_tokens(k: int) -> int:
+        return k * lengths[k - 1] + (n - k) * lengths[-1]
+
+    best = min(range(1, n), key=padded_tokens)
+    return best if padded_tokens(best) < 0.9 * n * lengths[-1] else n
 
 
 def padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
