@@ -32,6 +32,7 @@ with a checkpoint to resume from.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import time
@@ -135,7 +136,7 @@ class ServerEngine:
                 if e.code < 500:  # the request itself is wrong: trying again changes nothing
                     raise RolloutServerError(f"rollout server {url}{path}: HTTP {e.code}: {detail}") from None
                 last = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, OSError, TimeoutError) as e:
+            except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         raise RolloutServerError(f"rollout server {url}{path} failed {attempts or self.attempts} time(s) ({last})")
 
