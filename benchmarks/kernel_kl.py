@@ -8,6 +8,7 @@ on GPU torch.cuda.max_memory_allocated minus the memory allocated before the cal
     python benchmarks/kernel_kl.py                       # CPU: H=1024, fp32, N in 1024..16384
     python benchmarks/kernel_kl.py --device cuda --dtype bfloat16 --hidden 4096
     python benchmarks/kernel_kl.py --impls torch liger --ns 2048 4096 8192 --baseline 36fcd05
+    python benchmarks/kernel_kl.py --impls torch liger_compiled --ns 4096 --repeats 3   # noisy machine: medians
 Writes benchmarks/results/kernel_kl_<device>.{json,md,png}. ``--baseline REV`` also runs the torch
 implementation as it was at commit REV (its ``kernels/`` extracted as ``caopd_kernels`` ahead of
 the installed one), in the same run, as rows ``torch@REV``.
@@ -177,16 +178,19 @@ def run_all(args) -> list[dict]:
     if args.baseline:
         old = baseline_kernels(args.baseline)
         jobs += [(f"torch@{args.baseline}", n) for n in args.ns]
-    for impl, n in tqdm(jobs, desc="kernel_kl", unit="run"):
+    skipped = {}
+    for impl, n in jobs:
         if impl == "reference" and naive_gib(n, args.vocab) > args.memory_limit_gib:
-            rows.append({"impl": impl, "n": n, "skipped": f"needs ~{naive_gib(n, args.vocab):.0f} GiB"})
-            continue
+            skipped[impl, n] = f"needs ~{naive_gib(n, args.vocab):.0f} GiB"
         if impl.startswith("liger"):
             try:
                 import liger_kernel  # noqa: F401
             except ImportError:
-                rows.append({"impl": impl, "n": n, "skipped": "liger-kernel not installed"})
-                continue
+                skipped[impl, n] = "liger-kernel not installed"
+    rows += [{"impl": impl, "n": n, "skipped": why} for (impl, n), why in skipped.items()]
+    # rounds: every job once per round, so slow spells of a shared machine fall on all of them alike
+    rounds = [job for _ in range(args.repeats) for job in jobs if job not in skipped]
+    for impl, n in tqdm(rounds, desc="kernel_kl", unit="run"):
         env = dict(os.environ)
         if "@" in impl:  # the baseline's kernels ahead of the installed ones
             env["PYTHONPATH"] = os.pathsep.join([str(old), *filter(None, [env.get("PYTHONPATH")])])
@@ -199,7 +203,23 @@ def run_all(args) -> list[dict]:
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         tqdm.write(json.dumps(rows[-1]))
-    return rows
+    return median_rows(rows) if args.repeats > 1 else rows
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (impl, N): the median run's time and memory (each run's kept under "runs")."""
+    out = []
+    for key in dict.fromkeys((r["impl"], r["n"]) for r in rows):
+        runs = [r for r in rows if (r["impl"], r["n"]) == key]
+        done = [r for r in runs if "seconds" in r]
+        if not done:
+            out.append(runs[0])
+            continue
+        middle = sorted(done, key=lambda r: r["seconds"])[(len(done) - 1) // 2]
+        peak = sorted(r["peak_extra_gib"] for r in done)[(len(done) - 1) // 2]
+        out.append({**middle, "peak_extra_gib": peak, "tflops": middle["tflops"],
+                    "runs": [[r.get("seconds"), r.get("peak_extra_gib")] for r in runs]})
+    return out
 
 
 def ratios(rows) -> dict:
@@ -225,6 +245,7 @@ def write_report(args, rows, stem: Path, meta: dict | None = None) -> None:
     meta = meta or {"device": device_name(args.device), "git": git_sha(), "hidden": args.hidden,
                     "vocab": args.vocab, "dtype": args.dtype, "date": time.strftime("%Y-%m-%d")}
     summary = ratios(rows)
+    repeats = max((len(r.get("runs", [])) for r in rows), default=1)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": summary}, indent=2) + "\n")
     table = format_table(
         ["impl", "N", "seconds", "TFLOP/s", "peak extra GiB", "of which grads GiB"],
@@ -233,7 +254,9 @@ def write_report(args, rows, stem: Path, meta: dict | None = None) -> None:
     ratio_table = format_table(["ratio", "value"], [[k, v] for k, v in summary.items()], markdown=True)
     stem.with_suffix(".md").write_text(
         f"# fused_linear_kl forward+backward\n\n{meta['device']}; H={args.hidden}, V={args.vocab}, {args.dtype}; "
-        f"git {meta['git']}, {meta['date']}. Warm-up excluded; one process per row.\n\n{table}\n\n{ratio_table}\n")
+        f"git {meta['git']}, {meta['date']}. Warm-up excluded; one process per run"
+        f"{'' if repeats < 2 else f'; each row the median of {repeats} runs, taken in rounds'}.\n\n"
+        f"{table}\n\n{ratio_table}\n")
     print(table + "\n\n" + ratio_table)
 
     import matplotlib
@@ -274,6 +297,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=1, help="runs of each row, in rounds; the table keeps the median")
     p.add_argument("--memory-limit-gib", type=float, default=16.0, help="skip the naive reference above this")
     p.add_argument("--out", default=None, help="results stem (default benchmarks/results/kernel_kl_<device>)")
     p.add_argument("--replot", metavar="JSON", help="rewrite the table and plot of a results JSON (no runs)")

@@ -20,7 +20,8 @@ REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "triton", "torch", "reference")
 VOCAB_RULES = ("equal", "common")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-DEFAULT_MEMORY_BUDGET = 768 << 20
+DEFAULT_MEMORY_BUDGET = 768 << 20  # the default budget's ceiling (a 4B+ model's head)
+MIN_DEFAULT_BUDGET = 64 << 20  # and its floor (small heads: one chunk)
 MIN_CHUNK_TOKENS = 1
 
 
@@ -57,6 +58,14 @@ def resolve_impl(impl: str, device: torch.device) -> str:
             raise ValueError("impl='triton' needs CUDA tensors; on CPU set TRITON_INTERPRET=1 before "
                              "importing triton (tests only, slow) or use impl='torch'")
     return impl
+
+
+def default_memory_budget(vocab: int, hidden: int) -> int:
+    """The transient budget when none is given: half the fp32 dW_s the call returns (V x H_s x 4 bytes),
+    within [64 MiB, 768 MiB]. The call's peak is then at most 1.5x the gradient any implementation must
+    return, and the chunks stay large enough for full-speed GEMMs (on CPU a chunk's GEMMs cost the same
+    per token from C ~ 256 up: at Qwen3-0.6B's head, 297 MiB gives C = 256 for reverse KL)."""
+    return min(DEFAULT_MEMORY_BUDGET, max(MIN_DEFAULT_BUDGET, vocab * hidden * 4 // 2))
 
 
 def chunk_tokens_for_budget(vocab: int, impl: str, divergence: str, memory_budget: int) -> int:
@@ -131,7 +140,7 @@ def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    if chunk_tokens is None and not memory_budget > 0:
+    if chunk_tokens is None and memory_budget is not None and not memory_budget > 0:
         raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
 
 
@@ -186,8 +195,9 @@ class FusedLinearKLFunction(torch.autograd.Function):
             ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                   teacher_bias, counted, mask_weight)
             return per_token, token_losses
-        if needs_grad:
-            ctx.grads = _full_grads(result, counted, student_hidden, student_weight, student_bias)
+        if needs_grad:  # saved tensors, not a ctx attribute: the engine releases them before AccumulateGrad,
+            # which then keeps each gradient as .grad instead of copying it (a second dW at the peak)
+            ctx.save_for_backward(*_full_grads(result, counted, student_hidden, student_weight, student_bias))
         total = weighted.sum()
         return (total / total_weight if options.reduction == "mean" and total_weight > 0 else total), token_losses
 
@@ -215,7 +225,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
                 kl_rows=_kl_rows(options.impl), acc=acc)
             grads = _full_grads(result, counted, student_hidden, student_weight, student_bias)
         else:
-            grads = ctx.grads  # freed with the graph; kept for a second backward (retain_graph)
+            grads = ctx.saved_tensors  # kept for a second backward only under retain_graph
             if not torch.equal(grad_output, torch.ones_like(grad_output)):
                 grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
         grad_hidden, grad_weight, grad_bias = grads
@@ -262,7 +272,7 @@ def fused_linear_kl(
     mask: torch.Tensor | None = None, *, divergence: str = "reverse", beta: float = 0.5,
     temperature: float = 1.0, student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
     reduction: str = "mean", impl: str = "auto", chunk_tokens: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET, vocab: str = "equal", return_token_losses: bool = False,
+    memory_budget: int | None = None, vocab: str = "equal", return_token_losses: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token divergence between softmax(W_s h_s / T) and softmax(W_t h_t / T), reduced.
 
@@ -274,7 +284,8 @@ def fused_linear_kl(
     when nothing counts), "sum" = sum w L, or "none" = w L per token [N] (0 where masked). impl:
     "auto" (triton on CUDA, torch elsewhere), "triton", "torch", "reference" (naive full logits, for tests).
     chunk_tokens: tokens per chunk; None picks it from ``memory_budget`` bytes (the chunk's
-    transient [C, V] buffers; default 768 MiB). Returns fp32
+    transient [C, V] buffers; None: ``default_memory_budget``, half the fp32 dW_s within
+    [64 MiB, 768 MiB]). Returns fp32
     (fp64 for fp64 inputs).
 
     A hidden state and its weight may have different floating dtypes (autocast: bf16 hidden, fp32
@@ -304,7 +315,9 @@ def fused_linear_kl(
     if impl == "triton" and student_hidden.dtype == torch.float64:
         raise ValueError("impl='triton' takes float32, bfloat16 or float16; use impl='torch' for float64")
     if chunk_tokens is None:
-        chunk_tokens = chunk_tokens_for_budget(student_weight.shape[0], impl, divergence, memory_budget)
+        vocab_rows, hidden = student_weight.shape
+        budget = default_memory_budget(vocab_rows, hidden) if memory_budget is None else memory_budget
+        chunk_tokens = chunk_tokens_for_budget(vocab_rows, impl, divergence, budget)
     options = KLOptions(divergence, float(beta), float(temperature), reduction, impl, int(chunk_tokens))
     with torch.autocast(student_hidden.device.type, enabled=False):  # the GEMMs in the inputs' (widened) dtype
         loss, token_losses = FusedLinearKLFunction.apply(
@@ -318,7 +331,7 @@ class FusedLinearKL(torch.nn.Module):
 
     def __init__(self, divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
                  reduction: str = "mean", impl: str = "auto", chunk_tokens: int | None = None,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, vocab: str = "equal"):
+                 memory_budget: int | None = None, vocab: str = "equal"):
         super().__init__()
         self.options = dict(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
                             impl=impl, chunk_tokens=chunk_tokens, memory_budget=memory_budget, vocab=vocab)

@@ -6,13 +6,14 @@ than the reference's own error in the same dtype, plus a small tolerance.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 
 import pytest
 import torch
 from caopd_kernels import FusedLinearKL, fused_linear_kl_reference
 from caopd_kernels import fused_linear_kl as _fused_linear_kl
-from caopd_kernels.fused_linear_kl import chunk_tokens_for_budget, resolve_impl
+from caopd_kernels.fused_linear_kl import chunk_tokens_for_budget, default_memory_budget, resolve_impl
 from caopd_kernels.torch_chunked import kl_rows_torch
 from caopd_kernels.triton_kl import kl_rows_triton as _kl_rows_triton
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -420,6 +421,51 @@ def test_chunk_tokens_for_budget_values():
     assert chunk_tokens_for_budget(v, "torch", "jsd", 768 << 20) == 265
     assert chunk_tokens_for_budget(v, "triton", "jsd", 768 << 20) == 662  # two [C, V] buffers whatever the loss
     assert chunk_tokens_for_budget(v, "torch", "reverse", 1) == 1  # never below one token
+
+
+def test_default_budget_is_half_the_returned_dw_within_bounds(monkeypatch):
+    """Issue 29: the transient budget follows the head (at most half the fp32 dW the call returns), so the
+    call's peak stays within 1.5x that floor: Qwen3-0.6B's head gets 297 MiB, C = 256 for reverse KL."""
+    v = 151_936
+    assert default_memory_budget(v, 1024) == v * 1024 * 4 // 2
+    assert chunk_tokens_for_budget(v, "torch", "reverse", default_memory_budget(v, 1024)) == 256
+    assert default_memory_budget(v, 4096) == 768 << 20  # ceiling
+    assert default_memory_budget(1000, 16) == 64 << 20  # floor: small heads run in one chunk
+    module = sys.modules["caopd_kernels.fused_linear_kl"]
+    seen, real = [], module.chunked_linear_kl
+    monkeypatch.setattr(module, "chunked_linear_kl", lambda *a, **k: seen.append(k["chunk_tokens"]) or real(*a, **k))
+    monkeypatch.setattr(module, "MIN_DEFAULT_BUDGET", 1)  # tiny shapes then show the rule itself
+    hs, ws, ht, wt, mask, _ = make_inputs(40, 16, 1000, torch.float32)
+    fused_linear_kl(hs, ws, ht, wt, mask, impl="torch")
+    fused_linear_kl(hs, ws, ht, wt, mask, impl="torch", memory_budget=1 << 20)  # an explicit budget wins
+    assert seen == [1000 * 16 * 4 // 2 // (2 * 1000 * 4), (1 << 20) // (2 * 1000 * 4)] == [4, 131]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_hands_over_its_gradients_without_a_copy(reduction, monkeypatch):
+    """Issue 29: the stored gradients were a ctx attribute, still referenced when autograd's AccumulateGrad
+    ran, so it copied them: a second [V, H] dW at the call's end (1.19 vs 1.06 GiB at N 4,096, V 151,936,
+    budget 384 MiB). As saved tensors they are released first, and .grad is the kernel's own tensor.
+    retain_graph still allows a second backward."""
+    module = sys.modules["caopd_kernels.fused_linear_kl"]
+    made, real = [], module.chunked_linear_kl
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        made.append((result.grad_weight.data_ptr(), result.grad_hidden.data_ptr()))  # addresses: no references
+        return result
+
+    monkeypatch.setattr(module, "chunked_linear_kl", spy)
+    hs, ws, ht, wt, _, _ = make_inputs(9, 8, 300, torch.float32)
+    hs.requires_grad_(), ws.requires_grad_()
+    fused_linear_kl(hs, ws, ht, wt, impl="torch", chunk_tokens=4, reduction=reduction).backward()
+    assert (ws.grad.data_ptr(), hs.grad.data_ptr()) == made[0]
+    once = ws.grad.clone()
+    ws.grad = hs.grad = None
+    loss = fused_linear_kl(hs, ws, ht, wt, impl="torch", chunk_tokens=4, reduction=reduction)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert torch.allclose(ws.grad, 2 * once, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

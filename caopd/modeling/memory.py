@@ -33,8 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from caopd_kernels.fused_linear_kl import DEFAULT_MEMORY_BUDGET as LOSS_BUDGET
-from caopd_kernels.fused_linear_kl import MIN_CHUNK_TOKENS
+from caopd_kernels.fused_linear_kl import MIN_CHUNK_TOKENS, default_memory_budget
 
 from caopd.errors import InputError
 from caopd.modeling.model_shapes import shape_values
@@ -238,7 +237,8 @@ def _training(plan: Plan, shape: Shape) -> list[Row]:
     completion_rows = mb * k * c
     # chunk buffers (caopd_kernels' budget rule: [C, V] fp32, 2 of them for reverse KL; C from the budget,
     # at most the micro-batch's completion tokens) + the lm_head's fp32 dW, stored from forward to backward
-    chunk = min(completion_rows, max(MIN_CHUNK_TOKENS, LOSS_BUDGET // (2 * shape.vocab * 4)))
+    loss_budget = default_memory_budget(shape.vocab, shape.hidden)
+    chunk = min(completion_rows, max(MIN_CHUNK_TOKENS, loss_budget // (2 * shape.vocab * 4)))
     training = frozenset({"training"})
     rows = []
     micro_batches = -(-max(1, plan.prompts_per_step // (plan.gpus if plan.fsdp else 1)) // mb)

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..fused_linear_kl import DEFAULT_MEMORY_BUDGET, divergence_for_beta, fused_linear_kl, resolve_impl
+from ..fused_linear_kl import divergence_for_beta, fused_linear_kl, resolve_impl
 
 TESTED_TRL = "1.16"
 # Attributes of TRL 1.16's SDFTTrainer / SDPOTrainer that this module relies on.
@@ -50,11 +50,11 @@ def divergence_for_alpha(alpha: float) -> tuple[str, float]:
     return divergence_for_beta(alpha, "distillation_alpha")
 
 
-def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET):
+def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int | None = None):
     """Route ``trainer``'s distillation loss through ``fused_linear_kl``; returns the trainer.
 
     ``trainer``: a constructed TRL SDFTTrainer or SDPOTrainer with distillation_mode="full_logits".
-    impl / memory_budget: as in fused_linear_kl. Call it once, before ``train()``."""
+    impl / memory_budget: as in fused_linear_kl (None: its default budget). Call it once, before ``train()``."""
     try:
         from trl.experimental.sdft import SDFTTrainer
         from trl.experimental.sdpo import SDPOTrainer
@@ -81,7 +81,8 @@ def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int = DEF
                          "fused loss needs it whole (DDP and ZeRO-1/2 work)")
     device = next(trainer.model.parameters()).device
     resolve_impl(impl, device)  # a wrong impl or budget now, not at the first step
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget <= 0):
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     divergence, beta = divergence_for_alpha(float(args.distillation_alpha))
     for which, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
@@ -121,7 +122,7 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
 
 
 def fused_self_distillation_loss(trainer, model, inputs, *, divergence: str, beta: float, temperature: float,
-                                 impl: str = "auto", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+                                 impl: str = "auto", memory_budget: int | None = None) -> torch.Tensor:
     """TRL's per-sequence-mean self-distillation loss over one batch, in one fused_linear_kl call."""
     completion_ids = inputs["completion_ids"]
     batch, length = completion_ids.shape
