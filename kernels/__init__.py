@@ -1,10 +1,13 @@
 """caopd_kernels: drop-in kernels for on-policy distillation (torch and triton only).
 
     from caopd_kernels import fused_linear_kl, FusedLinearKL
+    from caopd_kernels import fused_linear_kl_topk  # a teacher known by its top-k log-probabilities
     from caopd_kernels import FusedLinearJSDLoss  # for code written against Liger's LigerFusedLinearJSDLoss
 """
 from .fused_linear_kl import FusedLinearKL, fused_linear_kl
+from .fused_linear_kl_topk import fused_linear_kl_topk
 from .liger_jsd import FusedLinearJSDLoss
-from .reference import fused_linear_kl_reference
+from .reference import fused_linear_kl_reference, fused_linear_kl_topk_reference
 
-__all__ = ["fused_linear_kl", "FusedLinearKL", "FusedLinearJSDLoss", "fused_linear_kl_reference"]
+__all__ = ["fused_linear_kl", "FusedLinearKL", "FusedLinearJSDLoss", "fused_linear_kl_reference", "fused_linear_kl_topk",
+           "fused_linear_kl_topk_reference"]

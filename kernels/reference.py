@@ -54,3 +54,43 @@ def fused_linear_kl_reference(
         return loss.sum()
     total_weight = loss.numel() if mask is None else float(mask.to(acc).sum())
     return loss.sum() / total_weight if total_weight > 0 else loss.sum()
+
+
+def fused_linear_kl_topk_reference(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor, mask: torch.Tensor | None = None, *, divergence: str = "forward",
+    beta: float = 0.5, tail: str = "bucket", temperature: float = 1.0, student_bias: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Same contract as ``caopd_kernels.fused_linear_kl_topk``: full logits, buckets by masking, autograd."""
+    acc = accumulation_dtype(student_hidden.dtype)
+    logits = student_hidden @ student_weight.T
+    if student_bias is not None:
+        logits = logits + student_bias
+    log_p_all = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+    log_p = log_p_all.gather(1, teacher_ids)
+    log_q = teacher_logprobs.to(acc)
+    if tail == "none":
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
+    elif teacher_ids.shape[1] < student_weight.shape[0]:
+        off_support = log_p_all.scatter(1, teacher_ids, float("-inf"))
+        captured = torch.logsumexp(log_q, dim=-1).clamp(max=-1e-7)
+        log_p = torch.cat([log_p, torch.logsumexp(off_support, dim=-1, keepdim=True)], dim=1)
+        log_q = torch.cat([log_q, torch.log(-torch.expm1(captured)).unsqueeze(1)], dim=1)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "forward":
+        loss = (torch.xlogy(q, q) - q * log_p).sum(-1)
+    elif divergence == "reverse":
+        loss = (p * (log_p - log_q)).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1 - beta))
+        loss = beta * (torch.xlogy(q, q) - q * log_m).sum(-1) + (1 - beta) * (p * (log_p - log_m)).sum(-1)
+    if mask is not None:
+        loss = loss * mask.to(acc)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    total_weight = loss.numel() if mask is None else float(mask.to(acc).sum())
+    return loss.sum() / total_weight if total_weight > 0 else loss.sum()

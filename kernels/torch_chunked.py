@@ -180,16 +180,25 @@ def chunked_linear_kl(
         if not compute_grad:
             del z  # before the next chunk's logits, which would otherwise be a third [C, V] buffer
             continue
-        # Each token's reduction weight and the 1/T of d(W h / T) scale rows of dL/dz; applied on
-        # the [C, H] side of the GEMMs (and as a GEMV for the bias) instead of a pass over [C, V].
-        scale = (token_weight[rows] / temperature).unsqueeze(1)  # [C, 1]
-        grad_z_low = grad_z.to(student_weight.dtype)  # the GEMMs' operand dtype (a no-op in fp32)
-        grad_hidden[rows] = (grad_z_low @ student_weight).mul_(scale.to(student_weight.dtype))
-        if _fp32_out_gemms(h):
-            _accumulate_grad_weight(grad_weight, grad_z_low, (h.to(acc) * scale).to(h.dtype))
-        else:
-            grad_weight.addmm_(grad_z.T, h.to(acc) * scale)
-        if grad_bias is not None:
-            grad_bias.addmv_(grad_z.T, scale.squeeze(1))
-        del z, grad_z, grad_z_low  # grad_z_low is grad_z in fp32: kept, it outlived the chunk (issue 29)
+        student_grads(grad_z, h, student_weight, (token_weight[rows] / temperature).unsqueeze(1), acc,
+                      grad_hidden, rows, grad_weight, grad_bias)
+        del z, grad_z
     return ChunkResult(loss, grad_hidden, grad_weight, grad_bias)
+
+
+def student_grads(grad_z: torch.Tensor, h: torch.Tensor, student_weight: torch.Tensor, scale: torch.Tensor,
+                  acc: torch.dtype, grad_hidden: torch.Tensor, rows: slice, grad_weight: torch.Tensor,
+                  grad_bias: torch.Tensor | None) -> None:
+    """grad_hidden[rows] = scale dL/dz W_s, grad_weight += (scale dL/dz)^T h, grad_bias += sum scale dL/dz.
+
+    scale [C, 1]: each token's reduction weight times the 1/T of d(W h / T), applied on the [C, H] side
+    of the GEMMs (and as a GEMV for the bias) instead of a pass over [C, V]."""
+    grad_z_low = grad_z.to(student_weight.dtype)  # the GEMMs' operand dtype (grad_z itself in fp32)
+    grad_hidden[rows] = (grad_z_low @ student_weight).mul_(scale.to(student_weight.dtype))
+    if _fp32_out_gemms(h):
+        _accumulate_grad_weight(grad_weight, grad_z_low, (h.to(acc) * scale).to(h.dtype))
+    else:
+        grad_weight.addmm_(grad_z.T, h.to(acc) * scale)
+    if grad_bias is not None:
+        grad_bias.addmv_(grad_z.T, scale.squeeze(1))
+    # grad_z_low (grad_z itself in fp32) dies here with the call: it outlived its chunk once (issue 29)

@@ -546,6 +546,33 @@ class _VocabBuffers(TorchDispatchMode):
         return out
 
 
+class _LogitGemms(TorchDispatchMode):
+    """The GEMMs that produce [rows x V] outputs, by name (aten.mm.out writes a given buffer)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.names = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "mm" in str(func) and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == self.vocab:
+            self.names.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_chunks_reuse_two_logit_buffers(bias):
+    """Issue 29: a fresh [C, V] buffer per chunk is fresh pages on CPU, whose faults cost ~10 % of the logits
+    GEMM; in fp32 every chunk's two logits GEMMs write into buffers allocated once (5 chunks here)."""
+    hs, ws, ht, wt, mask, bs = make_inputs(37, 8, 300, torch.float32, bias=bias)
+    hs.requires_grad_(), ws.requires_grad_()
+    mode = _LogitGemms(300)
+    with mode:
+        fused_linear_kl(hs, ws, ht, wt, impl="torch", chunk_tokens=8, student_bias=bs)
+    gemm = "aten.addmm.out" if bias else "aten.mm.out"
+    assert mode.names == [gemm, "aten.mm.out"] * 5, mode.names  # the teacher has no bias here
+
+
 @pytest.mark.parametrize("divergence", ["reverse", "forward", "jsd"])
 @pytest.mark.parametrize("case", ["fp32", "bf16", "bf16 hidden, fp32 weight", "vocab common"])
 def test_no_vocab_buffer_outlives_its_chunk(divergence, case):
