@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPLS = ["gemm_floor", "torch", "triton", "reference", "liger", "liger_compiled"]
+IMPLS = ["gemm_floor", "torch", "triton", "reference", "liger", "liger_compiled", "topk"]
 COLORS = {"gemm_floor": "black", "torch": "#1f77b4", "triton": "#9467bd", "reference": "#ff7f0e", "liger": "#d62728",
-          "liger_compiled": "#8c564b"}
+          "liger_compiled": "#8c564b", "topk": "#2ca02c"}
+TOP_K = 20  # the "topk" row: fused_linear_kl_topk against a teacher's top 20 (forward KL, tail bucket)
 GIB = 1 << 30
 
 
@@ -74,6 +75,14 @@ def make_inputs(n, hidden, vocab, dtype, device, seed=0):
     return student_hidden, student_weight, teacher_hidden, teacher_weight
 
 
+def topk_teacher(n: int, vocab: int, k: int, device, seed: int = 0):
+    """k distinct ids a row (a strided comb, shifted per row) and log-probabilities that capture half the mass."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = (torch.arange(k) * (vocab // k) + torch.randint(0, vocab, (n, 1), generator=g)) % vocab
+    logprobs = torch.log_softmax(torch.randn(n, k, generator=g), dim=-1) + torch.log(torch.tensor(0.5))
+    return ids.to(device), logprobs.to(device)
+
+
 def gemm_floor(student_hidden, student_weight, teacher_hidden, teacher_weight, chunk=1024):
     """The four GEMMs the loss cannot avoid (two logits, dH, dW), chunked like the loss: the floor."""
     grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)
@@ -93,6 +102,14 @@ def step(impl, inputs):
 
     if impl == "gemm_floor":
         return gemm_floor(*inputs)
+    if impl == "topk":  # the student against a served teacher's top-k: no teacher GEMM
+        from caopd_kernels import fused_linear_kl_topk
+
+        n, vocab = inputs[0].shape[0], inputs[1].shape[0]
+        ids, logprobs = topk_teacher(n, vocab, TOP_K, inputs[0].device)
+        loss = fused_linear_kl_topk(inputs[0], inputs[1], ids, logprobs)
+        loss.backward()
+        return loss
     if impl.startswith("liger"):  # liger: its default on the device (compiled on CUDA); liger_compiled: always
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -130,7 +147,7 @@ def worker(args) -> dict:
             seconds = time.perf_counter() - start
         peak_extra = peak.peak - before
     grad_bytes = sum(t.grad.numel() * t.grad.element_size() for t in inputs[:2] if t.grad is not None)
-    flops = 8 * args.n * args.hidden * args.vocab
+    flops = (6 if args.impl == "topk" else 8) * args.n * args.hidden * args.vocab  # top-k: no teacher GEMM
     import caopd_kernels
 
     return {"impl": args.label or args.impl, "n": args.n, "kernels": str(Path(caopd_kernels.__file__).parent),
@@ -230,6 +247,9 @@ def ratios(rows) -> dict:
         if not ours:
             continue
         baselines = sorted({r["impl"] for r in rows if "@" in r["impl"]})
+        if ("topk", n) in by:
+            out[f"time topk/dense @N={n}"] = by[("topk", n)]["seconds"] / ours["seconds"]
+            out[f"memory topk/dense @N={n}"] = by[("topk", n)]["peak_extra_gib"] / ours["peak_extra_gib"]
         for other in ["gemm_floor", "reference", "liger", "liger_compiled", *baselines]:
             if (other, n) in by:
                 out[f"time ours/{other} @N={n}"] = ours["seconds"] / by[(other, n)]["seconds"]

@@ -6,8 +6,9 @@ EMA, checkpoint, final save); the trainer measures its own peak resident memory 
 settings (``memory.plan_of``, as `caopd memory --config` plans), with the steps' longest prompt and the
 completion cap; for several processes, the process furthest from its estimate.
 
-    python -m benchmarks.memory_check          # tiny, random:Qwen3-0.6B whole, LoRA, 2 processes (~10 min, 16 GB)
-Writes benchmarks/results/memory_cpu.{json,md}.
+    python -m benchmarks.memory_check          # tiny, random:Qwen3-0.6B whole, LoRA, 2 processes, a teacher model
+    python -m benchmarks.memory_check --only teacher-model   # the settings whose name holds that text
+Writes benchmarks/results/memory_cpu.{json,md} (with --only: those rows replaced, the others kept).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ SETTINGS = {  # name: (processes, train's flags over --config tiny)
     "random:Qwen3-0.6B, K = 2": (1, QWEN3_0_6B),
     "random:Qwen3-0.6B, K = 2, LoRA r 16": (1, [*QWEN3_0_6B, "--lora-r", "16"]),
     "random:Qwen3-0.6B, K = 2, 2 processes (FSDP2)": (2, [*QWEN3_0_6B, "--fsdp", "true"]),
+    "random:Qwen3-0.6B, K = 2, --teacher-model random:Qwen3-1.7B (bf16)":
+        (1, [*QWEN3_0_6B, "--teacher-model", "random:Qwen3-1.7B", "--teacher-dtype", "bf16"]),
 }
 
 
@@ -75,20 +78,34 @@ def measure(setting: str, out: Path) -> dict:
 
 
 def main() -> None:
+    import argparse
+
     import torch
 
     from benchmarks.kernel_kl import device_name, git_sha
 
-    rows = []
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=None, help="run the settings whose name holds one of these")
+    args = parser.parse_args()
+    chosen = [s for s in SETTINGS if args.only is None or any(part in s for part in args.only)]
+    if not chosen:
+        raise SystemExit(f"--only {' '.join(args.only)}: no setting matches ({'; '.join(SETTINGS)})")
+    saved = RESULTS / "memory_cpu.json"
+    old = json.loads(saved.read_text()) if args.only and saved.exists() else {"rows": []}
+    kept = [{**r, "commit": r.get("commit", old.get("commit"))} for r in old["rows"]]
+    new = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, setting in enumerate(SETTINGS):
-            rows.append(measure(setting, Path(tmp) / f"run{i}"))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "rows"}), flush=True)
+        for i, setting in enumerate(chosen):
+            new[setting] = measure(setting, Path(tmp) / f"run{i}")
+            print(json.dumps({k: v for k, v in new[setting].items() if k != "rows"}), flush=True)
+    for r in new.values():
+        r["commit"] = git_sha()
+    rows = [new.pop(r["setting"], r) for r in kept] + list(new.values())  # the others' rows keep their commit
     device, commit = device_name("cuda" if torch.cuda.is_available() else "cpu"), git_sha()
-    lines = ["| run | prompt tokens | process (the worst) | measured peak GiB | estimated GiB | estimate / measured |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | prompt tokens | process (the worst) | measured peak GiB | estimated GiB | estimate / measured "
+             "| commit |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['prompt_tokens']} | {r['process']} of {r['processes']} | "
-              f"{r['measured_gib']:.3f} | {r['estimated_gib']:.3f} | {r['ratio']:.2f} |" for r in rows]
+              f"{r['measured_gib']:.3f} | {r['estimated_gib']:.3f} | {r['ratio']:.2f} | {r['commit']} |" for r in rows]
     for r in rows:
         lines += ["", f"{r['setting']}, the estimate's components:", "", "| component | GiB |", "|---|---|"]
         lines += [f"| {name} | {gib:.3f} |" for name, gib in r["rows"]]
@@ -96,7 +113,8 @@ def main() -> None:
     (RESULTS / "memory_cpu.json").write_text(json.dumps({"device": device, "commit": commit, "rows": rows},
                                                         indent=1) + "\n")
     (RESULTS / "memory_cpu.md").write_text(
-        f"# `caopd memory` against measured peaks (CPU)\n\n{device}; commit {commit}. Measured: the peak resident "
+        f"# `caopd memory` against measured peaks (CPU)\n\n{device}; each row's commit in its column (this file "
+        f"written at {commit}). Measured: the peak resident "
         "memory of a fresh `caopd train` process over its phases (memory.json; 2 steps). Estimated: `caopd memory "
         "--device cpu` for the same settings (the fixed per-process cost included).\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))

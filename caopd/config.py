@@ -25,6 +25,7 @@ import yaml
 from caopd.errors import InputError
 
 MAX_CONFIG_BYTES = 1 << 20
+TEACHER_EMA_DEFAULT = 0.01
 MAX_GENERATIONS = 1024  # rollouts a prompt
 MAX_TOKENS = 1 << 20  # a prompt's or a completion's
 GROUPS = ("model and data", "CaOPD", "sampling", "optimization", "run folder and checkpoints")
@@ -85,8 +86,12 @@ class TrainConfig:
     beta: float = option(0.5, "JSD mixture weight, in (0, 1)", "CaOPD")
     temperature: float = option(1.0, "softmax temperature of the loss, > 0", "CaOPD")
     skip_loss_tokens: int = option(3, "first completion tokens left out of the loss", "CaOPD")
-    teacher_ema: float = option(0.01, "teacher <- (1 - a) teacher + a student after each step, in [0, 1] "
-                                "(0: frozen teacher)", "CaOPD")
+    teacher_ema: float = option(TEACHER_EMA_DEFAULT, "teacher <- (1 - a) teacher + a student after each step, in "
+                                "[0, 1] (0: frozen teacher; a --teacher-model is always frozen)", "CaOPD")
+    teacher_model: str = option("", "a frozen teacher other than the student, of the student's tokenizer: a "
+                                "folder, hub id or random:<shape> (on-policy distillation from a larger model; it "
+                                "sees the privileged context as the EMA teacher does); empty: the student's EMA",
+                                "CaOPD")
     teacher_dtype: str = option("fp32", "the EMA teacher's weights: fp32, or bf16 (half the memory and, under "
                                 "FSDP, half the gathers; the EMA by stochastic rounding)", "CaOPD", ("fp32", "bf16"))
 
@@ -215,6 +220,9 @@ class TrainConfig:
         if self.rollout_engine == "server" and not self.rollout_server.strip():
             raise InputError("--rollout-engine server needs --rollout-server http://HOST:PORT (started by caopd "
                              "rollout-server)")
+        if self.teacher_model and self.teacher_ema not in (0.0, TEACHER_EMA_DEFAULT):
+            raise InputError(f"--teacher-ema {self.teacher_ema}: a --teacher-model teacher is frozen (the EMA follows "
+                             "the student's own weights); leave --teacher-ema out")
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite exclude each other: continue the run, or replace it")
 

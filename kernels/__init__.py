@@ -9,5 +9,5 @@ from .fused_linear_kl_topk import fused_linear_kl_topk
 from .liger_jsd import FusedLinearJSDLoss
 from .reference import fused_linear_kl_reference, fused_linear_kl_topk_reference
 
-__all__ = ["fused_linear_kl", "FusedLinearKL", "FusedLinearJSDLoss", "fused_linear_kl_reference", "fused_linear_kl_topk",
-           "fused_linear_kl_topk_reference"]
+__all__ = ["fused_linear_kl", "FusedLinearKL", "FusedLinearJSDLoss", "fused_linear_kl_reference",
+           "fused_linear_kl_topk", "fused_linear_kl_topk_reference"]

@@ -36,25 +36,27 @@ class TopKOptions:
     chunk_tokens: int
 
 
+def _described(t) -> str:
+    return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _check_topk_inputs(student_hidden, student_weight, teacher_ids, teacher_logprobs, mask, student_bias,
                        divergence, beta, tail, temperature, reduction, impl, chunk_tokens, memory_budget) -> None:
     for name, t in (("student_hidden", student_hidden), ("student_weight", student_weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a 2-D float tensor, got "
-                             f"{(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise ValueError(f"{name} must be a 2-D float tensor, got {_described(t)}")
     n, hidden = student_hidden.shape
     vocab = student_weight.shape[0]
     if student_weight.shape[1] != hidden:
         raise ValueError(f"student_weight {tuple(student_weight.shape)} does not match H = {hidden} of student_hidden")
     if not isinstance(teacher_ids, torch.Tensor) or teacher_ids.dim() != 2 or teacher_ids.shape[0] != n \
             or teacher_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"teacher_ids must be an integer tensor [N, k] with N = {n}, got "
-                         f"{(tuple(teacher_ids.shape), teacher_ids.dtype) if isinstance(teacher_ids, torch.Tensor) else type(teacher_ids).__name__}")
+        raise ValueError(f"teacher_ids must be an integer tensor [N, k] with N = {n}, got {_described(teacher_ids)}")
     k = teacher_ids.shape[1]
     if not isinstance(teacher_logprobs, torch.Tensor) or teacher_logprobs.shape != (n, k) \
             or not teacher_logprobs.is_floating_point():
         raise ValueError(f"teacher_logprobs must be a float tensor [N, k] = [{n}, {k}] like teacher_ids, got "
-                         f"{tuple(teacher_logprobs.shape) if isinstance(teacher_logprobs, torch.Tensor) else type(teacher_logprobs).__name__}")
+                         f"{_described(teacher_logprobs)}")
     if not 1 <= k <= vocab:
         raise ValueError(f"k = {k} teacher tokens a position, but the vocabulary has V = {vocab}: need 1 <= k <= V")
     devices = {t.device for t in (student_hidden, student_weight, teacher_ids, teacher_logprobs)}

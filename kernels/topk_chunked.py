@@ -12,8 +12,9 @@ TRL does, since a top-k list cannot say it is 0). With tail="none" both sides ar
 With p = softmax(z), d log P_B / dz_w = [w in B] p_w / P_B - p_w, so
     dL/dz_j = G_j - p_j sum_B G_B                          (j in S)
     dL/dz_w = exp(log p_w - log P_tail) (G_tail - P_tail sum_B G_B)   (w off S)
-which never divides by a small P_tail. A multiple of P_B added to G changes neither (sum_B P_B = 1). With tail="none" only z_S enters (the renormalisation drops the
-log-normaliser): G w.r.t. the renormalised log P is mapped back by G - P sum G, and nothing off S moves.
+which never divides by a small P_tail. A multiple of P_B added to G changes neither (sum_B P_B = 1).
+With tail="none" only z_S enters (the renormalisation drops the log-normaliser): G w.r.t. the
+renormalised log P is mapped back by G - P sum G, and nothing off S moves.
 
 Which approximates what: the forward KL with the tail bucket is the full forward KL(t||s) when the
 teacher's tail is one token, and exactly it at k = V; on a wide tail it compares only the tail's total

@@ -37,7 +37,7 @@ timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_fused_line
 tail -1 "$out/kernel_tests.log"
 timeout 120 "$py" scripts/gpu_bf16_check.py > "$out/bf16_check.json" 2> "$out/bf16_check.log" || status=1
 cat "$out/bf16_check.json"
-impls="torch triton gemm_floor"
+impls="torch triton gemm_floor topk"
 "$py" -c 'import liger_kernel' 2>/dev/null && impls="$impls liger"
 timeout 240 "$py" benchmarks/kernel_kl.py --device cuda --dtype bfloat16 --hidden 4096 --ns 2048 8192 16384 \
   --impls $impls > "$out/kernel_benchmark.log" 2>&1 || status=1

@@ -45,6 +45,24 @@ def test_the_persistent_parts_of_qwen3_8b_by_hand():
     assert not any("rollout copy" in name for name in sharded)  # no whole model on a process after the load
 
 
+def test_a_teacher_model_of_its_own_is_counted_by_its_shape():
+    """--teacher-model Qwen3-32B --model Qwen3-8B (issue 30): the teacher's own parameters, frozen (no moments or
+    gradients of its own), both heads in FSDP's root, its layers in flight and its KV cache, no EMA teacher."""
+    student, teacher = (Shape.of(shape_values(name)) for name in ("Qwen3-8B", "Qwen3-32B"))
+    plan = Plan("Qwen3-8B", teacher_model="Qwen3-32B", fsdp=True, gpus=8, teacher_dtype="bf16")
+    rows = parts(plan)
+    alone = parts(Plan("Qwen3-8B", fsdp=True, gpus=8, teacher_dtype="bf16"))
+    assert rows["teacher model, frozen (bf16 shards)"] == teacher.parameters * 2 / 8
+    assert "EMA teacher (bf16 shards)" not in rows and alone["EMA teacher (bf16 shards)"] == student.parameters * 2 / 8
+    assert rows["Adam moments"] == alone["Adam moments"] and rows["gradients"] == alone["gradients"]
+    assert rows["FSDP root gathered: both models' embeddings and lm_heads"] == \
+        (student.embedding_parameters + teacher.embedding_parameters) * 2
+    assert rows["FSDP decoder layers in flight (2, prefetch)"] == 2 * teacher.layer_parameters * 2
+    assert rows["teacher forward: prefix cache of the micro-batch"] == \
+        8 * 2048 * teacher.layers * 2 * teacher.kv_width * 2
+    assert rows["the whole model, read once and broadcast (main process)"] == teacher.parameters * 2  # one at a time
+
+
 def test_fsdp_load_save_and_offload_rows():
     shape = Shape.of(shape_values("Qwen3-32B"))
     n = shape.parameters

@@ -121,6 +121,7 @@ class Plan:
     liger_kernels: bool = False
     master_weights: str = "fp32"  # or bf16 (stochastic-rounding AdamW)
     teacher_dtype: str = "fp32"  # or bf16
+    teacher_model: str = ""  # a frozen teacher of its own (--teacher-model): its shape; "": the student's EMA
     device: str = "cuda"  # "cpu": fp32 everywhere, no CUDA context, no vLLM share
     processes_per_node: int = 8
     host_memory_gib: float = 0.0  # each node's host memory (0: not checked)
@@ -170,9 +171,11 @@ def _lora_parameters(shape: Shape, r: int) -> int:
     return shape.layers * per_layer
 
 
-def _weights(plan: Plan, shape: Shape, main: bool) -> list[Row]:
-    """The student, the teacher, Adam's moments and the gradients, with their load-time copies."""
+def _weights(plan: Plan, shape: Shape, main: bool, teacher_shape: Shape | None = None) -> list[Row]:
+    """The student, the teacher, Adam's moments and the gradients, with their load-time copies.
+    ``teacher_shape``: a --teacher-model's (frozen: no moments, no gradients); None: the student's EMA."""
     cpu, n, lora = plan.device == "cpu", shape.parameters, plan.lora_r > 0
+    n_teacher = n if teacher_shape is None else teacher_shape.parameters
     shard = plan.gpus if plan.fsdp else 1
     compute = 4 if cpu else 2
     trainable = _lora_parameters(shape, plan.lora_r) if lora else n
@@ -182,45 +185,55 @@ def _weights(plan: Plan, shape: Shape, main: bool) -> list[Row]:
     where = " (in host memory)" if offloaded else ""
     rows = []
     if lora:  # the frozen base in the compute dtype, the adapters in fp32; the teacher: adapters
-        rows += [Row("base weights (frozen)", n * compute), Row("adapters", trainable * 4),
-                 Row("EMA teacher (adapters; the base is shared)", trainable * 4)]
+        rows += [Row("base weights (frozen)", n * compute), Row("adapters", trainable * 4)]
+        if teacher_shape is None:
+            rows.append(Row("EMA teacher (adapters; the base is shared)", trainable * 4))
     else:
-        rows += [Row(f"trained weights ({'fp32' if master == 4 else 'bf16'}{' shards' if plan.fsdp else ''})"
-                     + where, n * master / shard, host=offloaded),
-                 Row(f"EMA teacher ({'fp32' if teacher == 4 else 'bf16'}{' shards' if plan.fsdp else ''})" + where,
-                     n * teacher / shard, host=offloaded)]
+        rows.append(Row(f"trained weights ({'fp32' if master == 4 else 'bf16'}{' shards' if plan.fsdp else ''})"
+                        + where, n * master / shard, host=offloaded))
+    kind = f"{'fp32' if teacher == 4 else 'bf16'}{' shards' if plan.fsdp else ''}"
+    if teacher_shape is not None:
+        rows.append(Row(f"teacher model, frozen ({kind})" + where, n_teacher * teacher / shard, host=offloaded))
+    elif not lora:
+        rows.append(Row(f"EMA teacher ({kind})" + where, n * teacher / shard, host=offloaded))
     moments = 2 * trainable * (4 if master == 4 else 2) / shard
     rows.append(Row("Adam moments" + where, moments, AFTER_LOAD, host=offloaded))
     rows.append(Row("gradients" + where, trainable * 4 / shard, frozenset({"training"}), host=offloaded))
     load = frozenset({"load"})
-    if plan.fsdp:  # the main process reads the whole model once; the others receive one tensor at a time
+    largest = shape.largest_tensor if teacher_shape is None else max(shape.largest_tensor, teacher_shape.largest_tensor)
+    if plan.fsdp:  # the main process reads the whole model once (then the teacher model); the others a tensor at a time
+        read = max(n, n_teacher) if teacher_shape is not None else n
         if main and cpu:  # in the same memory as the shards it fills while it frees itself
-            beyond = max(0.0, n * compute - n * (master + teacher) / shard)
+            beyond = max(0.0, read * compute - (n * master + n_teacher * teacher) / shard)
             rows.append(Row("the whole model read once (main process), beyond its shards", beyond, load))
         elif main:
-            rows.append(Row("the whole model, read once and broadcast (main process)", n * compute, load, host=True))
-        rows.append(Row("one whole tensor in flight (broadcast)", shape.largest_tensor * compute, load))
+            rows.append(Row("the whole model, read once and broadcast (main process)", read * compute, load,
+                            host=True))
+        rows.append(Row("one whole tensor in flight (broadcast)", largest * compute, load))
     elif not cpu:  # one process: built in host memory, then moved to the GPU
-        rows.append(Row("student and teacher, built in host memory before moving", n * (master + teacher), load,
-                        host=True))
+        rows.append(Row("student and teacher, built in host memory before moving", n * master + n_teacher * teacher,
+                        load, host=True))
     return rows
 
 
-def _sharded_compute(plan: Plan, shape: Shape) -> list[Row]:
+def _sharded_compute(plan: Plan, shape: Shape, teacher_shape: Shape | None = None) -> list[Row]:
     """What FSDP2 gathers for compute: the root (both models' embeddings, norms, lm_heads, kept
     gathered from the first forward of a step to the end of its backward) and layers in flight."""
     compute = 4 if plan.device == "cpu" else 2
     after = frozenset({"generation", "training"})
-    return [Row("FSDP root gathered: both models' embeddings and lm_heads", 2 * shape.embedding_parameters * compute,
-                after),
-            Row("FSDP decoder layers in flight (2, prefetch)", 2 * shape.layer_parameters * compute, after),
+    teacher = teacher_shape or shape
+    return [Row("FSDP root gathered: both models' embeddings and lm_heads",
+                (shape.embedding_parameters + teacher.embedding_parameters) * compute, after),
+            Row("FSDP decoder layers in flight (2, prefetch)",
+                2 * max(shape.layer_parameters, teacher.layer_parameters) * compute, after),
             Row("FSDP one layer's unsharded gradient (fp32)", shape.layer_parameters * 4, frozenset({"training"})),
             Row("FSDP the root's unsharded gradient: student embeddings, lm_head (fp32)",
                 shape.embedding_parameters * 4, frozenset({"training"}))]
 
 
-def _training(plan: Plan, shape: Shape) -> list[Row]:
+def _training(plan: Plan, shape: Shape, teacher_shape: Shape | None = None) -> list[Row]:
     """One micro-batch's forward and backward."""
+    teacher = teacher_shape or shape
     compute = 4 if plan.device == "cpu" else 2
     p, c, k, mb = plan.prompt_tokens, plan.completion_tokens, plan.num_generations, plan.micro_batch_prompts
     student_tokens = mb * (p + k * c) if plan.shared_prefix else mb * k * (p + c)
@@ -248,11 +261,12 @@ def _training(plan: Plan, shape: Shape) -> list[Row]:
         trainable = _lora_parameters(shape, plan.lora_r) if plan.lora_r else shape.parameters
         rows.append(Row("gradient buffers while accumulating (prefix + completion passes)", trainable * 4, training))
     return rows + [Row("student activations (saved for backward)", saved, training),
-            Row("final hidden rows (both models)", 3 * completion_rows * shape.hidden * 4, training),
+            Row("final hidden rows (both models)", completion_rows * (2 * shape.hidden + teacher.hidden) * 4,
+                training),
             Row("fused loss: chunk buffers + lm_head dW", 2 * chunk * shape.vocab * 4 + shape.vocab * shape.hidden * 4,
                 training),
             Row("teacher forward: prefix cache of the micro-batch",
-                mb * k * (p + c) * shape.layers * 2 * shape.kv_width * compute, training)]
+                mb * k * (p + c) * teacher.layers * 2 * teacher.kv_width * compute, training)]
 
 
 def _generation(plan: Plan, shape: Shape) -> list[Row]:
@@ -287,10 +301,11 @@ def estimate(plan: Plan, values: dict | None = None, main: bool = True) -> Estim
                 host=True)]
     if not cpu:
         rows.append(Row("CUDA context", CUDA_CONTEXT))
-    rows += _weights(plan, shape, main)
+    teacher = Shape.of(shape_values(plan.teacher_model)) if plan.teacher_model else None
+    rows += _weights(plan, shape, main, teacher)
     if plan.fsdp:
-        rows += _sharded_compute(plan, shape)
-    rows += _training(plan, shape) + _generation(plan, shape) + _saving(plan, shape, main)
+        rows += _sharded_compute(plan, shape, teacher)
+    rows += _training(plan, shape, teacher) + _generation(plan, shape) + _saving(plan, shape, main)
     return Estimate(rows, cpu)
 
 
@@ -348,7 +363,8 @@ def plan_of(config, *, gpus: int = 1, device: str = "cuda", gpu_memory_gib: floa
                 vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
                 vllm_tensor_parallel_size=config.vllm_tensor_parallel_size, optimizer_offload=config.fsdp_cpu_offload,
                 liger_kernels=config.liger_kernels, master_weights=config.master_weights,
-                teacher_dtype=config.teacher_dtype, processes_per_node=processes_per_node, device=device,
+                teacher_dtype=config.teacher_dtype, teacher_model=config.teacher_model.removeprefix(RANDOM_PREFIX),
+                processes_per_node=processes_per_node, device=device,
                 host_memory_gib=host_memory_gib)
 
 
@@ -374,7 +390,7 @@ def report(plan: Plan) -> str:
     processes = f"{plan.gpus} process(es){' (FSDP2)' if plan.fsdp else ''}"
     where = "CPU process" if cpu else "GPU"
     lines = [f"{plan.model}: {shape.parameters / 1e9:.2f}B parameters, {shape.layers} layers, vocabulary "
-             f"{shape.vocab}; {processes}, per {where}; prompt {plan.prompt_tokens} + completion "
+             f"{shape.vocab}{_teacher_line(plan)}; {processes}, per {where}; prompt {plan.prompt_tokens} + completion "
              f"{plan.completion_tokens} tokens, K = {plan.num_generations}, {plan.micro_batch_prompts} prompt(s) a "
              "micro-batch", ""]
     budget = plan.gpu_memory_gib * GIB
@@ -409,6 +425,13 @@ def report(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _teacher_line(plan: Plan) -> str:
+    if not plan.teacher_model:
+        return ""
+    teacher = Shape.of(shape_values(plan.teacher_model))
+    return f"; teacher {plan.teacher_model}: {teacher.parameters / 1e9:.2f}B parameters, {teacher.layers} layers"
+
+
 def available_bytes(cuda: bool) -> int:
     """Memory free for a new model now: the GPU's free memory, or the host's available memory."""
     if cuda:
@@ -421,30 +444,43 @@ def available_bytes(cuda: bool) -> int:
 
 
 def check_weights_fit(model: str, weight_bytes: int, processes: int, *, cuda: bool, available: int | None = None,
-                      flags: str = "") -> None:
-    """Before building the models: one line when their weights alone (``weight_bytes`` a parameter,
-    both models, sharded over ``processes`` on GPUs; on a CPU the processes share the host) exceed the
-    memory available, instead of an allocation's traceback or the OOM killer. Models whose config is
-    not at hand (a hub id) are not checked."""
-    from caopd.modeling.model_shapes import RANDOM_PREFIX
-
-    name = model.removeprefix(RANDOM_PREFIX)
-    try:
-        shape = Shape.of(shape_values(name))
-    except InputError:
-        if model.startswith(RANDOM_PREFIX) or Path(name).exists():
-            raise  # a config we should have read
-        return  # a hub id: its size is not known before the download
-    need = shape.parameters * weight_bytes / (processes if cuda else 1)
+                      flags: str = "", teacher: str = "", teacher_bytes: int = 0) -> None:
+    """Before building the models: one line when their weights alone (``weight_bytes`` a parameter of
+    ``model``, both models unless a ``teacher`` of its own takes ``teacher_bytes`` a parameter; sharded
+    over ``processes`` on GPUs; on a CPU the processes share the host) exceed the memory available,
+    instead of an allocation's traceback or the OOM killer. Models whose config is not at hand (a hub
+    id) are not checked."""
+    student = _parameters(model)
+    if student is None:
+        return
+    need = (student * weight_bytes + (_parameters(teacher) or 0) * teacher_bytes) / (processes if cuda else 1)
     available = available_bytes(cuda) if available is None else available
     if need > available:
         where = "a GPU" if cuda else "this machine"
-        raise InputError(f"--model {model}: {shape.parameters / 1e9:.3g}B parameters, whose weights alone take "
-                         f"{need / 2**30:.1f} GiB on {where}, where {available / 2**30:.1f} GiB is available: plan the "
-                         f"run with caopd memory --model {model}{flags} (--force skips this check)")
+        both = f" and --teacher-model {teacher}" if teacher else ""
+        raise InputError(f"--model {model}{both}: {student / 1e9:.3g}B parameters"
+                         + (f" and {(_parameters(teacher) or 0) / 1e9:.3g}B" if teacher else "")
+                         + f", whose weights alone take {need / 2**30:.1f} GiB on {where}, where "
+                         f"{available / 2**30:.1f} GiB is available: plan the run with caopd memory --model {model}"
+                         f"{' --teacher-model ' + teacher if teacher else ''}{flags} (--force skips this check)")
 
 
-def check_vocabulary(model: str, tokens: int) -> None:
+def _parameters(model: str) -> int | None:
+    """A model's parameter count from its config, or None for a hub id (not known before the download)."""
+    from caopd.modeling.model_shapes import RANDOM_PREFIX
+
+    if not model:
+        return None
+    name = model.removeprefix(RANDOM_PREFIX)
+    try:
+        return Shape.of(shape_values(name)).parameters
+    except InputError:
+        if model.startswith(RANDOM_PREFIX) or Path(name).exists():
+            raise  # a config we should have read
+        return None
+
+
+def check_vocabulary(model: str, tokens: int, flag: str = "--model") -> None:
     """One line when a tokenizer of ``tokens`` ids does not fit the model's embedding: larger (its ids
     past the table), or far smaller (under an eighth: most of the vocabulary never trained, e.g. a
     1,024-token tokenizer on a 151,936-row Qwen3). Models whose config is not at hand are not checked."""
@@ -458,6 +494,6 @@ def check_vocabulary(model: str, tokens: int) -> None:
     except (InputError, KeyError, TypeError, ValueError):
         return
     if tokens > rows or 8 * tokens < rows:
-        raise InputError(f"--tokenizer: {tokens:,} tokens do not fit --model {model}'s embedding of {rows:,} rows ("
+        raise InputError(f"--tokenizer: {tokens:,} tokens do not fit {flag} {model}'s embedding of {rows:,} rows ("
                          + ("ids past its end" if tokens > rows else "most rows would never be trained")
                          + "): use the model's own tokenizer (--tokenizer auto, or qwen3 for random: Qwen3 models)")

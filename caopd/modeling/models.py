@@ -74,6 +74,28 @@ def load_tokenizer(model: str, tokenizer: str = "auto", corpus: list[str] | None
         raise InputError(f"--tokenizer {tokenizer}: cannot be loaded ({_first_line(e)})") from None
 
 
+def check_teacher_tokenizer(teacher: str, tokenizer) -> None:
+    """One line unless ``--teacher-model``'s own tokenizer is the student's: the loss compares the two
+    distributions token id by token id. Models built here (tiny-qwen3, random:) take the run's tokenizer."""
+    if teacher == TINY_MODEL or is_random(teacher):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(teacher)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--teacher-model {teacher}: its tokenizer cannot be loaded ({_first_line(e)}); the teacher "
+                         "must come with the student's tokenizer") from None
+    ours, theirs = tokenizer.get_vocab(), own.get_vocab()
+    if ours == theirs:
+        return
+    here, there = {i: t for t, i in ours.items()}, {i: t for t, i in theirs.items()}
+    first = min(i for i in here.keys() | there.keys() if here.get(i) != there.get(i))
+    raise InputError(f"--teacher-model {teacher}: its tokenizer is not the student's ({len(theirs):,} vs {len(ours):,} "
+                     f"tokens; id {first} is {there.get(first)!r} there, {here.get(first)!r} here): teacher and "
+                     "student must share one tokenizer")
+
+
 def _first_line(error: Exception) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[0].strip() if lines else type(error).__name__
@@ -95,7 +117,7 @@ def _check_attention(attn_implementation: str) -> None:
                          "CUDA only); or use sdpa, PyTorch's own FlashAttention kernels")
 
 
-def model_config(model: str, tokenizer, **tiny_sizes):
+def model_config(model: str, tokenizer, flag: str = "--model", **tiny_sizes):
     """The transformers config of ``model`` (tiny-qwen3, random:<...>, a folder or hub id), without
     its weights: what a model is built from on the meta device."""
     if model == TINY_MODEL:
@@ -111,9 +133,9 @@ def model_config(model: str, tokenizer, **tiny_sizes):
         try:
             config = AutoConfig.from_pretrained(model)
         except (OSError, ValueError) as e:
-            raise InputError(f"--model {model}: cannot be loaded ({_first_line(e)})") from None
+            raise InputError(f"{flag} {model}: cannot be loaded ({_first_line(e)})") from None
     if len(tokenizer) > config.vocab_size:
-        raise InputError(f"--model {model}: its vocabulary ({config.vocab_size}) is smaller than the tokenizer's "
+        raise InputError(f"{flag} {model}: its vocabulary ({config.vocab_size}) is smaller than the tokenizer's "
                          f"({len(tokenizer)})")
     return config
 
@@ -128,14 +150,14 @@ def build_model(config, *, dtype: torch.dtype = torch.float32, attn_implementati
 
 
 def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-               seed: int = 0, **tiny_sizes):
+               seed: int = 0, flag: str = "--model", **tiny_sizes):
     """A causal LM: ``tiny-qwen3`` or ``random:<Qwen3 size or config.json>`` built with random weights
     (seeded, no download), else from_pretrained."""
     from transformers import AutoModelForCausalLM
 
     _check_attention(attn_implementation)
     if model == TINY_MODEL or is_random(model):
-        config = model_config(model, tokenizer, **tiny_sizes)
+        config = model_config(model, tokenizer, flag, **tiny_sizes)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             if model == TINY_MODEL:  # initialized in fp32, then cast (as tiny-qwen3 always was)
@@ -144,7 +166,7 @@ def load_model(model: str, tokenizer, *, dtype: torch.dtype = torch.float32, att
     try:
         return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:  # not a model folder, or a hub id that cannot be reached
-        raise InputError(f"--model {model}: cannot be loaded ({_first_line(e)})") from None
+        raise InputError(f"{flag} {model}: cannot be loaded ({_first_line(e)})") from None
 
 
 def describe_model(folder: Path, model, generation_config=None, tokenizer=None,

@@ -3,7 +3,7 @@
 A checkpoint is a folder ``step-000012`` written as ``step-000012.tmp`` and renamed when whole:
 
     model.safetensors      the student (tied weights stored once, as transformers does)
-    teacher.safetensors    the EMA teacher
+    teacher.safetensors    the EMA teacher (none with --teacher-model: a frozen teacher is reloaded)
     state.safetensors      optimizer tensors (per-parameter Adam moments and steps), RNG byte states
     trainer_state.json     step, scheduler, optimizer hyper-parameters, Python/NumPy RNG states, the
                            run's config (compared on --resume)
@@ -94,15 +94,17 @@ def save_checkpoint(directory: Path, state: TrainState, student, teacher, optimi
     entries = {}
     if trainable_only:
         entries["model.safetensors"] = _write_tensors(tmp / "model.safetensors", _trainable(student))
-        entries["teacher.safetensors"] = _write_tensors(tmp / "teacher.safetensors",
-                                                        {k: v.detach() for k, v in teacher.state_dict().items()})
+        if teacher is not None:
+            entries["teacher.safetensors"] = _write_tensors(tmp / "teacher.safetensors",
+                                                            {k: v.detach() for k, v in teacher.state_dict().items()})
     else:
         from caopd.training.weight_stream import saved_tensors
 
         entries["model.safetensors"] = _write_tensors(tmp / "model.safetensors",
                                                       {k: v.detach() for k, v in saved_tensors(student)})
-        entries["teacher.safetensors"] = _write_tensors(tmp / "teacher.safetensors",
-                                                        {k: v.detach() for k, v in saved_tensors(teacher)})
+        if teacher is not None:
+            entries["teacher.safetensors"] = _write_tensors(tmp / "teacher.safetensors",
+                                                            {k: v.detach() for k, v in saved_tensors(teacher)})
         _write_model_config(tmp, student)
     tensors, optimizer_rest = _optimizer_tensors(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -210,7 +212,7 @@ def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher
 
     def write_own() -> dict[str, dict]:
         own = {}
-        for module, name in ((student, "model"), (teacher, "teacher")):
+        for module, name in _saved_models(student, teacher):
             shards, metadata = _shards(module)
             own[f"{name}.{suffix}"] = _write_tensors(tmp / f"{name}.{suffix}", shards, metadata)
         tensors, _ = _optimizer_tensors(optimizer, local)
@@ -230,6 +232,12 @@ def save_sharded_checkpoint(directory: Path, state: TrainState, student, teacher
     entries = {name: entry for part in _together(ranks, write_own) for name, entry in part.items()}
     _together(ranks, lambda: seal(entries))
     return final
+
+
+def _saved_models(student, teacher) -> list[tuple[torch.nn.Module, str]]:
+    """(model, file stem) of what a checkpoint holds: the student, and the EMA teacher unless the run's
+    teacher is a --teacher-model (None here: frozen, reloaded from its source on resume)."""
+    return [(student, "model")] + ([] if teacher is None else [(teacher, "teacher")])
 
 
 def _write_model_config(folder: Path, model: torch.nn.Module) -> None:
@@ -253,7 +261,7 @@ def load_sharded_checkpoint(path: Path, student, teacher, optimizer, scheduler, 
         raise InputError(f"--resume: {path} was written by {saved.get('world_size', 1)} process(es); this run has "
                          f"{ranks.world}: resume on as many")
     suffix = f"rank{ranks.rank:05d}-of-{ranks.world:05d}.safetensors"
-    for module, name in ((student, "model"), (teacher, "teacher")):
+    for module, name in _saved_models(student, teacher):
         params = dict(module.named_parameters())
         with safe_open(str(path / f"{name}.{suffix}"), framework="pt") as f, torch.no_grad():
             if set(f.keys()) != set(params):
@@ -331,10 +339,11 @@ def load_checkpoint(path: Path, student, teacher, optimizer, scheduler, trainabl
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
-        teacher.load_state_dict(load_file(str(path / "teacher.safetensors")), strict=True)
+        if teacher is not None:
+            teacher.load_state_dict(load_file(str(path / "teacher.safetensors")), strict=True)
     else:
-        for target, name in ((student, "model.safetensors"), (teacher, "teacher.safetensors")):
-            load_model(target, str(path / name), strict=True)
+        for target, name in _saved_models(student, teacher):
+            load_model(target, str(path / f"{name}.safetensors"), strict=True)
     optimizer.load_state_dict(_optimizer_state_dict(tensors, saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
     version, internal, gauss = saved["rng"]["python"]

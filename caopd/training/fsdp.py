@@ -10,7 +10,8 @@ model, except on the main process while it loads:
   multiplies the final hidden states by the lm_head weight outside the model's forward, runs
   inside the root's forward where FSDP2 has gathered that weight and reduce-scatters its
   gradient). The main process reads the weights once and broadcasts them tensor by tensor into
-  the shards (caopd.training.weight_stream); the teacher is copied from the student's shards.
+  the shards (caopd.training.weight_stream); the teacher is copied from the student's shards (a
+  ``--teacher-model`` is read and broadcast into its own shards the same way).
 - **Rollouts**: the transformers engine generates with the sharded student itself, through the
   root (FSDP2 gathers layer by layer), with ``synced_gpus``: a process whose completions end early
   keeps stepping the collectives until every process is done. vLLM receives whole tensors one at a
@@ -113,10 +114,12 @@ class ShardedModels:
         self.save_dtype = torch.bfloat16 if use_bf16 else torch.float32
         teacher_dtype = torch.bfloat16 if config.teacher_dtype == "bf16" else torch.float32
         self.model_config = model_config(config.model, tokenizer)
+        self.frozen_teacher = bool(config.teacher_model)  # a --teacher-model: its own shape, frozen, not saved
+        teacher_config = model_config(config.teacher_model, tokenizer, "--teacher-model") if self.frozen_teacher \
+            else self.model_config
         with torch.device("meta"):
             student = build_model(self.model_config, attn_implementation=config.attn_implementation)
-            teacher = build_model(self.model_config, dtype=teacher_dtype,
-                                  attn_implementation=config.attn_implementation)
+            teacher = build_model(teacher_config, dtype=teacher_dtype, attn_implementation=config.attn_implementation)
         teacher.requires_grad_(False).eval()
         if config.liger_kernels:
             apply_liger_kernels(student)
@@ -131,7 +134,14 @@ class ShardedModels:
         self.generation_config = source.generation_config if source is not None else None
         broadcast_into_shards(student, source, self.device, self.save_dtype)
         del source
-        copy_shards(teacher, student)
+        if self.frozen_teacher:  # read once by the main process, broadcast into the teacher's shards likewise
+            source = load_model(config.teacher_model, tokenizer, dtype=teacher_dtype,
+                                attn_implementation=config.attn_implementation, seed=config.seed + 1,
+                                flag="--teacher-model") if ranks.is_main else None
+            broadcast_into_shards(teacher, source, self.device, teacher_dtype)
+            del source
+        else:
+            copy_shards(teacher, student)
         self.student, self.teacher = student, teacher
         self.optimizer = make_optimizer(student)
 
@@ -149,7 +159,8 @@ class ShardedModels:
         return norm
 
     def update_teacher(self, alpha: float) -> None:
-        ema_update_(self.teacher, self.student, alpha)
+        if not self.frozen_teacher:
+            ema_update_(self.teacher, self.student, alpha)
 
     def generate(self, fn: Callable[[torch.nn.Module], object]):
         """``fn(student)`` through the root, every process together (a generation)."""
@@ -176,12 +187,16 @@ class ShardedModels:
                                                              self.save_dtype))
 
     def save_checkpoint(self, directory: Path, state, scheduler, config: dict) -> Path:
-        return checkpoint.save_sharded_checkpoint(directory, state, self.student, self.teacher, self.optimizer,
+        return checkpoint.save_sharded_checkpoint(directory, state, self.student, self.saved_teacher, self.optimizer,
                                                   scheduler, config, self.ranks)
 
     def resume(self, directory: Path, scheduler, warn) -> tuple[Path, checkpoint.TrainState]:
-        return checkpoint.resume(directory, self.student, self.teacher, self.optimizer, scheduler, warn=warn,
+        return checkpoint.resume(directory, self.student, self.saved_teacher, self.optimizer, scheduler, warn=warn,
                                  ranks=self.ranks)
+
+    @property
+    def saved_teacher(self) -> torch.nn.Module | None:
+        return None if self.frozen_teacher else self.teacher
 
 
 

@@ -224,7 +224,10 @@ def fused_loss(student: torch.nn.Module, teacher: torch.nn.Module, student_rows:
         half = torch.get_autocast_dtype("cuda")
         student_rows, student_weight = student_rows.to(half), student_weight.to(half)
         student_bias = None if student_bias is None else student_bias.to(half)
+    # a --teacher-model of the student's tokenizer may pad its head to another row count (Qwen2.5-7B's
+    # 152,064 against 1.5B's 151,936): the token ids both heads have are the tokenizer's
+    vocab = "equal" if teacher_head.weight.shape[0] == student_weight.shape[0] else "common"
     loss = fused_linear_kl(student_rows, student_weight, teacher_rows, teacher_head.weight, weights,
                            divergence=divergence, beta=beta, temperature=temperature, reduction="sum",
-                           student_bias=student_bias, teacher_bias=teacher_head.bias, impl=impl)
+                           student_bias=student_bias, teacher_bias=teacher_head.bias, impl=impl, vocab=vocab)
     return LossOutput(loss, int((weights > 0).sum()))

@@ -26,7 +26,13 @@ from caopd.config import TrainConfig
 from caopd.engines.base import WeightStream
 from caopd.errors import InputError
 from caopd.modeling.memory import check_vocabulary, check_weights_fit
-from caopd.modeling.models import apply_liger_kernels, describe_model, ema_update_, load_model
+from caopd.modeling.models import (
+    apply_liger_kernels,
+    check_teacher_tokenizer,
+    describe_model,
+    ema_update_,
+    load_model,
+)
 from caopd.training import checkpoint
 from caopd.training.distributed import Ranks
 from caopd.training.optim import clip_grad_norm_fp64
@@ -87,10 +93,15 @@ def place_models(config: TrainConfig, tokenizer, ranks: Ranks, *, fsdp: bool, cp
     use_bf16 = config.bf16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if not config.force:
         student_dtype, teacher_dtype = training_dtypes(config, use_bf16)
-        per_parameter = student_dtype.itemsize + (0 if config.lora_r else teacher_dtype.itemsize)  # LoRA: one base
-        check_weights_fit(config.model, per_parameter, ranks.world if fsdp else 1, cuda=torch.cuda.is_available(),
-                          flags=(f" --gpus {ranks.world} --fsdp" if fsdp else ""))
+        # the EMA teacher: a copy of the student (with LoRA, adapters over the one base); or a model of its own
+        ema_teacher = 0 if config.lora_r or config.teacher_model else teacher_dtype.itemsize
+        check_weights_fit(config.model, student_dtype.itemsize + ema_teacher, ranks.world if fsdp else 1,
+                          cuda=torch.cuda.is_available(), flags=(f" --gpus {ranks.world} --fsdp" if fsdp else ""),
+                          teacher=config.teacher_model, teacher_bytes=teacher_dtype.itemsize)
     check_vocabulary(config.model, len(tokenizer))
+    if config.teacher_model:
+        check_vocabulary(config.teacher_model, len(tokenizer), "--teacher-model")
+        check_teacher_tokenizer(config.teacher_model, tokenizer)
     if config.lora_r and (fsdp or config.rollout_engine != "transformers"):
         raise InputError("--lora-r works with one process and the transformers engine for now (not with --fsdp or "
                          f"--rollout-engine {config.rollout_engine})")
@@ -100,6 +111,15 @@ def place_models(config: TrainConfig, tokenizer, ranks: Ranks, *, fsdp: bool, cp
         return ShardedModels(config, tokenizer, ranks, use_bf16=use_bf16, cpu_offload=cpu_offload,
                              make_optimizer=lambda student: make_optimizer(config, student))
     return SingleProcessModels(config, tokenizer, use_bf16)
+
+
+def load_teacher(config: TrainConfig, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
+    """``--teacher-model``: frozen, in eval mode, with the student's kernels (Liger's layers too)."""
+    teacher = load_model(config.teacher_model, tokenizer, dtype=dtype, attn_implementation=config.attn_implementation,
+                         seed=config.seed + 1, flag="--teacher-model")
+    if config.liger_kernels:
+        apply_liger_kernels(teacher)
+    return teacher.requires_grad_(False).eval()
 
 
 def _load_student(config: TrainConfig, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
@@ -170,11 +190,14 @@ class SingleProcessModels:
             if config.gradient_checkpointing:
                 student.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
             teacher = AdapterTeacher(student)
-        else:
+        self.frozen_teacher = bool(config.teacher_model)
+        if self.frozen_teacher:  # a model of its own, frozen: nothing to average, nothing to checkpoint
+            teacher = load_teacher(config, tokenizer, teacher_dtype)
+        elif not self.lora:
             teacher = copy.deepcopy(student).to(teacher_dtype).requires_grad_(False).eval()
         self.run = _Accelerated(student, make_optimizer(config, student), use_bf16)
         self.student, self.optimizer = self.run.student, self.run.optimizer
-        self.teacher = teacher if self.lora else teacher.to(self.run.device)
+        self.teacher = teacher if self.lora and not self.frozen_teacher else teacher.to(self.run.device)
         self.base_model, self.merge = config.model, config.merge_lora
 
     def loss(self, loss_fn: Callable, batch, options: dict, share: float) -> float:
@@ -184,6 +207,8 @@ class SingleProcessModels:
         return self.run.clip_and_step(max_norm)
 
     def update_teacher(self, alpha: float) -> None:
+        if self.frozen_teacher:
+            return
         if self.lora:
             self.teacher.ema_update_(alpha)
         else:
@@ -200,12 +225,17 @@ class SingleProcessModels:
         return weight_stream(self.student, self.run.device, dtype)
 
     def save_checkpoint(self, directory: Path, state, scheduler, config: dict) -> Path:
-        return checkpoint.save_checkpoint(directory, state, self.student, self.teacher, self.run.raw_optimizer,
-                                          scheduler, config, trainable_only=self.lora)
+        return checkpoint.save_checkpoint(directory, state, self.student, self.saved_teacher,
+                                          self.run.raw_optimizer, scheduler, config, trainable_only=self.lora)
 
     def resume(self, directory: Path, scheduler, warn) -> tuple[Path, checkpoint.TrainState]:
-        return checkpoint.resume(directory, self.student, self.teacher, self.run.raw_optimizer, scheduler, warn=warn,
-                                 trainable_only=self.lora)
+        return checkpoint.resume(directory, self.student, self.saved_teacher, self.run.raw_optimizer, scheduler,
+                                 warn=warn, trainable_only=self.lora)
+
+    @property
+    def saved_teacher(self) -> torch.nn.Module | None:
+        """The teacher a checkpoint holds: the EMA; None for a --teacher-model, reloaded from its source."""
+        return None if self.frozen_teacher else self.teacher
 
     def save_final(self, directory: Path, tokenizer) -> None:
         if not self.lora:
