@@ -92,6 +92,9 @@ class TrainConfig:
                                 "folder, hub id or random:<shape> (on-policy distillation from a larger model; it "
                                 "sees the privileged context as the EMA teacher does); empty: the student's EMA",
                                 "CaOPD")
+    teacher_top_k: int = option(0, "distil on the teacher's k most likely tokens a position and one bucket for the "
+                                "rest, as a served teacher gives them (vLLM's prompt_logprobs; forward KL there is "
+                                "the peers' top-k KL); 0: the full vocabulary", "CaOPD")
     teacher_dtype: str = option("fp32", "the EMA teacher's weights: fp32, or bf16 (half the memory and, under "
                                 "FSDP, half the gathers; the EMA by stochastic rounding)", "CaOPD", ("fp32", "bf16"))
 
@@ -198,7 +201,7 @@ class TrainConfig:
                            ("max_completion_length", MAX_TOKENS)):
             if getattr(self, name) > most:
                 raise InputError(f"config field {name!r} must be <= {most}, got {getattr(self, name)}")
-        for name in ("confidence_prior", "skip_loss_tokens", "max_steps", "max_staleness", "logging_steps",
+        for name in ("confidence_prior", "skip_loss_tokens", "teacher_top_k", "max_steps", "max_staleness", "logging_steps",
                      "save_total_limit", "weight_decay", "max_grad_norm", "sampling_temperature", "lora_r",
                      "lora_alpha"):
             if getattr(self, name) < 0:

@@ -62,3 +62,32 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):
     check_teacher_tokenizer(str(folder), theirs)  # its own: accepted
     with pytest.raises(InputError, match=rf"^--teacher-model {tmp_path}: its tokenizer cannot be loaded"):
         check_teacher_tokenizer(str(tmp_path), ours)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_teacher_top_k_at_the_vocabulary_is_the_dense_loss_and_below_it_the_topk_reference(divergence):
+    """--teacher-top-k k: the teacher's top-k log-probabilities (topk_logprobs, as a server returns them) and
+    fused_linear_kl_topk; at k = V exactly the full-vocabulary loss, below it the top-k reference."""
+    from caopd_kernels import fused_linear_kl_topk_reference
+
+    from caopd.training.loss import fused_loss
+
+    tokenizer = fast_tokenizer()
+    student, teacher = (load_model("tiny-qwen3", tokenizer, seed=s) for s in (1, 2))
+    vocab = student.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    student_rows = torch.randn(23, 64, generator=g, requires_grad=True)
+    teacher_rows = torch.randn(23, 64, generator=g)
+    weights = torch.rand(23, generator=g) * (torch.rand(23, generator=g) > 0.2)
+    kw = dict(divergence=divergence, beta=0.4, temperature=0.8, impl="torch")
+    dense = fused_loss(student, teacher, student_rows, teacher_rows, weights, **kw).loss
+    every = fused_loss(student, teacher, student_rows, teacher_rows, weights, top_k=vocab, **kw).loss
+    assert torch.allclose(every, dense, rtol=1e-5, atol=1e-7), (float(every), float(dense))
+    few = fused_loss(student, teacher, student_rows, teacher_rows, weights, top_k=20, **kw).loss
+    with torch.no_grad():
+        logprobs, ids = torch.log_softmax(teacher_rows @ teacher.get_output_embeddings().weight.T / 0.8, -1).topk(20)
+    expected = fused_linear_kl_topk_reference(student_rows.double(), student.get_output_embeddings().weight.double(),
+                                              ids, logprobs.double(), weights.double(), divergence=divergence,
+                                              beta=0.4, temperature=0.8, reduction="sum")
+    assert torch.allclose(few.double(), expected, rtol=1e-5), (float(few), float(expected))
+    assert not torch.allclose(few, dense, rtol=1e-3)  # 20 of the tokens: another loss

@@ -216,9 +216,9 @@ def test_the_loss_gets_the_configured_options(science_rows_path, tmp_path, monke
         calls.append({k: v for k, v in options.items() if k not in ("path", "teacher_path")}),
         shared_loss(*args, **options))[1])
     run(config_for(data, "science", tmp_path / "run", max_steps=1, divergence="jsd", beta=0.3, temperature=0.7,
-                   skip_loss_tokens=2, confidence_divergence="forward"), examples)
+                   skip_loss_tokens=2, confidence_divergence="forward", teacher_top_k=20), examples)
     expected = dict(divergence="jsd", beta=0.3, temperature=0.7, skip_tokens=2, impl="torch",
-                    confidence_divergence="forward")
+                    confidence_divergence="forward", top_k=20)
     assert calls and all({k: v for k, v in c.items() if k != "layout"} == expected for c in calls)
 
 

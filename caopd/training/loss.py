@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from caopd_kernels import fused_linear_kl
+from caopd_kernels import fused_linear_kl, fused_linear_kl_topk, topk_logprobs
 
 from caopd.scoring.calibration import DistillationTarget
 from caopd.scoring.confidence import strip_confidence
@@ -179,10 +179,10 @@ class LossOutput:
 def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: DistillationBatch, *,
                       divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
                       skip_tokens: int = 3, impl: str = "auto", layout: str = "padded",
-                      confidence_divergence: str = "same") -> LossOutput:
+                      confidence_divergence: str = "same", top_k: int = 0) -> LossOutput:
     """layout: "padded" or "packed" (see the module docstring); the same loss either way.
     confidence_divergence: the divergence on the tokens stating the confidence (the batch's
-    ``span``), "same" as the rest's unless named."""
+    ``span``), "same" as the rest's unless named. top_k: see fused_loss."""
     if layout not in ("padded", "packed"):
         raise ValueError(f"layout must be padded or packed, got {layout!r}")
     forward = packed_hidden_states if layout == "packed" else final_hidden_states
@@ -198,21 +198,22 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
     weights = token_weights(batch, skip_tokens).to(device)
     return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
                       temperature=temperature, impl=impl, span=span_mask(batch.length, batch.span),
-                      span_divergence=confidence_divergence)
+                      span_divergence=confidence_divergence, top_k=top_k)
 
 
 def fused_loss(student: torch.nn.Module, teacher: torch.nn.Module, student_rows: torch.Tensor,
                teacher_rows: torch.Tensor, weights: torch.Tensor, *, divergence: str, beta: float,
                temperature: float, impl: str, span: torch.Tensor | None = None,
-               span_divergence: str = "same") -> LossOutput:
+               span_divergence: str = "same", top_k: int = 0) -> LossOutput:
     """sum_i weights[i] * divergence of token i through both lm_heads, by fused_linear_kl; the
     tokens where ``span`` is True with ``span_divergence`` instead (unless "same"): two calls over
-    the two sets of rows, so no token's logits are computed twice."""
+    the two sets of rows, so no token's logits are computed twice. ``top_k`` > 0: the teacher as a
+    server gives it, its k most likely tokens and a tail bucket (fused_linear_kl_topk)."""
     if span is not None and span_divergence not in ("same", divergence) and bool(span.any()):
         span = span.to(student_rows.device)
         rest = ~span
         parts = [fused_loss(student, teacher, student_rows[rows], teacher_rows[rows], weights[rows],
-                            divergence=kind, beta=beta, temperature=temperature, impl=impl)
+                            divergence=kind, beta=beta, temperature=temperature, impl=impl, top_k=top_k)
                  for rows, kind in ((rest, divergence), (span, span_divergence)) if bool(rows.any())]
         return LossOutput(sum(p.loss for p in parts), sum(p.counted_tokens for p in parts))
     student_head = student.get_output_embeddings()
@@ -227,6 +228,15 @@ def fused_loss(student: torch.nn.Module, teacher: torch.nn.Module, student_rows:
     # a --teacher-model of the student's tokenizer may pad its head to another row count (Qwen2.5-7B's
     # 152,064 against 1.5B's 151,936): the token ids both heads have are the tokenizer's
     vocab = "equal" if teacher_head.weight.shape[0] == student_weight.shape[0] else "common"
+    if top_k:
+        rows = min(teacher_head.weight.shape[0], student_weight.shape[0])
+        ids, logprobs = topk_logprobs(teacher_rows, teacher_head.weight[:rows], min(top_k, rows),
+                                      bias=None if teacher_head.bias is None else teacher_head.bias[:rows],
+                                      temperature=temperature)
+        loss = fused_linear_kl_topk(student_rows, student_weight[:rows], ids, logprobs, weights, divergence=divergence,
+                                    beta=beta, temperature=temperature, reduction="sum",
+                                    student_bias=None if student_bias is None else student_bias[:rows])
+        return LossOutput(loss, int((weights > 0).sum()))
     loss = fused_linear_kl(student_rows, student_weight, teacher_rows, teacher_head.weight, weights,
                            divergence=divergence, beta=beta, temperature=temperature, reduction="sum",
                            student_bias=student_bias, teacher_bias=teacher_head.bias, impl=impl, vocab=vocab)

@@ -357,7 +357,7 @@ def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module,
                              divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
                              skip_tokens: int = 3, impl: str = "auto", path: str = "cache",
                              teacher_path: str | None = None, kernel: str | None = None,
-                             confidence_divergence: str = "same") -> LossOutput:
+                             confidence_divergence: str = "same", top_k: int = 0) -> LossOutput:
     """The same loss as loss.distillation_loss (per sequence, then over sequences), from the
     shared-prefix forwards. path: the student's (cache, segments or mask); teacher_path: the
     teacher's (default: the cache, without gradients; the student's under FSDP); kernel: the
@@ -372,4 +372,4 @@ def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module,
     weights = token_weights(batch, skip_tokens).to(device)
     return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
                       temperature=temperature, impl=impl, span=span_mask(batch.length, batch.span),
-                      span_divergence=confidence_divergence)
+                      span_divergence=confidence_divergence, top_k=top_k)

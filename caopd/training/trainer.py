@@ -388,7 +388,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 use_segment_attention(model)
     options = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
                    skip_tokens=config.skip_loss_tokens, impl=config.loss_impl,
-                   confidence_divergence=config.confidence_divergence)
+                   confidence_divergence=config.confidence_divergence, top_k=config.teacher_top_k)
     if ranks.is_main:
         write_config_yaml(out / "config.yaml", config)
     trackers = open_trackers(wanted_trackers, out, asdict(config))  # none on the other processes
