@@ -201,9 +201,9 @@ class TrainConfig:
                            ("max_completion_length", MAX_TOKENS)):
             if getattr(self, name) > most:
                 raise InputError(f"config field {name!r} must be <= {most}, got {getattr(self, name)}")
-        for name in ("confidence_prior", "skip_loss_tokens", "teacher_top_k", "max_steps", "max_staleness", "logging_steps",
-                     "save_total_limit", "weight_decay", "max_grad_norm", "sampling_temperature", "lora_r",
-                     "lora_alpha"):
+        for name in ("confidence_prior", "skip_loss_tokens", "teacher_top_k", "max_steps", "max_staleness",
+                     "logging_steps", "save_total_limit", "weight_decay", "max_grad_norm", "sampling_temperature",
+                     "lora_r", "lora_alpha"):
             if getattr(self, name) < 0:
                 raise InputError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "temperature", "distributed_timeout_minutes", "rollout_server_timeout"):
