@@ -31,6 +31,7 @@ OPTIONS = {  # name: what it changes in the demo's CaOPD (forward KL, confidence
     "reverse, prior 8": {"divergence": "reverse"},  # the prior alone
     "reverse + forward on the confidence": {"divergence": "reverse", "confidence_divergence": "forward"},
     "forward, prior 16": {"confidence_prior": 16.0},
+    "teacher top 20": {"teacher_top_k": 20},  # a served teacher's top-20 log-probabilities and a tail bucket
 }
 
 

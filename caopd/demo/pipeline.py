@@ -66,6 +66,7 @@ class DemoSettings:
     confidence_prior: float = 8.0  # CaOPD's target, the Beta posterior with the stated confidence (0: the paper's)
     confidence_divergence: str = "same"
     teacher_ema: float = 0.0
+    teacher_top_k: int = 0  # the teacher's top-k log-probabilities and a tail bucket (0: the full vocabulary)
     eval_samples: int = 4
 
     @classmethod
@@ -87,7 +88,7 @@ def train_config(settings: DemoSettings, base_dir: Path, train_path: Path, out: 
                        max_completion_length=24, max_steps=settings.train_steps, learning_rate=settings.learning_rate,
                        warmup_ratio=0.1, teacher_ema=settings.teacher_ema, divergence=settings.divergence,
                        confidence_prior=settings.confidence_prior,
-                       confidence_divergence=settings.confidence_divergence,
+                       confidence_divergence=settings.confidence_divergence, teacher_top_k=settings.teacher_top_k,
                        skip_loss_tokens=0, bf16=False,
                        save_every=10_000, seed=seed, loss_impl="torch", overwrite=overwrite)
 
