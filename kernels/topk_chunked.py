@@ -11,7 +11,7 @@ TRL does, since a top-k list cannot say it is 0). With tail="none" both sides ar
                                                           G_B = (1 - beta) P_B (log P_B - log M_B)
 With p = softmax(z), d log P_B / dz_w = [w in B] p_w / P_B - p_w, so
     dL/dz_j = G_j - p_j sum_B G_B                          (j in S)
-    dL/dz_w = exp(log p_w - log P_tail) (G_tail - P_tail sum_B G_B)   (w off S)
+    dL/dz_w = exp(z_w - lse_tail) (G_tail - P_tail sum_B G_B)   (w off S; lse_tail = log sum_{v not in S} e^z_v)
 which never divides by a small P_tail. A multiple of P_B added to G changes neither (sum_B P_B = 1).
 With tail="none" only z_S enters (the renormalisation drops the log-normaliser): G w.r.t. the
 renormalised log P is mapped back by G - P sum G, and nothing off S moves.
@@ -22,8 +22,10 @@ mass (the peers' choice: Tinker, verl, TRL's server mode, with k ~ 20). The reno
 compare the two conditionals on S and ignore how much mass either puts elsewhere: the reverse KL there
 is the mode-seeking loss of the dense kernel restricted to the teacher's likely tokens.
 
-Work per chunk of C tokens: tail="bucket" takes one [C, V] logits GEMM, two log-sum-exp passes, dL/dz
-in the same buffer, then dH and dW by GEMM (6 N H V FLOPs: no teacher GEMM); tail="none" gathers the k
+Work per chunk of C tokens: tail="bucket" takes one [C, V] logits GEMM, one log-sum-exp pass over the
+logits with the support masked (lse_tail; P_tail and each p_j then follow from the k gaps z_j - lse_tail,
+which keeps them accurate), dL/dz in the same buffer, then dH and dW by GEMM (6 N H V FLOPs: no teacher
+GEMM); tail="none" gathers the k
 weight rows of each token (4 N k H FLOPs, no [C, V] buffer). Memory beyond the chunk: O(N k).
 """
 from __future__ import annotations
@@ -131,22 +133,25 @@ def chunked_linear_kl_topk(
         if tail == "none":
             loss[rows], grad = bucket_divergence(z.gather(1, ids), log_q, divergence, beta, renormalise=True)
             grad_s, sum_grad = grad, None
-        else:
-            log_softmax_(z)  # z = log p: the tail's log-mass then sums numbers <= 1, not e^z at the logits' scale
-            log_p = z.gather(1, ids)
-            if with_tail:
-                z.scatter_(1, ids, float("-inf"))
-                log_p_tail = _row_logsumexp(z)
-                log_p = torch.cat([log_p, log_p_tail.unsqueeze(1)], dim=1)
-                log_q = torch.cat([log_q, teacher_tail(log_q).unsqueeze(1)], dim=1)
+        elif with_tail:  # one pass over V: the tail's log-sum-exp, the support masked; the rest on [C, k]
+            z_s = z.gather(1, ids)
+            lse_tail = _row_logsumexp(z.scatter_(1, ids, float("-inf"))).unsqueeze(1)
+            above_tail = z_s - lse_tail  # log (p_j / P_tail): numbers of the size of the gaps, not of the logits
+            log_p_tail = -torch.logsumexp(torch.cat([torch.zeros_like(lse_tail), above_tail], dim=1), dim=1,
+                                          keepdim=True)
+            log_p = torch.cat([above_tail + log_p_tail, log_p_tail], dim=1)
+            log_q = torch.cat([log_q, teacher_tail(log_q).unsqueeze(1)], dim=1)
+        else:  # k = V: the support is the vocabulary
+            log_p = log_softmax_(z).gather(1, ids)
+        if tail == "bucket":
             loss[rows], grad = bucket_divergence(log_p, log_q, divergence, beta, renormalise=False)
             sum_grad = grad.sum(1, keepdim=True)
             grad_s = grad[:, :k] - log_p[:, :k].exp() * sum_grad
         if not compute_grad:
             continue
-        if with_tail:  # off the support: exp(log p - log P_tail) (G_tail - P_tail sum G); z is -inf on S
+        if with_tail:  # off the support: exp(z - lse_tail) (G_tail - P_tail sum G); z is -inf on S
             coefficient = grad[:, k:] - log_p[:, k:].exp() * sum_grad
-            grad_z = z.sub_(log_p_tail.unsqueeze(1)).exp_().mul_(coefficient)
+            grad_z = z.sub_(lse_tail).exp_().mul_(coefficient)
         else:
             grad_z = z.zero_()
         grad_z.scatter_(1, ids, grad_s)
