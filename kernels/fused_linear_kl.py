@@ -161,76 +161,88 @@ def _full_grads(result, counted, student_hidden, student_weight, student_bias):
             None if result.grad_bias is None else result.grad_bias.to(student_bias.dtype))
 
 
-class FusedLinearKLFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                mask, options: KLOptions):
-        acc = accumulation_dtype(student_hidden.dtype)
-        counted = None if mask is None else mask.nonzero().squeeze(1)  # [n] indices of tokens that count
-        mask_weight = None if mask is None else mask[counted].to(acc)  # [n]: 1 for a bool mask
-        student_rows = student_hidden if counted is None else student_hidden[counted]
-        teacher_rows = teacher_hidden if counted is None else teacher_hidden[counted]
-        n = student_rows.shape[0]
-        total_weight = float(n) if mask_weight is None else float(mask_weight.sum())
-        needs_grad = any(ctx.needs_input_grad[:3])
-        token_weight = None
-        if needs_grad and options.reduction != "none":
-            token_weight = torch.ones(n, dtype=acc, device=student_hidden.device) if mask_weight is None \
-                else mask_weight.clone()
-            if options.reduction == "mean":
-                token_weight /= max(total_weight, 1e-30)
-        result = chunked_linear_kl(
-            student_rows, student_weight, student_bias, teacher_rows, teacher_weight, teacher_bias, token_weight,
-            divergence=options.divergence, beta=options.beta, temperature=options.temperature,
-            chunk_tokens=options.chunk_tokens, kl_rows=_kl_rows(options.impl), acc=acc)
-        weighted = result.loss if mask_weight is None else result.loss * mask_weight
-        rows = slice(None) if counted is None else counted
-        token_losses = torch.zeros(student_hidden.shape[0], dtype=acc, device=student_hidden.device)
-        token_losses[rows] = result.loss  # unweighted, 0 where masked: a second output, never differentiated
-        ctx.mark_non_differentiable(token_losses)
-        ctx.options = options
-        if options.reduction == "none":
-            per_token = torch.zeros(student_hidden.shape[0], dtype=acc, device=student_hidden.device)
-            per_token[rows] = weighted
-            ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                  teacher_bias, counted, mask_weight)
-            return per_token, token_losses
-        if needs_grad:  # saved tensors, not a ctx attribute: the engine releases them before AccumulateGrad,
-            # which then keeps each gradient as .grad instead of copying it (a second dW at the peak)
-            ctx.save_for_backward(*_full_grads(result, counted, student_hidden, student_weight, student_bias))
-        total = weighted.sum()
-        return (total / total_weight if options.reduction == "mean" and total_weight > 0 else total), token_losses
+def chunked_forward(ctx, run, inputs: tuple, mask, reduction: str):
+    """The fused losses' shared forward. inputs: (student_hidden, student_weight, student_bias, *the
+    rest); ``run(inputs, rows, token_weight, acc)`` runs the chunks over the counted ``rows`` of the
+    per-token inputs. Returns (loss, token losses); the gradients, computed here, are saved tensors
+    (the engine releases them before AccumulateGrad, which then keeps each as .grad instead of copying
+    it: a second dW at the peak), or for reduction="none" the inputs, to recompute them in backward."""
+    student_hidden, student_weight, student_bias = inputs[:3]
+    acc = accumulation_dtype(student_hidden.dtype)
+    counted = None if mask is None else mask.nonzero().squeeze(1)  # [n] indices of tokens that count
+    mask_weight = None if mask is None else mask[counted].to(acc)  # [n]: 1 for a bool mask
+    n = student_hidden.shape[0] if counted is None else counted.numel()
+    total_weight = float(n) if mask_weight is None else float(mask_weight.sum())
+    needs_grad = any(ctx.needs_input_grad[:3])
+    token_weight = None
+    if needs_grad and reduction != "none":
+        token_weight = torch.ones(n, dtype=acc, device=student_hidden.device) if mask_weight is None \
+            else mask_weight.clone()
+        if reduction == "mean":
+            token_weight /= max(total_weight, 1e-30)
+    rows = slice(None) if counted is None else counted
+    result = run(inputs, rows, token_weight, acc)
+    weighted = result.loss if mask_weight is None else result.loss * mask_weight
+    token_losses = torch.zeros(student_hidden.shape[0], dtype=acc, device=student_hidden.device)
+    token_losses[rows] = result.loss  # unweighted, 0 where masked: a second output, never differentiated
+    ctx.mark_non_differentiable(token_losses)
+    if reduction == "none":
+        per_token = torch.zeros_like(token_losses)
+        per_token[rows] = weighted
+        ctx.save_for_backward(*inputs, counted, mask_weight)
+        return per_token, token_losses
+    if needs_grad:
+        ctx.save_for_backward(*_full_grads(result, counted, student_hidden, student_weight, student_bias))
+    total = weighted.sum()
+    return (total / total_weight if reduction == "mean" and total_weight > 0 else total), token_losses
 
-    @staticmethod
-    def backward(ctx, grad_output, _grad_token_losses):
-        if torch.is_grad_enabled():  # backward(create_graph=True): a gradient of the gradient was asked for
-            raise RuntimeError("fused_linear_kl does not support double backward (create_graph=True): its "
-                               "gradients are computed in closed form, not as a differentiable graph")
-        with torch.autocast(grad_output.device.type, enabled=False):  # as the forward: no autocast GEMMs
-            return FusedLinearKLFunction._backward(ctx, grad_output)
 
-    @staticmethod
-    def _backward(ctx, grad_output):
-        options = ctx.options
-        if options.reduction == "none":
-            (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-             counted, mask_weight) = ctx.saved_tensors
+def chunked_backward(ctx, grad_output, run, reduction: str, name: str) -> tuple:
+    """The fused losses' shared backward: (dH, dW, db) of the student, each where asked for."""
+    if torch.is_grad_enabled():  # backward(create_graph=True): a gradient of the gradient was asked for
+        raise RuntimeError(f"{name} does not support double backward (create_graph=True): its gradients are "
+                           "computed in closed form, not as a differentiable graph")
+    with torch.autocast(grad_output.device.type, enabled=False):  # as the forward: no autocast GEMMs
+        if reduction == "none":
+            *inputs, counted, mask_weight = ctx.saved_tensors
             rows = slice(None) if counted is None else counted
-            acc = accumulation_dtype(student_hidden.dtype)
-            token_weight = grad_output[rows].to(acc) if mask_weight is None else grad_output[rows].to(acc) * mask_weight
-            result = chunked_linear_kl(
-                student_hidden[rows], student_weight, student_bias, teacher_hidden[rows], teacher_weight,
-                teacher_bias, token_weight, divergence=options.divergence, beta=options.beta,
-                temperature=options.temperature, chunk_tokens=options.chunk_tokens,
-                kl_rows=_kl_rows(options.impl), acc=acc)
-            grads = _full_grads(result, counted, student_hidden, student_weight, student_bias)
+            acc = accumulation_dtype(inputs[0].dtype)
+            token_weight = grad_output[rows].to(acc)
+            if mask_weight is not None:
+                token_weight = token_weight * mask_weight
+            grads = _full_grads(run(tuple(inputs), rows, token_weight, acc), counted, *inputs[:3])
         else:
             grads = ctx.saved_tensors  # kept for a second backward only under retain_graph
             if not torch.equal(grad_output, torch.ones_like(grad_output)):
                 grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
-        grad_hidden, grad_weight, grad_bias = grads
-        return (grad_hidden if ctx.needs_input_grad[0] else None, grad_weight if ctx.needs_input_grad[1] else None,
-                grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None, None)
+    return tuple(g if wanted else None for g, wanted in zip(grads, ctx.needs_input_grad[:3]))
+
+
+class FusedLinearKLFunction(torch.autograd.Function):
+    @staticmethod
+    def run(options: KLOptions):
+        def chunks(inputs, rows, token_weight, acc):
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = inputs
+            return chunked_linear_kl(
+                student_hidden[rows], student_weight, student_bias, teacher_hidden[rows], teacher_weight,
+                teacher_bias, token_weight, divergence=options.divergence, beta=options.beta,
+                temperature=options.temperature, chunk_tokens=options.chunk_tokens, kl_rows=_kl_rows(options.impl),
+                acc=acc)
+        return chunks
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                mask, options: KLOptions):
+        ctx.options = options
+        inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        return chunked_forward(ctx, FusedLinearKLFunction.run(options), inputs, mask, options.reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_token_losses):
+        options = ctx.options
+        grads = chunked_backward(ctx, grad_output, FusedLinearKLFunction.run(options), options.reduction,
+                                 "fused_linear_kl")
+        return (*grads, None, None, None, None, None)
 
 
 def _common_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,

@@ -16,10 +16,10 @@ from .fused_linear_kl import (
     FLOAT_DTYPES,
     REDUCTIONS,
     _check_mask,
-    _full_grads,
+    chunked_backward,
+    chunked_forward,
     default_memory_budget,
 )
-from .reference import accumulation_dtype
 from .topk_chunked import TAILS, chunked_linear_kl_topk, sparse_support
 
 TOPK_IMPLS = ("auto", "torch")
@@ -94,68 +94,30 @@ def _check_topk_inputs(student_hidden, student_weight, teacher_ids, teacher_logp
         raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
 
 
-def _chunks(student_rows, student_weight, student_bias, ids, logprobs, token_weight, options: TopKOptions, acc):
-    return chunked_linear_kl_topk(
-        student_rows, student_weight, student_bias, ids, logprobs, token_weight, divergence=options.divergence,
-        beta=options.beta, tail=options.tail, temperature=options.temperature, chunk_tokens=options.chunk_tokens,
-        acc=acc)
-
-
 class FusedLinearKLTopKFunction(torch.autograd.Function):
+    @staticmethod
+    def run(options: TopKOptions):
+        def chunks(inputs, rows, token_weight, acc):
+            student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs = inputs
+            return chunked_linear_kl_topk(
+                student_hidden[rows], student_weight, student_bias, teacher_ids[rows], teacher_logprobs[rows],
+                token_weight, divergence=options.divergence, beta=options.beta, tail=options.tail,
+                temperature=options.temperature, chunk_tokens=options.chunk_tokens, acc=acc)
+        return chunks
+
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs, mask,
                 options: TopKOptions):
-        acc = accumulation_dtype(student_hidden.dtype)
-        counted = None if mask is None else mask.nonzero().squeeze(1)
-        mask_weight = None if mask is None else mask[counted].to(acc)
-        pick = (lambda t: t) if counted is None else (lambda t: t[counted])
-        n = student_hidden.shape[0] if counted is None else counted.numel()
-        total_weight = float(n) if mask_weight is None else float(mask_weight.sum())
-        needs_grad = any(ctx.needs_input_grad[:3])
-        token_weight = None
-        if needs_grad and options.reduction != "none":
-            token_weight = torch.ones(n, dtype=acc, device=student_hidden.device) if mask_weight is None \
-                else mask_weight.clone()
-            if options.reduction == "mean":
-                token_weight /= max(total_weight, 1e-30)
-        result = _chunks(pick(student_hidden), student_weight, student_bias, pick(teacher_ids),
-                         pick(teacher_logprobs), token_weight, options, acc)
-        weighted = result.loss if mask_weight is None else result.loss * mask_weight
-        rows = slice(None) if counted is None else counted
-        token_losses = torch.zeros(student_hidden.shape[0], dtype=acc, device=student_hidden.device)
-        token_losses[rows] = result.loss
-        ctx.mark_non_differentiable(token_losses)
         ctx.options = options
-        if options.reduction == "none":
-            per_token = torch.zeros_like(token_losses)
-            per_token[rows] = weighted
-            ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs,
-                                  counted, mask_weight)
-            return per_token, token_losses
-        if needs_grad:
-            ctx.save_for_backward(*_full_grads(result, counted, student_hidden, student_weight, student_bias))
-        total = weighted.sum()
-        return (total / total_weight if options.reduction == "mean" and total_weight > 0 else total), token_losses
+        inputs = (student_hidden, student_weight, student_bias, teacher_ids, teacher_logprobs)
+        return chunked_forward(ctx, FusedLinearKLTopKFunction.run(options), inputs, mask, options.reduction)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_token_losses):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fused_linear_kl_topk does not support double backward (create_graph=True)")
         options = ctx.options
-        if options.reduction == "none":
-            hidden, weight, bias, ids, logprobs, counted, mask_weight = ctx.saved_tensors
-            rows = slice(None) if counted is None else counted
-            acc = accumulation_dtype(hidden.dtype)
-            token_weight = grad_output[rows].to(acc) if mask_weight is None else grad_output[rows].to(acc) * mask_weight
-            result = _chunks(hidden[rows], weight, bias, ids[rows], logprobs[rows], token_weight, options, acc)
-            grads = _full_grads(result, counted, hidden, weight, bias)
-        else:
-            grads = ctx.saved_tensors
-            if not torch.equal(grad_output, torch.ones_like(grad_output)):
-                grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in grads)
-        grad_hidden, grad_weight, grad_bias = grads
-        return (grad_hidden if ctx.needs_input_grad[0] else None, grad_weight if ctx.needs_input_grad[1] else None,
-                grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None)
+        grads = chunked_backward(ctx, grad_output, FusedLinearKLTopKFunction.run(options), options.reduction,
+                                 "fused_linear_kl_topk")
+        return (*grads, None, None, None, None)
 
 
 def fused_linear_kl_topk(

@@ -14,6 +14,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def reduce_tokens(loss: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """The fused losses' reductions of per-token losses [N]: each weighted by the mask (bool or float), then
+    "none", "sum", or "mean" (the weighted sum over the total weight; 0 when nothing counts)."""
+    if mask is not None:
+        loss = loss * mask.to(loss.dtype)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    total_weight = loss.numel() if mask is None else float(mask.to(loss.dtype).sum())
+    return loss.sum() / total_weight if total_weight > 0 else loss.sum()
+
+
 def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str,
                  beta: float) -> torch.Tensor:
     """Per-row divergence between softmax(student_logits) and softmax(teacher_logits): [N]."""
@@ -46,14 +59,7 @@ def fused_linear_kl_reference(
             teacher_logits = teacher_logits + teacher_bias
     loss = kl_per_token(student_logits.to(acc) / temperature, teacher_logits.to(acc) / temperature,
                         divergence, beta)
-    if mask is not None:
-        loss = loss * mask.to(acc)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    total_weight = loss.numel() if mask is None else float(mask.to(acc).sum())
-    return loss.sum() / total_weight if total_weight > 0 else loss.sum()
+    return reduce_tokens(loss, mask, reduction)
 
 
 def fused_linear_kl_topk_reference(
@@ -86,11 +92,4 @@ def fused_linear_kl_topk_reference(
     else:
         log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log(1 - beta))
         loss = beta * (torch.xlogy(q, q) - q * log_m).sum(-1) + (1 - beta) * (p * (log_p - log_m)).sum(-1)
-    if mask is not None:
-        loss = loss * mask.to(acc)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    total_weight = loss.numel() if mask is None else float(mask.to(acc).sum())
-    return loss.sum() / total_weight if total_weight > 0 else loss.sum()
+    return reduce_tokens(loss, mask, reduction)
