@@ -19,10 +19,11 @@ from .fused_linear_kl import (
     chunked_backward,
     chunked_forward,
     default_memory_budget,
+    resolve_impl,
 )
 from .topk_chunked import TAILS, chunked_linear_kl_topk, sparse_support
 
-TOPK_IMPLS = ("auto", "torch")
+TOPK_IMPLS = ("auto", "torch", "triton")
 LOGPROB_SLACK = 1e-3  # how far above 0 a teacher log-probability (or log sum q_S) may round
 
 
@@ -34,6 +35,7 @@ class TopKOptions:
     temperature: float
     reduction: str
     chunk_tokens: int
+    impl: str = "torch"  # "triton": the passes over [C, V] in triton_topk
 
 
 def _described(t) -> str:
@@ -102,7 +104,7 @@ class FusedLinearKLTopKFunction(torch.autograd.Function):
             return chunked_linear_kl_topk(
                 student_hidden[rows], student_weight, student_bias, teacher_ids[rows], teacher_logprobs[rows],
                 token_weight, divergence=options.divergence, beta=options.beta, tail=options.tail,
-                temperature=options.temperature, chunk_tokens=options.chunk_tokens, acc=acc)
+                temperature=options.temperature, chunk_tokens=options.chunk_tokens, acc=acc, impl=options.impl)
         return chunks
 
     @staticmethod
@@ -139,7 +141,8 @@ def fused_linear_kl_topk(
     return_token_losses: as in ``fused_linear_kl``. chunk_tokens / memory_budget: tokens per chunk, or
     the bytes of the chunk's one [C, V] fp32 buffer (default: ``default_memory_budget``); with
     tail="none" and k <= V / 64 the budget bounds the gathered [C, k, H] weight rows instead.
-    impl: "torch" (every device; "auto" picks it). Returns fp32 (fp64 for fp64 inputs).
+    impl: "auto" (triton on CUDA, torch elsewhere), "torch" or "triton" (the two passes over each chunk's
+    [C, V] logits fused in Triton; fp32 logits). Returns fp32 (fp64 for fp64 inputs).
     """
     _check_topk_inputs(student_hidden, student_weight, teacher_ids, teacher_logprobs, mask, student_bias,
                        divergence, beta, tail, temperature, reduction, impl, chunk_tokens, memory_budget)
@@ -151,7 +154,8 @@ def fused_linear_kl_topk(
             chunk_tokens = max(1, budget // (2 * k * hidden * 4))
         else:  # one [C, V] buffer: logits, then dL/dz in place
             chunk_tokens = max(1, budget // (vocab * 4))
-    options = TopKOptions(divergence, float(beta), tail, float(temperature), reduction, int(chunk_tokens))
+    impl = resolve_impl(impl, student_hidden.device)
+    options = TopKOptions(divergence, float(beta), tail, float(temperature), reduction, int(chunk_tokens), impl)
     with torch.autocast(student_hidden.device.type, enabled=False):
         loss, token_losses = FusedLinearKLTopKFunction.apply(
             student_hidden, student_weight, student_bias, teacher_ids.long(), teacher_logprobs.detach(), mask, options)

@@ -74,12 +74,26 @@ def bucket_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str,
     return loss.to(out_dtype), grad.to(out_dtype)
 
 
-def _row_logsumexp(x: torch.Tensor, block_rows: int = 32) -> torch.Tensor:
+def row_logsumexp(x: torch.Tensor, block_rows: int = 32) -> torch.Tensor:
     """log sum_v exp x[r, v] over blocks of rows: no [C, V] temporary."""
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for i in range(0, x.shape[0], block_rows):
         out[i:i + block_rows] = torch.logsumexp(x[i:i + block_rows], dim=-1)
     return out
+
+
+def tail_grad_torch(z: torch.Tensor, lse_tail: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+    """z <- exp(z - lse_tail) * coefficient (both [C, 1]), in place."""
+    return z.sub_(lse_tail).exp_().mul_(coefficient)
+
+
+def tail_passes(impl: str):
+    """(log-sum-exp, gradient) passes over [C, V]: torch's, or triton_topk's fused ones."""
+    if impl == "triton":
+        from .triton_topk import tail_grad_triton, tail_logsumexp_triton
+
+        return tail_logsumexp_triton, tail_grad_triton
+    return row_logsumexp, tail_grad_torch
 
 
 def sparse_support(vocab: int, k: int, tail: str) -> bool:
@@ -93,6 +107,7 @@ def chunked_linear_kl_topk(
     student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: torch.Tensor | None,
     teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, token_weight: torch.Tensor | None, *,
     divergence: str, beta: float, tail: str, temperature: float, chunk_tokens: int, acc: torch.dtype,
+    impl: str = "torch",
 ) -> ChunkResult:
     """Loss of every row [n] and, when ``token_weight`` [n] is given, the gradients of
     sum_i token_weight[i] loss[i] w.r.t. student hidden, weight and bias (rows are counted tokens)."""
@@ -106,6 +121,7 @@ def chunked_linear_kl_topk(
     grad_bias = torch.zeros(vocab, dtype=acc, device=device) if compute_grad and student_bias is not None else None
     sparse = sparse_support(vocab, k, tail)
     with_tail = tail == "bucket" and k < vocab  # at k = V the support is the vocabulary: no tail
+    tail_logsumexp, tail_grad = tail_passes(impl if acc == torch.float32 else "torch")  # Triton passes: fp32
     buffer = None
     if not sparse and n and student_hidden.dtype == student_weight.dtype == acc:
         buffer = torch.empty(min(chunk_tokens, n), vocab, dtype=acc, device=device)  # reused by every chunk
@@ -135,7 +151,7 @@ def chunked_linear_kl_topk(
             grad_s, sum_grad = grad, None
         elif with_tail:  # one pass over V: the tail's log-sum-exp, the support masked; the rest on [C, k]
             z_s = z.gather(1, ids)
-            lse_tail = _row_logsumexp(z.scatter_(1, ids, float("-inf"))).unsqueeze(1)
+            lse_tail = tail_logsumexp(z.scatter_(1, ids, float("-inf"))).unsqueeze(1)
             above_tail = z_s - lse_tail  # log (p_j / P_tail): numbers of the size of the gaps, not of the logits
             log_p_tail = -torch.logsumexp(torch.cat([torch.zeros_like(lse_tail), above_tail], dim=1), dim=1,
                                           keepdim=True)
@@ -151,7 +167,7 @@ def chunked_linear_kl_topk(
             continue
         if with_tail:  # off the support: exp(z - lse_tail) (G_tail - P_tail sum G); z is -inf on S
             coefficient = grad[:, k:] - log_p[:, k:].exp() * sum_grad
-            grad_z = z.sub_(lse_tail).exp_().mul_(coefficient)
+            grad_z = tail_grad(z, lse_tail, coefficient)
         else:
             grad_z = z.zero_()
         grad_z.scatter_(1, ids, grad_s)

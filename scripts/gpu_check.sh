@@ -32,7 +32,7 @@ mkdir -p "$out"
 status=0
 echo "gpu_check: $device; logs in $out"
 "$py" -c 'import torch, triton, transformers; print(f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, cuda {torch.version.cuda}")' | tee "$out/versions.txt"
-timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_fused_linear_kl.py tests/test_bf16_training.py \
+timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_fused_linear_kl.py tests/test_kernel_topk.py tests/test_bf16_training.py \
   > "$out/kernel_tests.log" 2>&1 || status=1
 tail -1 "$out/kernel_tests.log"
 timeout 120 "$py" scripts/gpu_bf16_check.py > "$out/bf16_check.json" 2> "$out/bf16_check.log" || status=1

@@ -23,6 +23,11 @@ ARCHS = (80, 90, 100)
 SIGNATURE = {"Z": "*fp32", "U": "*fp32", "LOSS": "*fp32", "stride_z": "i32", "stride_u": "i32", "V": "i32",
              "beta": "fp32", "log_beta": "fp32", "log_1m_beta": "fp32",
              "DIVERGENCE": "constexpr", "COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
+TOPK_SIGNATURES = {  # triton_topk's passes (the top-k loss's tail bucket)
+    "_tail_lse_kernel": {"Z": "*fp32", "OUT": "*fp32", "stride_z": "i32", "V": "i32", "BLOCK_V": "constexpr"},
+    "_tail_grad_kernel": {"Z": "*fp32", "LSE": "*fp32", "COEF": "*fp32", "stride_z": "i32", "V": "i32",
+                          "BLOCK_V": "constexpr"},
+}
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:
@@ -52,17 +57,21 @@ def main() -> int:
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile", file=sys.stderr)
         return 2
     import triton
+    from caopd_kernels import triton_topk
     from caopd_kernels.triton_kl import _DIVERGENCE_CODE, GPU_BLOCK_V, _kl_rows_kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    variants = [(_kl_rows_kernel, SIGNATURE, {"DIVERGENCE": code, "COMPUTE_GRAD": grad}, divergence, grad)
+                for (divergence, code), grad in itertools.product(_DIVERGENCE_CODE.items(), (False, True))]
+    variants += [(getattr(triton_topk, name), signature, {}, "top-k tail", name == "_tail_grad_kernel")
+                 for name, signature in TOPK_SIGNATURES.items()]
     rows, failed = [], False
-    for arch, (divergence, code), grad in itertools.product(ARCHS, _DIVERGENCE_CODE.items(), (False, True)):
-        row = {"kernel": "_kl_rows_kernel", "arch": f"sm_{arch}", "divergence": divergence, "compute_grad": grad,
+    for arch, (kernel, signature, constexprs, divergence, grad) in itertools.product(ARCHS, variants):
+        row = {"kernel": kernel.__name__, "arch": f"sm_{arch}", "divergence": divergence, "compute_grad": grad,
                "block_v": GPU_BLOCK_V}
         try:
-            source = ASTSource(fn=_kl_rows_kernel, signature=SIGNATURE,
-                               constexprs={"DIVERGENCE": code, "COMPUTE_GRAD": grad, "BLOCK_V": GPU_BLOCK_V})
+            source = ASTSource(fn=kernel, signature=signature, constexprs={**constexprs, "BLOCK_V": GPU_BLOCK_V})
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
             row.update(cubin_bytes=len(compiled.asm["cubin"]), **ptxas_report(compiled.asm["ptx"], arch))
             failed |= not row["ptxas_ok"] or row["spill_bytes"] > 0

@@ -7,6 +7,8 @@ import torch
 from caopd_kernels import fused_linear_kl, fused_linear_kl_topk, fused_linear_kl_topk_reference
 
 DIVERGENCES = ["forward", "reverse", "jsd"]
+# Triton runs compiled on a GPU (make gpu-check) and interpreted on CPU (the conftest sets TRITON_INTERPRET)
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TAILS = ["bucket", "none"]
 
 
@@ -25,10 +27,13 @@ def make_inputs(n, h, v, k, dtype=torch.float32, seed=0, masked=0.3, bias=False)
 
 
 def grads_of(fn, hidden, weight, bias, *args, **kw):
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + (() if bias is None else (bias,))]
+    """The output and the leaves' gradients (on the CPU) of fn run on ``device``."""
+    device = kw.pop("device", torch.device("cpu"))
+    leaves = [t.detach().to(device).requires_grad_() for t in (hidden, weight) + (() if bias is None else (bias,))]
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     out = fn(*leaves[:2], *args, student_bias=leaves[2] if bias is not None else None, **kw)
-    (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
-    return out.detach(), [t.grad for t in leaves]
+    (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=device).reshape(out.shape)).sum().backward()
+    return out.detach().cpu(), [t.grad.cpu() for t in leaves]
 
 
 # (N, H, V, k, chunk_tokens): k = 1, 20 and V; N not a multiple of the chunk; the sparse (tail="none",
@@ -41,10 +46,21 @@ SHAPES = [(13, 8, 1300, 1, 4), (37, 16, 1300, 20, 8), (9, 8, 97, 97, 4), (21, 8,
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_topk_loss_and_gradients_match_the_float64_reference(n, h, v, k, chunk, divergence, tail, reduction):
+    check_against_reference(n, h, v, k, chunk, divergence, tail, reduction, "torch")
+
+
+@pytest.mark.parametrize("n,h,v,k,chunk", SHAPES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_topk_with_the_triton_passes_matches_the_float64_reference(n, h, v, k, chunk, divergence):
+    """impl="triton": its passes serve the tail bucket (interpreted here; compiled in make gpu-check)."""
+    check_against_reference(n, h, v, k, chunk, divergence, "bucket", "mean", "triton")
+
+
+def check_against_reference(n, h, v, k, chunk, divergence, tail, reduction, impl):
     hidden, weight, ids, logprobs, mask, bias, _ = make_inputs(n, h, v, k, bias=k == 20)
     kw = dict(divergence=divergence, tail=tail, reduction=reduction, temperature=0.8)
     ours, ours_grads = grads_of(fused_linear_kl_topk, hidden, weight, bias, ids, logprobs, mask, chunk_tokens=chunk,
-                                **kw)
+                                impl=impl, device=TRITON_DEVICE if impl == "triton" else torch.device("cpu"), **kw)
     ref, ref_grads = grads_of(fused_linear_kl_topk_reference, hidden.double(), weight.double(),
                               None if bias is None else bias.double(), ids, logprobs.double(), mask, **kw)
     _, torch_grads = grads_of(fused_linear_kl_topk_reference, hidden, weight, bias, ids, logprobs, mask, **kw)
@@ -108,7 +124,7 @@ def test_masked_tokens_and_bf16():
     (dict(teacher_logprobs=torch.zeros(4, 3)), r"teacher_logprobs must be a float tensor \[N, k\] = \[4, 2\]"),
     (dict(teacher_ids=torch.zeros(4, 2)), "teacher_ids must be an integer tensor"),
     (dict(tail="all"), "tail must be one of"),
-    (dict(impl="triton"), "impl must be one of"),
+    (dict(impl="cuda"), "impl must be one of"),
 ])
 def test_bad_topk_inputs_are_named(change, message):
     hidden, weight, _, _, _, _, _ = make_inputs(4, 8, 1300, 2)
@@ -117,3 +133,24 @@ def test_bad_topk_inputs_are_named(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         fused_linear_kl_topk(**args)
+
+
+@pytest.mark.parametrize("block_v", [16, None])
+def test_triton_tail_passes_equal_torchs_across_vocabulary_blocks(block_v):
+    """The two fused passes against their torch references, over several vocabulary blocks (block_v 16:
+    the online rescale a GPU takes at V = 151,936), with masked (-inf) entries and a row of -inf only."""
+    from caopd_kernels.topk_chunked import row_logsumexp, tail_grad_torch
+    from caopd_kernels.triton_topk import tail_grad_triton, tail_logsumexp_triton
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 83, generator=g) * 4
+    z[0, :20] = float("-inf")  # a block of -inf only, first
+    z[1, ::3] = float("-inf")
+    z[4] = float("-inf")
+    lse = tail_logsumexp_triton(z.to(TRITON_DEVICE), block_v=block_v).cpu()
+    assert torch.allclose(lse, row_logsumexp(z), rtol=1e-6, atol=1e-6) and lse[4] == float("-inf")
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(1)
+    coefficient = torch.randn(5, 1, generator=g)
+    ours = tail_grad_triton(z.clone().to(TRITON_DEVICE), safe.to(TRITON_DEVICE), coefficient.to(TRITON_DEVICE),
+                            block_v=block_v).cpu()
+    assert torch.allclose(ours, tail_grad_torch(z.clone(), safe, coefficient), rtol=1e-6, atol=1e-7)
