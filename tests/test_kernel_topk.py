@@ -154,3 +154,31 @@ def test_triton_tail_passes_equal_torchs_across_vocabulary_blocks(block_v):
     ours = tail_grad_triton(z.clone().to(TRITON_DEVICE), safe.to(TRITON_DEVICE), coefficient.to(TRITON_DEVICE),
                             block_v=block_v).cpu()
     assert torch.allclose(ours, tail_grad_torch(z.clone(), safe, coefficient), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_token_logprobs_and_gradients_equal_full_logits(dtype, tol, bias):
+    """fused_linear_token_logprobs (TRL's sampled-token mode): log p of each row's token and the gradients of
+    any weighting of them, against log_softmax over the full logits (5 chunks of 8 rows, one partial)."""
+    from caopd_kernels import fused_linear_token_logprobs
+
+    hidden, weight, _, _, _, student_bias, _ = make_inputs(37, 16, 1300, 1, dtype=dtype, bias=bias)
+    ids = torch.randint(0, 1300, (37,), generator=torch.Generator().manual_seed(1))
+    upstream = torch.randn(37, generator=torch.Generator().manual_seed(2), dtype=dtype)
+
+    def full(h, w, b):
+        logits = h @ w.T + (0 if b is None else b)
+        return torch.log_softmax(logits / 0.7, -1).gather(1, ids[:, None]).squeeze(1)
+
+    results = []
+    for fn in (lambda h, w, b: fused_linear_token_logprobs(h, w, ids, bias=b, temperature=0.7, chunk_tokens=8), full):
+        tensors = (hidden, weight) + ((student_bias,) if bias else ())
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(leaves[0], leaves[1], leaves[2] if bias else None)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), [t.grad for t in leaves]))
+    (ours, ours_grads), (ref, ref_grads) = results
+    assert torch.allclose(ours.to(dtype), ref, rtol=tol, atol=tol)
+    for got, want in zip(ours_grads, ref_grads):
+        assert (got - want).abs().max() <= tol * want.abs().max()

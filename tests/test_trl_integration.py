@@ -129,6 +129,18 @@ def test_sdft_steps_equal_trls_full_logits_path(model_dir, tmp_path, alpha):
     assert_same_training(plain, fused)
 
 
+@pytest.mark.parametrize("trainer_cls, config_cls", [(SDFTTrainer, SDFTConfig), (SDPOTrainer, SDPOConfig)])
+def test_sampled_token_steps_equal_trls(model_dir, tmp_path, trainer_cls, config_cls):
+    """distillation_mode="sampled_token" (SDPO's default; reverse KL on the realized tokens): the student's
+    log-probabilities by fused_linear_token_logprobs, the same losses, metric and parameters as TRL's."""
+    settings = dict(distillation_mode="sampled_token", distillation_alpha=1.0, temperature=0.8)
+    if trainer_cls is SDFTTrainer:
+        settings["num_loss_tokens_to_skip"] = 2
+    plain = train(trainer_cls, config_cls, model_dir, tmp_path, fused=False, **settings)
+    fused = train(trainer_cls, config_cls, model_dir, tmp_path, fused=True, **settings)
+    assert_same_training(plain, fused)
+
+
 def test_sdft_importance_clipping_with_rollout_logprobs(model_dir, tmp_path):
     """gradient_accumulation_steps not a multiple of steps_per_generation: TRL keeps the rollout
     log-probs and multiplies each token's loss by the clipped ratio (distillation_is_clip)."""
@@ -211,6 +223,14 @@ def test_unsupported_settings_are_one_line_errors(model_dir, tmp_path, trainer_c
             use_fused_linear_kl(trainer, impl="bogus")
         with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes, got -1"):
             use_fused_linear_kl(trainer, memory_budget=-1)
+        use_fused_linear_kl(trainer)  # issue 30: a setting changed after wrapping is refused when the loss runs
+        trainer.args.use_teacher_server = True
+        with pytest.raises(ValueError, match=r"use_teacher_server=True \(set after use_fused_linear_kl\)"):
+            trainer.compute_loss(trainer.model, {})
+        trainer.args.use_teacher_server = False
+        trainer.args.distillation_mode = "topk_logits"
+        with pytest.raises(ValueError, match=r"distillation_mode is 'topk_logits' \(set after use_fused_linear_kl\)"):
+            trainer.compute_loss(trainer.model, {})
 
 
 def test_sdft_under_bf16_autocast_stays_within_bf16_error_of_trls_path(model_dir, tmp_path):

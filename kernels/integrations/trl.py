@@ -22,7 +22,13 @@ Mapping of TRL's settings (tested against TRL 1.16's own path):
 - the metric ``self_distillation/distillation_loss``: the token mean TRL logs (from the kernel's
   ``return_token_losses``).
 
-Refused with one line: other distillation modes, SDPO's ``distillation_weight`` < 1 (its policy
+``distillation_mode="sampled_token"`` (SDPO's default: reverse KL on the realized tokens) takes the
+student's token log-probabilities from ``fused_linear_token_logprobs`` and the teacher's from lm_head
+chunks under no_grad; TRL's per-token ``(log p_s - log p_t).detach() * log p_s`` and the same weights.
+Settings are read when the loss runs (a mode or ``use_teacher_server`` set after wrapping is honoured or
+refused, never ignored).
+
+Refused with one line: ``topk_logits`` (not yet), SDPO's ``distillation_weight`` < 1 (its policy
 loss needs the student's full logits anyway), the teacher server, FSDP or DeepSpeed ZeRO-3 (the
 lm_head weight is sharded outside the forward), a lm_head that is not a plain ``nn.Linear`` (e.g.
 a LoRA-wrapped one) and models that rescale logits after the lm_head (soft-capping, logit scales).
@@ -36,12 +42,14 @@ from contextlib import contextmanager
 import torch
 
 from ..fused_linear_kl import divergence_for_beta, fused_linear_kl, resolve_impl
+from ..fused_linear_token_logprobs import fused_linear_token_logprobs
 
 TESTED_TRL = "1.16"
 # Attributes of TRL 1.16's SDFTTrainer / SDPOTrainer that this module relies on.
 TRAINER_ATTRIBUTES = ("teacher_model", "temperature", "model_kwarg_keys", "accelerator",
                       "_get_teacher_context_for_self_distillation", "_log_self_distillation_metric")
 LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+FUSED_MODES = ("full_logits", "sampled_token")
 IS_CLIP_LOG_RATIO = 20.0  # TRL clamps the log importance ratio to +-20 before exp
 
 
@@ -53,7 +61,9 @@ def divergence_for_alpha(alpha: float) -> tuple[str, float]:
 def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int | None = None):
     """Route ``trainer``'s distillation loss through ``fused_linear_kl``; returns the trainer.
 
-    ``trainer``: a constructed TRL SDFTTrainer or SDPOTrainer with distillation_mode="full_logits".
+    ``trainer``: a constructed TRL SDFTTrainer or SDPOTrainer with distillation_mode "full_logits" (both
+    models' distributions, fused_linear_kl) or "sampled_token" (the realized tokens' log-probabilities,
+    fused_linear_token_logprobs for the student).
     impl / memory_budget: as in fused_linear_kl (None: its default budget). Call it once, before ``train()``."""
     try:
         from trl.experimental.sdft import SDFTTrainer
@@ -67,9 +77,9 @@ def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int | Non
     missing = [a for a in TRAINER_ATTRIBUTES if not hasattr(trainer, a)]
     if missing:
         raise TypeError(f"{name} lacks {', '.join(missing)}: this integration is written for TRL {TESTED_TRL}")
-    if args.distillation_mode != "full_logits":
+    if args.distillation_mode not in FUSED_MODES:
         raise ValueError(f"{name}: distillation_mode is {args.distillation_mode!r}; the fused loss replaces "
-                         "distillation_mode='full_logits'")
+                         f"distillation_mode {' or '.join(map(repr, FUSED_MODES))} (topk_logits: not yet)")
     if getattr(args, "use_teacher_server", False):
         raise ValueError(f"{name}: use_teacher_server=True scores the teacher on the vLLM server; there are no "
                          "teacher hidden states to fuse")
@@ -84,11 +94,10 @@ def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int | Non
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    divergence, beta = divergence_for_alpha(float(args.distillation_alpha))
+    divergence_for_alpha(float(args.distillation_alpha))
     for which, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
         _check_plain_head(trainer, model, which)
-    trainer._caopd_fused_kl = dict(divergence=divergence, beta=beta, temperature=float(trainer.temperature),
-                                   impl=impl, memory_budget=memory_budget)
+    trainer._caopd_fused_kl = dict(impl=impl, memory_budget=memory_budget)
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
 
@@ -116,14 +125,29 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     """The trainers' compute_loss, with the distillation loss fused."""
     if return_outputs:
         raise ValueError(f"The {type(self).__name__} does not support returning outputs")
-    loss = fused_self_distillation_loss(self, model, inputs, **self._caopd_fused_kl)
+    args, name = self.args, type(self).__name__
+    # read when the loss runs: a setting changed after use_fused_linear_kl is honoured, or refused
+    if getattr(args, "use_teacher_server", False):
+        raise ValueError(f"{name}: use_teacher_server=True (set after use_fused_linear_kl) scores the teacher on the "
+                         "vLLM server; the fused loss needs the teacher's hidden states")
+    if args.distillation_mode not in FUSED_MODES:
+        raise ValueError(f"{name}: distillation_mode is {args.distillation_mode!r} (set after use_fused_linear_kl); "
+                         f"the fused loss covers {' and '.join(FUSED_MODES)}")
+    divergence, beta = divergence_for_alpha(float(args.distillation_alpha))
+    loss = fused_self_distillation_loss(self, model, inputs, divergence=divergence, beta=beta,
+                                        temperature=float(self.temperature), mode=args.distillation_mode,
+                                        **self._caopd_fused_kl)
     accumulation_scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
     return loss / accumulation_scale
 
 
 def fused_self_distillation_loss(trainer, model, inputs, *, divergence: str, beta: float, temperature: float,
-                                 impl: str = "auto", memory_budget: int | None = None) -> torch.Tensor:
-    """TRL's per-sequence-mean self-distillation loss over one batch, in one fused_linear_kl call."""
+                                 impl: str = "auto", memory_budget: int | None = None,
+                                 mode: str = "full_logits") -> torch.Tensor:
+    """TRL's per-sequence-mean self-distillation loss over one batch, in one fused call: fused_linear_kl
+    (full_logits), or (sampled_token, reverse KL on the realized tokens) TRL's per-token
+    (log p_s(y) - log p_t(y)).detach() * log p_s(y) with the student's log-probabilities from
+    fused_linear_token_logprobs and the teacher's from lm_head chunks under no_grad."""
     completion_ids = inputs["completion_ids"]
     batch, length = completion_ids.shape
     loss_mask = _loss_mask(trainer, inputs).to(torch.float32)
@@ -151,15 +175,34 @@ def fused_self_distillation_loss(trainer, model, inputs, *, divergence: str, bet
     tokens_per_sequence = loss_mask.sum(-1, keepdim=True).clamp(min=1.0)
     weights = (token_factor.reshape(batch, length) / tokens_per_sequence / batch).reshape(-1)
 
-    loss, token_losses = fused_linear_kl(
-        student_hidden, student_head.weight, teacher_hidden, teacher_head.weight, weights, divergence=divergence,
-        beta=beta, temperature=temperature, student_bias=student_head.bias, teacher_bias=teacher_head.bias,
-        reduction="sum", impl=impl, memory_budget=memory_budget, return_token_losses=True)
+    if mode == "sampled_token":
+        loss, token_losses = _sampled_token_loss(student_hidden, student_head, teacher_hidden, teacher_head,
+                                                 completion_ids.reshape(-1), weights, temperature, memory_budget)
+    else:
+        loss, token_losses = fused_linear_kl(
+            student_hidden, student_head.weight, teacher_hidden, teacher_head.weight, weights, divergence=divergence,
+            beta=beta, temperature=temperature, student_bias=student_head.bias, teacher_bias=teacher_head.bias,
+            reduction="sum", impl=impl, memory_budget=memory_budget, return_token_losses=True)
 
     token_mean = (token_losses * token_factor).sum() / loss_mask.sum().clamp(min=1.0)  # the metric TRL logs
     mode = "train" if model.training else "eval"
     trainer._log_self_distillation_metric(mode, trainer.accelerator.gather(token_mean.detach()).mean().item())
     return loss
+
+
+def _sampled_token_loss(student_hidden, student_head, teacher_hidden, teacher_head, token_ids, weights, temperature,
+                        memory_budget):
+    """(sum_i w_i loss_i, loss_i [N] detached) of TRL's sampled-token loss, over the tokens with w_i > 0."""
+    rows = (weights > 0).nonzero().squeeze(1)
+    hidden = student_hidden[rows].to(student_head.weight.dtype)  # autocast's bf16 rows: the head's GEMM dtype
+    student = fused_linear_token_logprobs(hidden, student_head.weight, token_ids[rows], bias=student_head.bias,
+                                          temperature=temperature, memory_budget=memory_budget)
+    with torch.no_grad():
+        teacher = _token_logprobs(teacher_hidden[rows], teacher_head, token_ids[rows], temperature)
+    per_token = (student.detach() - teacher) * student
+    token_losses = torch.zeros(weights.shape[0], dtype=per_token.dtype, device=weights.device)
+    token_losses[rows] = per_token.detach()
+    return (per_token * weights[rows].to(per_token.dtype)).sum(), token_losses
 
 
 def _loss_mask(trainer, inputs) -> torch.Tensor:
