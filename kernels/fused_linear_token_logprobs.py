@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .fused_linear_kl import FLOAT_DTYPES, chunked_backward, chunked_forward, default_memory_budget
-from .torch_chunked import ChunkResult, _logits, log_softmax_, student_grads
+from .torch_chunked import ChunkResult, _logits, log_softmax_, outputs, student_grads
 
 
 @torch.no_grad()
@@ -21,13 +21,9 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
                            token_ids: torch.Tensor, token_weight: torch.Tensor | None, *, temperature: float,
                            chunk_tokens: int, acc: torch.dtype) -> ChunkResult:
     """log p of each row's token [n] and, with ``token_weight`` [n], the gradients of sum_i w_i log p_i."""
-    n, width = hidden.shape
-    vocab = weight.shape[0]
+    n, vocab = hidden.shape[0], weight.shape[0]
     compute_grad = token_weight is not None
-    logp = torch.empty(n, dtype=acc, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if compute_grad else None
-    grad_weight = torch.zeros(vocab, width, dtype=acc, device=weight.device) if compute_grad else None
-    grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if compute_grad and bias is not None else None
+    logp, grad_hidden, grad_weight, grad_bias = outputs(hidden, weight, bias, compute_grad, acc)
     buffer = torch.empty(min(chunk_tokens, n), vocab, dtype=acc, device=hidden.device) \
         if n and hidden.dtype == weight.dtype == acc else None
     for start in range(0, n, chunk_tokens):

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from .torch_chunked import ChunkResult, _logits, log_softmax_, student_grads
+from .torch_chunked import ChunkResult, _logits, log_softmax_, outputs, student_grads
 
 TAILS = ("bucket", "none")
 TEACHER_TAIL_FLOOR = 1e-7  # Q_tail's floor, as TRL's add_tail_bucket clamps log sum q_S to -1e-7
@@ -115,10 +115,7 @@ def chunked_linear_kl_topk(
     vocab, k = student_weight.shape[0], teacher_ids.shape[1]
     compute_grad = token_weight is not None
     device = student_hidden.device
-    loss = torch.empty(n, dtype=acc, device=device)
-    grad_hidden = torch.empty_like(student_hidden) if compute_grad else None
-    grad_weight = torch.zeros(vocab, hidden_size, dtype=acc, device=device) if compute_grad else None
-    grad_bias = torch.zeros(vocab, dtype=acc, device=device) if compute_grad and student_bias is not None else None
+    loss, grad_hidden, grad_weight, grad_bias = outputs(student_hidden, student_weight, student_bias, compute_grad, acc)
     sparse = sparse_support(vocab, k, tail)
     with_tail = tail == "bucket" and k < vocab  # at k = V the support is the vocabulary: no tail
     tail_logsumexp, tail_grad = tail_passes(impl if acc == torch.float32 else "torch")  # Triton passes: fp32

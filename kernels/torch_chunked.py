@@ -142,6 +142,18 @@ def _accumulate_grad_weight(grad_weight: torch.Tensor, grad_z_half: torch.Tensor
         grad_weight[v0:v0 + rows].add_(scratch[:rows])
 
 
+def outputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compute_grad: bool,
+            acc: torch.dtype) -> tuple:
+    """A chunk loop's outputs before its first chunk: per-row loss [n], and with gradients dH [n, H] and the
+    accumulators dW [V, H], db [V] (zeros, ``acc``)."""
+    vocab, width = weight.shape
+    loss = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    if not compute_grad:
+        return loss, None, None, None
+    return (loss, torch.empty_like(hidden), torch.zeros(vocab, width, dtype=acc, device=weight.device),
+            None if bias is None else torch.zeros(vocab, dtype=acc, device=weight.device))
+
+
 @torch.no_grad()
 def chunked_linear_kl(
     student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: torch.Tensor | None,
@@ -151,14 +163,10 @@ def chunked_linear_kl(
 ) -> ChunkResult:
     """Loss of every row and, when ``token_weight`` ([n], acc dtype) is given, the gradients of
     sum_i token_weight[i] * loss[i] w.r.t. student hidden, weight and bias. Rows are counted tokens."""
-    n, hidden_size = student_hidden.shape
+    n = student_hidden.shape[0]
     vocab = student_weight.shape[0]
     compute_grad = token_weight is not None
-    loss = torch.empty(n, dtype=acc, device=student_hidden.device)
-    grad_hidden = torch.empty_like(student_hidden) if compute_grad else None
-    grad_weight = torch.zeros(vocab, hidden_size, dtype=acc, device=student_weight.device) if compute_grad else None
-    grad_bias = (torch.zeros(vocab, dtype=acc, device=student_weight.device)
-                 if compute_grad and student_bias is not None else None)
+    loss, grad_hidden, grad_weight, grad_bias = outputs(student_hidden, student_weight, student_bias, compute_grad, acc)
     # Each side's [C, V] buffer is allocated once and reused by every chunk where its GEMM writes ``acc``
     # (fp32/fp64 inputs): a fresh buffer per chunk is fresh pages on CPU, whose faults cost ~10 % of the
     # logits GEMM (Xeon, V 151,936). 16-bit inputs (cast after the GEMM, or fp32 out on CUDA) allocate per chunk.
