@@ -13,15 +13,18 @@ from .torch_chunked import _logits, log_softmax_
 
 @torch.no_grad()
 def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: torch.Tensor | None = None,
-                  temperature: float = 1.0, chunk_tokens: int | None = None,
-                  memory_budget: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  temperature: float = 1.0, chunk_tokens: int | None = None, memory_budget: int | None = None,
+                  ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [N, k] int64, log-probabilities [N, k] fp32, largest first) of softmax(W h / T) per row of
-    hidden [N, H] (weight [V, H]). chunk_tokens / memory_budget: as in fused_linear_kl (one [C, V] fp32
-    buffer)."""
+    hidden [N, H] (weight [V, H]). ``ids`` [N, k] given: the log-probabilities of those tokens instead (a
+    teacher scored on the student's top k, as TRL's topk_logits does). chunk_tokens / memory_budget: as
+    in fused_linear_kl (one [C, V] fp32 buffer)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V, H] must share H, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
     vocab, width = weight.shape
+    if ids is not None and (ids.dim() != 2 or ids.shape[0] != hidden.shape[0] or ids.shape[1] != k):
+        raise ValueError(f"ids must be [N, k] = [{hidden.shape[0]}, {k}], got {tuple(ids.shape)}")
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, V] = [1, {vocab}], got {k}")
     if not temperature > 0:
@@ -31,7 +34,8 @@ def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: t
     if chunk_tokens is None:
         budget = default_memory_budget(vocab, width) if memory_budget is None else memory_budget
         chunk_tokens = max(1, budget // (vocab * 4))
-    ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
+    given = ids is not None
+    ids = ids.long() if given else torch.empty(n, k, dtype=torch.int64, device=hidden.device)
     logprobs = torch.empty(n, k, dtype=acc, device=hidden.device)
     buffer = torch.empty(min(chunk_tokens, n), vocab, dtype=acc, device=hidden.device) \
         if n and hidden.dtype == weight.dtype == acc else None
@@ -39,5 +43,8 @@ def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: t
         rows = slice(start, min(start + chunk_tokens, n))
         out = None if buffer is None else buffer[:rows.stop - rows.start]
         logp = log_softmax_(_logits(hidden[rows], weight, bias, temperature, acc, out))
-        torch.topk(logp, k, dim=-1, out=(logprobs[rows], ids[rows]))
+        if given:
+            logprobs[rows] = logp.gather(1, ids[rows])
+        else:
+            torch.topk(logp, k, dim=-1, out=(logprobs[rows], ids[rows]))
     return ids, logprobs

@@ -1,7 +1,7 @@
 """TRL's SDFTTrainer and SDPOTrainer with ``fused_linear_kl`` in their loss slot.
 
     from caopd_kernels.integrations.trl import use_fused_linear_kl
-    trainer = SDFTTrainer(model, args=SDFTConfig(distillation_mode="full_logits", ...), train_dataset=...)
+    trainer = SDFTTrainer(model, args=SDFTConfig(...), train_dataset=...)   # any distillation_mode
     use_fused_linear_kl(trainer).train()
 
 With ``distillation_mode="full_logits"`` the trainers compute both models' [B, T, V] logits and
@@ -28,7 +28,13 @@ chunks under no_grad; TRL's per-token ``(log p_s - log p_t).detach() * log p_s``
 Settings are read when the loss runs (a mode or ``use_teacher_server`` set after wrapping is honoured or
 refused, never ignored).
 
-Refused with one line: ``topk_logits`` (not yet), SDPO's ``distillation_weight`` < 1 (its policy
+``distillation_mode="topk_logits"`` (SDFT's default) takes the student's top ``distillation_topk`` tokens
+(``topk_logprobs``, no gradient through the choice) and the teacher's log-probabilities there, then
+``fused_linear_kl_topk`` with TRL's tail bucket (``distillation_add_tail``) or renormalisation. The student's
+tail mass is exact where TRL floors both tails at 1e-7: they differ only where the student's top k hold
+all but 1e-7 of its mass, and then by at most ~1e-7 x log(1e-7 / tail) a token.
+
+Refused with one line: SDPO's ``distillation_weight`` < 1 (its policy
 loss needs the student's full logits anyway), the teacher server, FSDP or DeepSpeed ZeRO-3 (the
 lm_head weight is sharded outside the forward), a lm_head that is not a plain ``nn.Linear`` (e.g.
 a LoRA-wrapped one) and models that rescale logits after the lm_head (soft-capping, logit scales).
@@ -42,14 +48,16 @@ from contextlib import contextmanager
 import torch
 
 from ..fused_linear_kl import divergence_for_beta, fused_linear_kl, resolve_impl
+from ..fused_linear_kl_topk import fused_linear_kl_topk
 from ..fused_linear_token_logprobs import fused_linear_token_logprobs
+from ..topk_logprobs import topk_logprobs
 
 TESTED_TRL = "1.16"
 # Attributes of TRL 1.16's SDFTTrainer / SDPOTrainer that this module relies on.
 TRAINER_ATTRIBUTES = ("teacher_model", "temperature", "model_kwarg_keys", "accelerator",
                       "_get_teacher_context_for_self_distillation", "_log_self_distillation_metric")
 LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-FUSED_MODES = ("full_logits", "sampled_token")
+FUSED_MODES = ("full_logits", "sampled_token", "topk_logits")
 IS_CLIP_LOG_RATIO = 20.0  # TRL clamps the log importance ratio to +-20 before exp
 
 
@@ -62,8 +70,8 @@ def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int | Non
     """Route ``trainer``'s distillation loss through ``fused_linear_kl``; returns the trainer.
 
     ``trainer``: a constructed TRL SDFTTrainer or SDPOTrainer with distillation_mode "full_logits" (both
-    models' distributions, fused_linear_kl) or "sampled_token" (the realized tokens' log-probabilities,
-    fused_linear_token_logprobs for the student).
+    models' distributions, fused_linear_kl), "sampled_token" (the realized tokens' log-probabilities,
+    fused_linear_token_logprobs for the student) or "topk_logits" (fused_linear_kl_topk).
     impl / memory_budget: as in fused_linear_kl (None: its default budget). Call it once, before ``train()``."""
     try:
         from trl.experimental.sdft import SDFTTrainer
@@ -178,6 +186,9 @@ def fused_self_distillation_loss(trainer, model, inputs, *, divergence: str, bet
     if mode == "sampled_token":
         loss, token_losses = _sampled_token_loss(student_hidden, student_head, teacher_hidden, teacher_head,
                                                  completion_ids.reshape(-1), weights, temperature, memory_budget)
+    elif mode == "topk_logits":
+        loss, token_losses = _topk_loss(trainer.args, student_hidden, student_head, teacher_hidden, teacher_head,
+                                        weights, divergence, beta, temperature, memory_budget)
     else:
         loss, token_losses = fused_linear_kl(
             student_hidden, student_head.weight, teacher_hidden, teacher_head.weight, weights, divergence=divergence,
@@ -203,6 +214,31 @@ def _sampled_token_loss(student_hidden, student_head, teacher_hidden, teacher_he
     token_losses = torch.zeros(weights.shape[0], dtype=per_token.dtype, device=weights.device)
     token_losses[rows] = per_token.detach()
     return (per_token * weights[rows].to(per_token.dtype)).sum(), token_losses
+
+
+def _topk_loss(args, student_hidden, student_head, teacher_hidden, teacher_head, weights, divergence, beta,
+               temperature, memory_budget):
+    """TRL's topk_logits over the tokens with w_i > 0: the student's top distillation_topk tokens (no
+    gradient through the choice), the teacher's log-probabilities there, renormalised on them or with a
+    tail bucket (distillation_add_tail), through fused_linear_kl_topk."""
+    if args.distillation_topk is None:
+        raise ValueError("distillation_mode='topk_logits' requires distillation_topk")
+    rows = (weights > 0).nonzero().squeeze(1)
+    hidden = student_hidden[rows].to(student_head.weight.dtype)
+    k = int(args.distillation_topk)
+    with torch.no_grad():
+        ids, _ = topk_logprobs(hidden, student_head.weight, k, bias=student_head.bias, temperature=temperature,
+                               memory_budget=memory_budget)
+        _, teacher = topk_logprobs(teacher_hidden[rows].to(teacher_head.weight.dtype), teacher_head.weight, k,
+                                   bias=teacher_head.bias, temperature=temperature, memory_budget=memory_budget,
+                                   ids=ids)
+    loss, per_token = fused_linear_kl_topk(
+        hidden, student_head.weight, ids, teacher, weights[rows].to(torch.float32), divergence=divergence, beta=beta,
+        tail="bucket" if args.distillation_add_tail else "none", temperature=temperature,
+        student_bias=student_head.bias, reduction="sum", memory_budget=memory_budget, return_token_losses=True)
+    token_losses = torch.zeros(weights.shape[0], dtype=per_token.dtype, device=weights.device)
+    token_losses[rows] = per_token
+    return loss, token_losses
 
 
 def _loss_mask(trainer, inputs) -> torch.Tensor:
