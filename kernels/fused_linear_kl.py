@@ -68,6 +68,13 @@ def default_memory_budget(vocab: int, hidden: int) -> int:
     return min(DEFAULT_MEMORY_BUDGET, max(MIN_DEFAULT_BUDGET, vocab * hidden * 4 // 2))
 
 
+def one_buffer_chunk_tokens(vocab: int, hidden: int, memory_budget: int | None) -> int:
+    """Tokens per chunk of the kernels that hold one [C, V] fp32 buffer (top-k, token log-probs, top-k
+    log-probs) within ``memory_budget`` bytes (None: ``default_memory_budget``)."""
+    budget = default_memory_budget(vocab, hidden) if memory_budget is None else memory_budget
+    return max(MIN_CHUNK_TOKENS, budget // (vocab * 4))
+
+
 def chunk_tokens_for_budget(vocab: int, impl: str, divergence: str, memory_budget: int) -> int:
     """Tokens per chunk so that the chunk's [C, V] fp32 buffers fit in ``memory_budget`` bytes.
 

@@ -19,6 +19,7 @@ from .fused_linear_kl import (
     chunked_backward,
     chunked_forward,
     default_memory_budget,
+    one_buffer_chunk_tokens,
     resolve_impl,
 )
 from .topk_chunked import TAILS, chunked_linear_kl_topk, sparse_support
@@ -153,7 +154,7 @@ def fused_linear_kl_topk(
         if sparse_support(vocab, k, tail):  # [C, k, H] gathered rows and their fp32 products
             chunk_tokens = max(1, budget // (2 * k * hidden * 4))
         else:  # one [C, V] buffer: logits, then dL/dz in place
-            chunk_tokens = max(1, budget // (vocab * 4))
+            chunk_tokens = one_buffer_chunk_tokens(vocab, hidden, budget)
     impl = resolve_impl(impl, student_hidden.device)
     options = TopKOptions(divergence, float(beta), tail, float(temperature), reduction, int(chunk_tokens), impl)
     with torch.autocast(student_hidden.device.type, enabled=False):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .fused_linear_kl import FLOAT_DTYPES, chunked_backward, chunked_forward, default_memory_budget
-from .torch_chunked import ChunkResult, _logits, log_softmax_, outputs, student_grads
+from .fused_linear_kl import FLOAT_DTYPES, chunked_backward, chunked_forward, one_buffer_chunk_tokens
+from .torch_chunked import ChunkResult, _logits, log_softmax_, logits_buffer, outputs, student_grads
 
 
 @torch.no_grad()
@@ -21,11 +21,10 @@ def chunked_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: tor
                            token_ids: torch.Tensor, token_weight: torch.Tensor | None, *, temperature: float,
                            chunk_tokens: int, acc: torch.dtype) -> ChunkResult:
     """log p of each row's token [n] and, with ``token_weight`` [n], the gradients of sum_i w_i log p_i."""
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     compute_grad = token_weight is not None
     logp, grad_hidden, grad_weight, grad_bias = outputs(hidden, weight, bias, compute_grad, acc)
-    buffer = torch.empty(min(chunk_tokens, n), vocab, dtype=acc, device=hidden.device) \
-        if n and hidden.dtype == weight.dtype == acc else None
+    buffer = logits_buffer(hidden, weight, chunk_tokens, acc)
     for start in range(0, n, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, n))
         ids = token_ids[rows].unsqueeze(1)
@@ -78,14 +77,13 @@ def fused_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, toke
     vocab = weight.shape[0]
     n = hidden.shape[0]
     if not isinstance(token_ids, torch.Tensor) or token_ids.shape != (n,) or token_ids.is_floating_point():
-        raise ValueError(f"token_ids must be an integer tensor [N] = [{hidden.shape[0]}]")
+        raise ValueError(f"token_ids must be an integer tensor [N] = [{n}]")
     if token_ids.numel() and bool((token_ids < 0).any() or (token_ids >= vocab).any()):
         raise ValueError(f"token_ids must lie in [0, V) = [0, {vocab})")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_tokens is None:
-        budget = default_memory_budget(vocab, weight.shape[1]) if memory_budget is None else memory_budget
-        chunk_tokens = max(1, budget // (vocab * 4))
+        chunk_tokens = one_buffer_chunk_tokens(vocab, weight.shape[1], memory_budget)
     with torch.autocast(hidden.device.type, enabled=False):
         return FusedLinearTokenLogprobsFunction.apply(hidden, weight, bias, token_ids.long(), float(temperature),
                                                       int(chunk_tokens))

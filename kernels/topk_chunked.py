@@ -25,8 +25,8 @@ is the mode-seeking loss of the dense kernel restricted to the teacher's likely 
 Work per chunk of C tokens: tail="bucket" takes one [C, V] logits GEMM, one log-sum-exp pass over the
 logits with the support masked (lse_tail; P_tail and each p_j then follow from the k gaps z_j - lse_tail,
 which keeps them accurate), dL/dz in the same buffer, then dH and dW by GEMM (6 N H V FLOPs: no teacher
-GEMM); tail="none" gathers the k
-weight rows of each token (4 N k H FLOPs, no [C, V] buffer). Memory beyond the chunk: O(N k).
+GEMM); tail="none" gathers the k weight rows of each token (4 N k H FLOPs, no [C, V] buffer). Memory
+beyond the chunk: O(N k).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from .torch_chunked import ChunkResult, _logits, log_softmax_, outputs, student_grads
+from .torch_chunked import ChunkResult, _logits, log_softmax_, logits_buffer, outputs, student_grads
 
 TAILS = ("bucket", "none")
 TEACHER_TAIL_FLOOR = 1e-7  # Q_tail's floor, as TRL's add_tail_bucket clamps log sum q_S to -1e-7
@@ -114,14 +114,11 @@ def chunked_linear_kl_topk(
     n, hidden_size = student_hidden.shape
     vocab, k = student_weight.shape[0], teacher_ids.shape[1]
     compute_grad = token_weight is not None
-    device = student_hidden.device
     loss, grad_hidden, grad_weight, grad_bias = outputs(student_hidden, student_weight, student_bias, compute_grad, acc)
     sparse = sparse_support(vocab, k, tail)
     with_tail = tail == "bucket" and k < vocab  # at k = V the support is the vocabulary: no tail
     tail_logsumexp, tail_grad = tail_passes(impl if acc == torch.float32 else "torch")  # Triton passes: fp32
-    buffer = None
-    if not sparse and n and student_hidden.dtype == student_weight.dtype == acc:
-        buffer = torch.empty(min(chunk_tokens, n), vocab, dtype=acc, device=device)  # reused by every chunk
+    buffer = None if sparse else logits_buffer(student_hidden, student_weight, chunk_tokens, acc)
     for start in range(0, n, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, n))
         h, ids = student_hidden[rows], teacher_ids[rows]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .fused_linear_kl import default_memory_budget
+from .fused_linear_kl import one_buffer_chunk_tokens
 from .reference import accumulation_dtype
-from .torch_chunked import _logits, log_softmax_
+from .torch_chunked import _logits, log_softmax_, logits_buffer
 
 
 @torch.no_grad()
@@ -32,13 +32,11 @@ def topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: t
     acc = accumulation_dtype(hidden.dtype)
     n = hidden.shape[0]
     if chunk_tokens is None:
-        budget = default_memory_budget(vocab, width) if memory_budget is None else memory_budget
-        chunk_tokens = max(1, budget // (vocab * 4))
+        chunk_tokens = one_buffer_chunk_tokens(vocab, width, memory_budget)
     given = ids is not None
     ids = ids.long() if given else torch.empty(n, k, dtype=torch.int64, device=hidden.device)
     logprobs = torch.empty(n, k, dtype=acc, device=hidden.device)
-    buffer = torch.empty(min(chunk_tokens, n), vocab, dtype=acc, device=hidden.device) \
-        if n and hidden.dtype == weight.dtype == acc else None
+    buffer = logits_buffer(hidden, weight, chunk_tokens, acc)
     for start in range(0, n, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, n))
         out = None if buffer is None else buffer[:rows.stop - rows.start]

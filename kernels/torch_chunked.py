@@ -142,6 +142,17 @@ def _accumulate_grad_weight(grad_weight: torch.Tensor, grad_z_half: torch.Tensor
         grad_weight[v0:v0 + rows].add_(scratch[:rows])
 
 
+def logits_buffer(hidden: torch.Tensor, weight: torch.Tensor, chunk_tokens: int, acc: torch.dtype
+                  ) -> torch.Tensor | None:
+    """A [C, V] buffer every chunk's logits GEMM writes into, where that GEMM writes ``acc`` (fp32/fp64
+    inputs): a fresh buffer per chunk is fresh pages on CPU, whose faults cost ~10 % of the logits GEMM
+    (Xeon, V 151,936). None for 16-bit inputs (cast after the GEMM, or fp32 out on CUDA) or no rows."""
+    n = hidden.shape[0]
+    if not n or not hidden.dtype == weight.dtype == acc:
+        return None
+    return torch.empty(min(chunk_tokens, n), weight.shape[0], dtype=acc, device=hidden.device)
+
+
 def outputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, compute_grad: bool,
             acc: torch.dtype) -> tuple:
     """A chunk loop's outputs before its first chunk: per-row loss [n], and with gradients dH [n, H] and the
@@ -164,17 +175,10 @@ def chunked_linear_kl(
     """Loss of every row and, when ``token_weight`` ([n], acc dtype) is given, the gradients of
     sum_i token_weight[i] * loss[i] w.r.t. student hidden, weight and bias. Rows are counted tokens."""
     n = student_hidden.shape[0]
-    vocab = student_weight.shape[0]
     compute_grad = token_weight is not None
     loss, grad_hidden, grad_weight, grad_bias = outputs(student_hidden, student_weight, student_bias, compute_grad, acc)
-    # Each side's [C, V] buffer is allocated once and reused by every chunk where its GEMM writes ``acc``
-    # (fp32/fp64 inputs): a fresh buffer per chunk is fresh pages on CPU, whose faults cost ~10 % of the
-    # logits GEMM (Xeon, V 151,936). 16-bit inputs (cast after the GEMM, or fp32 out on CUDA) allocate per chunk.
-    rows_at_most = min(chunk_tokens, n)
-    student_buffer, teacher_buffer = (
-        torch.empty(rows_at_most, vocab, dtype=acc, device=hidden.device)
-        if n and hidden.dtype == weight.dtype == acc else None
-        for hidden, weight in ((student_hidden, student_weight), (teacher_hidden, teacher_weight)))
+    student_buffer = logits_buffer(student_hidden, student_weight, chunk_tokens, acc)  # each side's, reused
+    teacher_buffer = logits_buffer(teacher_hidden, teacher_weight, chunk_tokens, acc)
     for start in range(0, n, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, n))
         count = rows.stop - rows.start

@@ -234,7 +234,7 @@ def fused_loss(student: torch.nn.Module, teacher: torch.nn.Module, student_rows:
                                       bias=None if teacher_head.bias is None else teacher_head.bias[:rows],
                                       temperature=temperature)
         loss = fused_linear_kl_topk(student_rows, student_weight[:rows], ids, logprobs, weights, divergence=divergence,
-                                    beta=beta, temperature=temperature, reduction="sum",
+                                    beta=beta, temperature=temperature, reduction="sum", impl=impl,
                                     student_bias=None if student_bias is None else student_bias[:rows])
         return LossOutput(loss, int((weights > 0).sum()))
     loss = fused_linear_kl(student_rows, student_weight, teacher_rows, teacher_head.weight, weights,

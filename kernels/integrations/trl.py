@@ -85,12 +85,7 @@ def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int | Non
     missing = [a for a in TRAINER_ATTRIBUTES if not hasattr(trainer, a)]
     if missing:
         raise TypeError(f"{name} lacks {', '.join(missing)}: this integration is written for TRL {TESTED_TRL}")
-    if args.distillation_mode not in FUSED_MODES:
-        raise ValueError(f"{name}: distillation_mode is {args.distillation_mode!r}; the fused loss replaces "
-                         f"distillation_mode {' or '.join(map(repr, FUSED_MODES))} (topk_logits: not yet)")
-    if getattr(args, "use_teacher_server", False):
-        raise ValueError(f"{name}: use_teacher_server=True scores the teacher on the vLLM server; there are no "
-                         "teacher hidden states to fuse")
+    _check_mode_and_teacher(args, name, "")
     if getattr(args, "distillation_weight", 1.0) != 1.0:
         raise ValueError(f"{name}: distillation_weight={args.distillation_weight} mixes in the policy loss, which "
                          "needs the student's full logits; the fused loss covers distillation_weight=1.0")
@@ -108,6 +103,16 @@ def use_fused_linear_kl(trainer, *, impl: str = "auto", memory_budget: int | Non
     trainer._caopd_fused_kl = dict(impl=impl, memory_budget=memory_budget)
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
     return trainer
+
+
+def _check_mode_and_teacher(args, name: str, when: str) -> None:
+    """One line unless the trainer's mode is one the fused loss covers and its teacher runs here."""
+    if args.distillation_mode not in FUSED_MODES:
+        raise ValueError(f"{name}: distillation_mode is {args.distillation_mode!r}{when}; the fused loss covers "
+                         f"{', '.join(FUSED_MODES)}")
+    if getattr(args, "use_teacher_server", False):
+        raise ValueError(f"{name}: use_teacher_server=True{when} scores the teacher on the vLLM server; the fused "
+                         "loss needs the teacher's hidden states")
 
 
 def _zero_stage(trainer) -> int | None:
@@ -133,14 +138,9 @@ def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=
     """The trainers' compute_loss, with the distillation loss fused."""
     if return_outputs:
         raise ValueError(f"The {type(self).__name__} does not support returning outputs")
-    args, name = self.args, type(self).__name__
+    args = self.args
     # read when the loss runs: a setting changed after use_fused_linear_kl is honoured, or refused
-    if getattr(args, "use_teacher_server", False):
-        raise ValueError(f"{name}: use_teacher_server=True (set after use_fused_linear_kl) scores the teacher on the "
-                         "vLLM server; the fused loss needs the teacher's hidden states")
-    if args.distillation_mode not in FUSED_MODES:
-        raise ValueError(f"{name}: distillation_mode is {args.distillation_mode!r} (set after use_fused_linear_kl); "
-                         f"the fused loss covers {' and '.join(FUSED_MODES)}")
+    _check_mode_and_teacher(args, type(self).__name__, " (set after use_fused_linear_kl)")
     divergence, beta = divergence_for_alpha(float(args.distillation_alpha))
     loss = fused_self_distillation_loss(self, model, inputs, divergence=divergence, beta=beta,
                                         temperature=float(self.temperature), mode=args.distillation_mode,
@@ -153,9 +153,7 @@ def fused_self_distillation_loss(trainer, model, inputs, *, divergence: str, bet
                                  impl: str = "auto", memory_budget: int | None = None,
                                  mode: str = "full_logits") -> torch.Tensor:
     """TRL's per-sequence-mean self-distillation loss over one batch, in one fused call: fused_linear_kl
-    (full_logits), or (sampled_token, reverse KL on the realized tokens) TRL's per-token
-    (log p_s(y) - log p_t(y)).detach() * log p_s(y) with the student's log-probabilities from
-    fused_linear_token_logprobs and the teacher's from lm_head chunks under no_grad."""
+    (full_logits), _sampled_token_loss or _topk_loss."""
     completion_ids = inputs["completion_ids"]
     batch, length = completion_ids.shape
     loss_mask = _loss_mask(trainer, inputs).to(torch.float32)
