@@ -374,7 +374,9 @@ def _rollout_server_parser(sub) -> None:
                        description="Runs vLLM's OpenAI API server with its development and RL routes on (weights are "
                        "pushed to it after every step: over NCCL on GPUs, else from a folder it reloads). Those routes "
                        "run what they are asked: keep --host on an address only the trainer reaches (default "
-                       "127.0.0.1). Then: caopd train --rollout-engine server --rollout-server http://HOST:PORT.")
+                       "127.0.0.1). Then: caopd train --rollout-engine server --rollout-server http://HOST:PORT. It "
+                       "serves a teacher for caopd train --teacher-server http://HOST:PORT too (--max-logprobs at "
+                       "least the trainer's --teacher-top-k); a stock vllm serve --max-logprobs K does as well.")
     p.add_argument("--model", required=True, help="a model folder or hub id (the trainer's first push replaces its "
                    "weights; its vocabulary must be the trained model's)")
     p.add_argument("--tokenizer", help="a tokenizer folder or hub id (default: the model's)")
@@ -386,6 +388,8 @@ def _rollout_server_parser(sub) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="on CPUs: the KV cache's memory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-logprobs", type=int, default=20, help="the most log-probs a position a request may ask "
+                   "for: serving a teacher, at least the trainer's --teacher-top-k")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
 
 
@@ -398,7 +402,8 @@ def run_rollout_server(args: argparse.Namespace) -> dict:
     argv, env = server_command(args.model, host=args.host, port=args.port,
                                tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
                                dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-                               cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, tokenizer=args.tokenizer)
+                               cpu_kv_cache_gib=args.cpu_kv_cache_gib, seed=args.seed, tokenizer=args.tokenizer,
+                               max_logprobs=args.max_logprobs)
     if args.dry_run:
         print("VLLM_SERVER_DEV_MODE=1 " + shlex.join(argv))
         return {"argv": argv}

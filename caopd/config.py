@@ -34,6 +34,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "micro_batch_prompts", "gradient_checkpointing", "attn_implementation", "loss_impl", "shared_prefix",
     "vllm_placement", "vllm_device", "vllm_gpu_memory_utilization", "fsdp_cpu_offload", "liger_kernels", "merge_lora",
     "distributed_timeout_minutes", "distributed_backend", "rollout_server", "rollout_server_timeout", "force",
+    "teacher_server",
     "logging_steps", "report_to"})
 
 
@@ -94,7 +95,12 @@ class TrainConfig:
                                 "CaOPD")
     teacher_top_k: int = option(0, "distil on the teacher's k most likely tokens a position and one bucket for the "
                                 "rest, as a served teacher gives them (vLLM's prompt_logprobs; forward KL there is "
-                                "the peers' top-k KL); 0: the full vocabulary", "CaOPD")
+                                "the peers' top-k KL); 0: the full vocabulary (20 with --teacher-server)", "CaOPD")
+    teacher_server: str = option("", "a frozen teacher served by vLLM (caopd rollout-server --model TEACHER "
+                                 "--max-logprobs K, or vllm serve): the servers' URLs, comma-separated; each "
+                                 "micro-batch's completions are scored there (--teacher-top-k log-probs a "
+                                 "position, temperature 1) while the student's forward runs; nothing of the "
+                                 "teacher in the trainer's memory", "CaOPD")
     teacher_dtype: str = option("fp32", "the EMA teacher's weights: fp32, or bf16 (half the memory and, under "
                                 "FSDP, half the gathers; the EMA by stochastic rounding)", "CaOPD", ("fp32", "bf16"))
 
@@ -104,7 +110,8 @@ class TrainConfig:
                                  ("auto", "transformers", "vllm", "server"))
     rollout_server: str = option("", "with --rollout-engine server: the servers' URLs, comma-separated "
                                  "(http://HOST:PORT); each step's prompts are spread over them", "sampling")
-    rollout_server_timeout: float = option(600.0, "seconds a request to a rollout server may take, > 0", "sampling")
+    rollout_server_timeout: float = option(600.0, "seconds a request to a rollout or teacher server may take, > 0",
+                                           "sampling")
     vllm_tensor_parallel_size: int = option(1, "with --rollout-engine vllm under torchrun: processes that share one "
                                             "vLLM engine, each holding a slice of it", "sampling")
     vllm_placement: str = option("colocate", "GPU: colocate (sleep mode, shares the training GPU) or separate",
@@ -226,6 +233,18 @@ class TrainConfig:
         if self.teacher_model and self.teacher_ema not in (0.0, TEACHER_EMA_DEFAULT):
             raise InputError(f"--teacher-ema {self.teacher_ema}: a --teacher-model teacher is frozen (the EMA follows "
                              "the student's own weights); leave --teacher-ema out")
+        if self.teacher_server.strip():
+            if self.teacher_model:
+                raise InputError("--teacher-model and --teacher-server exclude each other: the teacher is loaded "
+                                 "here, or served")
+            if self.teacher_ema not in (0.0, TEACHER_EMA_DEFAULT):
+                raise InputError(f"--teacher-ema {self.teacher_ema}: a --teacher-server teacher is frozen; leave "
+                                 "--teacher-ema out")
+            if self.temperature != 1.0:
+                raise InputError(f"--temperature {self.temperature} with --teacher-server: a vLLM server gives the "
+                                 "teacher's log-probs at temperature 1; leave --temperature out")
+            if not self.teacher_top_k:
+                self.teacher_top_k = 20  # Tinker's SDFT: 20 tokens match the full-vocabulary KL in practice
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite exclude each other: continue the run, or replace it")
 

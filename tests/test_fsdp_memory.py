@@ -25,6 +25,7 @@ SHAPE = {"model_type": "qwen3", "vocab_size": 1024, "hidden_size": 1024, "interm
          "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 64,
          "tie_word_embeddings": False, "max_position_embeddings": 4096}
 PHASES = ("load", "steps", "checkpoint_save", "final_save")
+PROMPT = 48  # a prompt's last tokens: the weights, not the activations, are what the processes share out
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def runs(tmp_path_factory) -> dict[int, Path]:
     (root / "config.json").write_text(json.dumps(SHAPE))
     args = ["--config", "tiny", "--model", f"random:{root / 'config.json'}", "--tokenizer", "fast",
             "--num-generations", "2", "--prompts-per-step", "2", "--micro-batch-prompts", "1",
-            "--max-completion-length", "4", "--max-steps", "2", "--save-every", "2"]
+            "--max-completion-length", "4", "--max-prompt-length", str(PROMPT), "--max-steps", "2", "--save-every", "2"]
     caopd([*args, "--output-dir", str(root / "one")], env={"OMP_NUM_THREADS": "2"})
     caopd([*args, "--output-dir", str(root / "two"), "--fsdp", "true"], processes=2)
     return {1: root / "one", 2: root / "two"}
@@ -64,8 +65,8 @@ def test_the_planner_matches_each_measured_process(runs):
     steps = [json.loads(line) for line in (runs[2] / "metrics.jsonl").read_text().splitlines()]
     tokenizer = load_tokenizer("tiny-qwen3", str(runs[2] / "tokenizer"))
     examples = load_examples(Path(__file__).resolve().parents[1] / "caopd" / "examples" / "arith_mc.jsonl", "science")
-    prompt = max(len(chat_ids(tokenizer, student_messages(examples[i]), {"enable_thinking": False}))
-                 for row in steps for i in row["prompts"])
+    prompt = min(PROMPT, max(len(chat_ids(tokenizer, student_messages(examples[i]), {"enable_thinking": False}))
+                             for row in steps for i in row["prompts"]))
     plan = Plan(str(runs[2].parent / "config.json"), device="cpu", gpus=2, fsdp=True, prompt_tokens=prompt,
                 completion_tokens=4, num_generations=2, prompts_per_step=2)
     two = measured(runs[2])

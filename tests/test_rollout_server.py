@@ -145,6 +145,40 @@ def test_a_weight_push_reaches_the_server(servers, model_dir):
     assert engine.generate(prompts, 1, greedy) == before
 
 
+def test_a_served_teacher_gives_the_local_top_k_and_trains(servers, model_dir, tmp_path):
+    """--teacher-server (issue 30): a server holding the teacher's weights (fp32) scores completions as
+    the same model here does (top 20: the same tokens, log-probs to 1e-4); then 2 steps train on it."""
+    from caopd_kernels import topk_logprobs
+
+    from caopd.engines.server import ServerEngine
+    from caopd.engines.teacher_server import TeacherServer
+    from caopd.modeling.models import load_model, load_tokenizer
+    from caopd.training.weight_stream import weight_stream
+
+    url = servers[0][0]
+    tokenizer = load_tokenizer("tiny-qwen3", str(model_dir))
+    teacher = load_model("tiny-qwen3", tokenizer, seed=0).eval()  # model_dir's weights
+    ServerEngine([url], tokenizer, staging=tmp_path / "staging").update_weights(
+        weight_stream(teacher, torch.device("cpu")))  # whatever the tests before pushed
+    served = TeacherServer([url], tokenizer, top_k=20, vocab=len(tokenizer))
+    prompts = [tokenizer(f"<|im_start|>user\nteacher context {i}<|im_end|>\n<|im_start|>assistant\nan answer "
+                         f"of {'some ' * i}length\nConfidence: 0.{i}5").input_ids for i in range(1, 4)]
+    starts, lengths = [10, 12, 9], [len(p) - s for p, s in zip(prompts, [10, 12, 9])]
+    ids, logprobs = served.result(served.submit(prompts, starts, lengths), torch.device("cpu"))
+    with torch.no_grad():
+        logits = torch.cat([teacher(torch.tensor([p])).logits[0, s - 1:s - 1 + n] for p, s, n in
+                            zip(prompts, starts, lengths)])
+    local_ids, local_logprobs = topk_logprobs(logits, torch.eye(logits.shape[1]), 20)  # top 20 of the logits
+    assert ids.shape == (sum(lengths), 20)
+    assert torch.allclose(logprobs, local_logprobs, atol=1e-4)  # both sorted, most likely first
+    assert torch.allclose(torch.log_softmax(logits.double(), -1).gather(1, ids).float(), logprobs, atol=1e-4)
+    assert (ids == local_ids).float().mean() > 0.95  # the same tokens, but for near-ties swapped
+    served.close()
+    out = tmp_path / "run"
+    caopd([*RUN, "--max-steps", "2", "--teacher-server", url, "--output-dir", str(out)])
+    assert [r["step"] for r in rows(out)] == [1, 2] and (out / "final" / "model.safetensors").exists()
+
+
 def test_a_server_killed_mid_run_stops_with_a_checkpoint_and_resumes_elsewhere(servers, tmp_path):
     out = tmp_path / "run"
     (spare_url, _), (doomed_url, doomed) = servers

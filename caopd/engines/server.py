@@ -49,7 +49,11 @@ from caopd.errors import InputError
 
 
 class RolloutServerError(RuntimeError):
-    """A rollout server failed a request after its retries."""
+    """A rollout server failed a request after its retries; ``reason``: the last failure's."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,12 @@ class StagedWeights:
 
 def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, tensor_parallel_size: int = 1,
                    max_model_len: int = 4096, dtype: str = "auto", gpu_memory_utilization: float = 0.9,
-                   cpu_kv_cache_gib: float = 1.0, seed: int = 0, tokenizer: str | None = None) -> tuple[list, dict]:
+                   cpu_kv_cache_gib: float = 1.0, seed: int = 0, tokenizer: str | None = None,
+                   max_logprobs: int = 20) -> tuple[list, dict]:
     """(argv, environment) of vLLM's OpenAI API server as ``caopd rollout-server`` runs it: its
     development and RL routes on (VLLM_SERVER_DEV_MODE=1), prefix caching, and on GPUs NCCL weight
-    transfer; on CPUs a KV cache of ``cpu_kv_cache_gib``."""
+    transfer; on CPUs a KV cache of ``cpu_kv_cache_gib``, eager. ``max_logprobs``: the most log-probs a
+    position a request may ask for (a served teacher's ``--teacher-top-k``)."""
     import os
     import sys
 
@@ -73,32 +79,62 @@ def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, ten
 
     if not vllm_available():
         raise InputError(INSTALL_HINT.replace("the vLLM engine", "caopd rollout-server"))
-    if tensor_parallel_size < 1 or not 0 < port < 65536 or max_model_len < 1:
-        raise InputError("--tensor-parallel-size and --max-model-len must be >= 1 and --port in 1..65535")
+    if tensor_parallel_size < 1 or not 0 < port < 65536 or max_model_len < 1 or max_logprobs < 1:
+        raise InputError("--tensor-parallel-size, --max-model-len and --max-logprobs must be >= 1 and --port in "
+                         "1..65535")
     if not 0 < gpu_memory_utilization <= 1 or cpu_kv_cache_gib <= 0:
         raise InputError("--gpu-memory-utilization must be in (0, 1] and --cpu-kv-cache-gib > 0")
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
         raise InputError(f"--model {model}: no such model folder")
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
             "--port", str(port), "--tensor-parallel-size", str(tensor_parallel_size), "--max-model-len",
-            str(max_model_len), "--dtype", dtype, "--seed", str(seed), "--enable-prefix-caching"]
+            str(max_model_len), "--dtype", dtype, "--seed", str(seed), "--enable-prefix-caching", "--max-logprobs",
+            str(max_logprobs)]
     if tokenizer:
         argv += ["--tokenizer", tokenizer]
     if torch.cuda.is_available():
         argv += ["--gpu-memory-utilization", str(gpu_memory_utilization),
                  "--weight-transfer-config", json.dumps({"backend": "nccl"})]
-    else:  # whole prefills: a split one rewinds a seeded request's generator, which vLLM's CPU backend cannot
+    else:  # whole prefills: a split one rewinds a seeded request's generator, which vLLM's CPU backend cannot;
+        # eager, as the in-process engine on CPUs (vllm_engine: compiling costs more than it saves here)
         argv += ["--kv-cache-memory-bytes", str(int(cpu_kv_cache_gib * 2**30)), "--no-enable-chunked-prefill",
-                 "--max-num-batched-tokens", str(max(max_model_len, 4096))]
+                 "--max-num-batched-tokens", str(max(max_model_len, 4096)), "--enforce-eager"]
     return argv, {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
 
 
-def server_urls(text: str) -> list[str]:
+def server_urls(text: str, flag: str = "--rollout-server") -> list[str]:
     urls = [u.strip().rstrip("/") for u in text.split(",") if u.strip()]
     for url in urls:
         if not url.startswith(("http://", "https://")):
-            raise InputError(f"--rollout-server {url}: expected http://HOST:PORT")
+            raise InputError(f"{flag} {url}: expected http://HOST:PORT")
     return urls
+
+
+def request_json(url: str, path: str, body: dict | None = None, method: str = "POST", *, timeout: float,
+                 attempts: int = 3, backoff: float = 1.0, error: type[RolloutServerError] = RolloutServerError,
+                 what: str = "rollout server"):
+    """``body`` as JSON to ``url + path``; the reply's JSON (None when empty). A request that fails or
+    times out is tried again (``attempts`` in all, backing off); then ``error``. A 4xx reply is not
+    retried: the request itself is wrong."""
+    data = None if body is None else json.dumps(body).encode()
+    last = None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        request = urllib.request.Request(f"{url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                text = response.read()
+            return json.loads(text) if text else None
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:300].decode(errors="replace")
+            if e.code < 500:
+                raise error(f"{what} {url}{path}: HTTP {e.code}: {detail}", f"HTTP {e.code}: {detail}") from None
+            last = f"HTTP {e.code}: {detail}"
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException, ValueError) as e:
+            last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    raise error(f"{what} {url}{path} failed {attempts} time(s) ({last})", last)
 
 
 class ServerEngine:
@@ -118,33 +154,15 @@ class ServerEngine:
         self.version = 0
         self.weight_updates = 0
 
-    # HTTP, JSON only
     def _request(self, url: str, path: str, body: dict | None = None, method: str = "POST", attempts=None):
-        data = None if body is None else json.dumps(body).encode()
-        last = None
-        for attempt in range(attempts or self.attempts):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(f"{url}{path}", data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    text = response.read()
-                return json.loads(text) if text else None
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode(errors="replace")
-                if e.code < 500:  # the request itself is wrong: trying again changes nothing
-                    raise RolloutServerError(f"rollout server {url}{path}: HTTP {e.code}: {detail}") from None
-                last = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-        raise RolloutServerError(f"rollout server {url}{path} failed {attempts or self.attempts} time(s) ({last})")
+        return request_json(url, path, body, method, timeout=self.timeout, attempts=attempts or self.attempts,
+                            backoff=self.backoff)
 
     def _served_model(self, url: str) -> str:
         try:
             models = self._request(url, "/v1/models", method="GET", attempts=1)
         except RolloutServerError as e:
-            raise InputError(f"--rollout-server {url} is unreachable ({str(e).split('(', 1)[-1].rstrip(')')}): "
+            raise InputError(f"--rollout-server {url} is unreachable ({e.reason}): "
                              "start it with caopd rollout-server --model M --port P") from None
         return models["data"][0]["id"]
 

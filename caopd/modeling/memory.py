@@ -122,6 +122,8 @@ class Plan:
     master_weights: str = "fp32"  # or bf16 (stochastic-rounding AdamW)
     teacher_dtype: str = "fp32"  # or bf16
     teacher_model: str = ""  # a frozen teacher of its own (--teacher-model): its shape; "": the student's EMA
+    teacher_server: bool = False  # the teacher served elsewhere (--teacher-server): none in the trainer
+    teacher_top_k: int = 0  # the teacher's top k a token (ids and log-probs; 20 with a server), 0: all logits
     device: str = "cuda"  # "cpu": fp32 everywhere, no CUDA context, no vLLM share
     processes_per_node: int = 8
     host_memory_gib: float = 0.0  # each node's host memory (0: not checked)
@@ -192,7 +194,10 @@ def _weights(plan: Plan, shape: Shape, main: bool, teacher_shape: Shape | None =
         rows.append(Row(f"trained weights ({'fp32' if master == 4 else 'bf16'}{' shards' if plan.fsdp else ''})"
                         + where, n * master / shard, host=offloaded))
     kind = f"{'fp32' if teacher == 4 else 'bf16'}{' shards' if plan.fsdp else ''}"
-    if teacher_shape is not None:
+    if plan.teacher_server:
+        n_teacher = 0
+        rows.append(Row("teacher: served (vLLM, on GPUs or nodes of its own)", 0.0))
+    elif teacher_shape is not None:
         rows.append(Row(f"teacher model, frozen ({kind})" + where, n_teacher * teacher / shard, host=offloaded))
     elif not lora:
         rows.append(Row(f"EMA teacher ({kind})" + where, n * teacher / shard, host=offloaded))
@@ -222,8 +227,10 @@ def _sharded_compute(plan: Plan, shape: Shape, teacher_shape: Shape | None = Non
     compute = 4 if plan.device == "cpu" else 2
     after = frozenset({"generation", "training"})
     teacher = teacher_shape or shape
-    return [Row("FSDP root gathered: both models' embeddings and lm_heads",
-                (shape.embedding_parameters + teacher.embedding_parameters) * compute, after),
+    teacher_root = 0 if plan.teacher_server else teacher.embedding_parameters
+    return [Row("FSDP root gathered: " + ("the student's embeddings and lm_head" if plan.teacher_server else
+                                          "both models' embeddings and lm_heads"),
+                (shape.embedding_parameters + teacher_root) * compute, after),
             Row("FSDP decoder layers in flight (2, prefetch)",
                 2 * max(shape.layer_parameters, teacher.layer_parameters) * compute, after),
             Row("FSDP one layer's unsharded gradient (fp32)", shape.layer_parameters * 4, frozenset({"training"})),
@@ -260,13 +267,26 @@ def _training(plan: Plan, shape: Shape, teacher_shape: Shape | None = None) -> l
         # first gradient until the second arrives, beside the gradients accumulated by earlier micro-batches
         trainable = _lora_parameters(shape, plan.lora_r) if plan.lora_r else shape.parameters
         rows.append(Row("gradient buffers while accumulating (prefix + completion passes)", trainable * 4, training))
-    return rows + [Row("student activations (saved for backward)", saved, training),
-            Row("final hidden rows (both models)", completion_rows * (2 * shape.hidden + teacher.hidden) * 4,
-                training),
-            Row("fused loss: chunk buffers + lm_head dW", 2 * chunk * shape.vocab * 4 + shape.vocab * shape.hidden * 4,
-                training),
-            Row("teacher forward: prefix cache of the micro-batch",
-                mb * k * (p + c) * teacher.layers * 2 * teacher.kv_width * compute, training)]
+    rows += [Row("student activations (saved for backward)", saved, training),
+             Row("final hidden rows (" + ("the student's" if plan.teacher_server else "both models") + ")",
+                 completion_rows * (2 * shape.hidden + (0 if plan.teacher_server else teacher.hidden)) * 4, training),
+             Row("fused loss: chunk buffers + lm_head dW", 2 * chunk * shape.vocab * 4 + shape.vocab * shape.hidden * 4,
+                 training)]
+    if plan.teacher_server:
+        return rows
+    return rows + [Row("teacher forward: prefix cache of the micro-batch",
+                       mb * k * (p + c) * teacher.layers * 2 * teacher.kv_width * compute, training)]
+
+
+def _teacher_top_k(plan: Plan) -> list[Row]:
+    """The teacher's top k of a micro-batch's completion tokens: int64 ids and fp32 log-probs (a
+    server's arrive in host memory and are copied to the device)."""
+    k = plan.teacher_top_k or (20 if plan.teacher_server else 0)
+    if not k:
+        return []
+    rows = plan.micro_batch_prompts * plan.num_generations * plan.completion_tokens
+    return [Row(f"teacher top {k}: ids + log-probs of a micro-batch's completion tokens", rows * k * 12,
+                frozenset({"training"}))]
 
 
 def _generation(plan: Plan, shape: Shape) -> list[Row]:
@@ -302,7 +322,7 @@ def estimate(plan: Plan, values: dict | None = None, main: bool = True) -> Estim
     if not cpu:
         rows.append(Row("CUDA context", CUDA_CONTEXT))
     teacher = Shape.of(shape_values(plan.teacher_model)) if plan.teacher_model else None
-    rows += _weights(plan, shape, main, teacher)
+    rows += _weights(plan, shape, main, teacher) + _teacher_top_k(plan)
     if plan.fsdp:
         rows += _sharded_compute(plan, shape, teacher)
     rows += _training(plan, shape, teacher) + _generation(plan, shape) + _saving(plan, shape, main)
@@ -364,6 +384,7 @@ def plan_of(config, *, gpus: int = 1, device: str = "cuda", gpu_memory_gib: floa
                 vllm_tensor_parallel_size=config.vllm_tensor_parallel_size, optimizer_offload=config.fsdp_cpu_offload,
                 liger_kernels=config.liger_kernels, master_weights=config.master_weights,
                 teacher_dtype=config.teacher_dtype, teacher_model=config.teacher_model.removeprefix(RANDOM_PREFIX),
+                teacher_server=bool(config.teacher_server), teacher_top_k=config.teacher_top_k,
                 processes_per_node=processes_per_node, device=device,
                 host_memory_gib=host_memory_gib)
 
@@ -426,6 +447,8 @@ def report(plan: Plan) -> str:
 
 
 def _teacher_line(plan: Plan) -> str:
+    if plan.teacher_server:
+        return f"; teacher served (its top {plan.teacher_top_k or 20} a token)"
     if not plan.teacher_model:
         return ""
     teacher = Shape.of(shape_values(plan.teacher_model))

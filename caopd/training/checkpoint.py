@@ -3,7 +3,7 @@
 A checkpoint is a folder ``step-000012`` written as ``step-000012.tmp`` and renamed when whole:
 
     model.safetensors      the student (tied weights stored once, as transformers does)
-    teacher.safetensors    the EMA teacher (none with --teacher-model: a frozen teacher is reloaded)
+    teacher.safetensors    the EMA teacher (none with --teacher-model, reloaded, or --teacher-server)
     state.safetensors      optimizer tensors (per-parameter Adam moments and steps), RNG byte states
     trainer_state.json     step, scheduler, optimizer hyper-parameters, Python/NumPy RNG states, the
                            run's config (compared on --resume)

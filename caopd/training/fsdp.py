@@ -11,7 +11,8 @@ model, except on the main process while it loads:
   inside the root's forward where FSDP2 has gathered that weight and reduce-scatters its
   gradient). The main process reads the weights once and broadcasts them tensor by tensor into
   the shards (caopd.training.weight_stream); the teacher is copied from the student's shards (a
-  ``--teacher-model`` is read and broadcast into its own shards the same way).
+  ``--teacher-model`` is read and broadcast into its own shards the same way; a ``--teacher-server``
+  teacher is not built at all).
 - **Rollouts**: the transformers engine generates with the sharded student itself, through the
   root (FSDP2 gathers layer by layer), with ``synced_gpus``: a process whose completions end early
   keeps stepping the collectives until every process is done. vLLM receives whole tensors one at a
@@ -56,7 +57,7 @@ class DistillationModels(torch.nn.Module):
     """Student and teacher under one FSDP2 root: ``forward(fn, *args)`` runs ``fn(student, teacher,
     *args)`` with the root's parameters gathered (the loss, or a generation)."""
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None):
         super().__init__()
         self.student, self.teacher = student, teacher
 
@@ -72,7 +73,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(decoder.layers)
 
 
-def shard(student: torch.nn.Module, teacher: torch.nn.Module, *, bf16: bool, cpu_offload: bool,
+def shard(student: torch.nn.Module, teacher: torch.nn.Module | None, *, bf16: bool, cpu_offload: bool,
           on_gpu: bool) -> DistillationModels:
     """FSDP2 over both models: per decoder layer, then the root; bf16 compute over the shards with
     fp32 gradient reduction when ``bf16``. ``cpu_offload``: shards, gradients and optimizer states
@@ -83,8 +84,8 @@ def shard(student: torch.nn.Module, teacher: torch.nn.Module, *, bf16: bool, cpu
         else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy(pin_memory=on_gpu) if cpu_offload else OffloadPolicy()
     options = dict(mp_policy=precision, offload_policy=offload)
-    for model in (student, teacher):
-        for layer in decoder_layers(model):
+    for model in (student, teacher):  # teacher None: a served one
+        for layer in decoder_layers(model) if model is not None else ():
             fully_shard(layer, **options)
     both = DistillationModels(student, teacher)
     fully_shard(both, **options)
@@ -114,16 +115,20 @@ class ShardedModels:
         self.save_dtype = torch.bfloat16 if use_bf16 else torch.float32
         teacher_dtype = torch.bfloat16 if config.teacher_dtype == "bf16" else torch.float32
         self.model_config = model_config(config.model, tokenizer)
-        self.frozen_teacher = bool(config.teacher_model)  # a --teacher-model: its own shape, frozen, not saved
-        teacher_config = model_config(config.teacher_model, tokenizer, "--teacher-model") if self.frozen_teacher \
+        # a --teacher-model (its own shape) or a --teacher-server (none here): frozen, not saved
+        self.frozen_teacher = bool(config.teacher_model or config.teacher_server)
+        teacher_config = model_config(config.teacher_model, tokenizer, "--teacher-model") if config.teacher_model \
             else self.model_config
         with torch.device("meta"):
             student = build_model(self.model_config, attn_implementation=config.attn_implementation)
-            teacher = build_model(teacher_config, dtype=teacher_dtype, attn_implementation=config.attn_implementation)
-        teacher.requires_grad_(False).eval()
+            teacher = None if config.teacher_server else \
+                build_model(teacher_config, dtype=teacher_dtype, attn_implementation=config.attn_implementation)
+        if teacher is not None:
+            teacher.requires_grad_(False).eval()
         if config.liger_kernels:
             apply_liger_kernels(student)
-            apply_liger_kernels(teacher)
+            if teacher is not None:
+                apply_liger_kernels(teacher)
         if config.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         self.both = shard(student, teacher, bf16=use_bf16, cpu_offload=cpu_offload, on_gpu=on_gpu)
@@ -134,13 +139,13 @@ class ShardedModels:
         self.generation_config = source.generation_config if source is not None else None
         broadcast_into_shards(student, source, self.device, self.save_dtype)
         del source
-        if self.frozen_teacher:  # read once by the main process, broadcast into the teacher's shards likewise
+        if config.teacher_model:  # read once by the main process, broadcast into the teacher's shards likewise
             source = load_model(config.teacher_model, tokenizer, dtype=teacher_dtype,
                                 attn_implementation=config.attn_implementation, seed=config.seed + 1,
                                 flag="--teacher-model") if ranks.is_main else None
             broadcast_into_shards(teacher, source, self.device, teacher_dtype)
             del source
-        else:
+        elif teacher is not None:
             copy_shards(teacher, student)
         self.student, self.teacher = student, teacher
         self.optimizer = make_optimizer(student)

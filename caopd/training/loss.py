@@ -170,54 +170,68 @@ def span_mask(length: list[int], span: list[int] | None) -> torch.Tensor | None:
     return torch.tensor([k >= n - s for n, s in zip(length, span) for k in range(n)], dtype=torch.bool)
 
 
+def submit_to_teacher(served_teacher, batch: DistillationBatch) -> list:
+    """A TeacherServer's requests for ``batch``'s completions (each after its teacher context), sent now."""
+    return served_teacher.submit(
+        [row[:s + n] for row, s, n in zip(batch.teacher_ids.tolist(), batch.teacher_start, batch.length)],
+        batch.teacher_start, batch.length)
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar with grad: the divergence averaged per sequence, then over sequences
     counted_tokens: int
 
 
-def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: DistillationBatch, *,
+def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module | None, batch: DistillationBatch, *,
                       divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
                       skip_tokens: int = 3, impl: str = "auto", layout: str = "padded",
-                      confidence_divergence: str = "same", top_k: int = 0) -> LossOutput:
+                      confidence_divergence: str = "same", top_k: int = 0, served_teacher=None) -> LossOutput:
     """layout: "padded" or "packed" (see the module docstring); the same loss either way.
     confidence_divergence: the divergence on the tokens stating the confidence (the batch's
-    ``span``), "same" as the rest's unless named. top_k: see fused_loss."""
+    ``span``), "same" as the rest's unless named. top_k: see fused_loss. served_teacher: a
+    TeacherServer (``teacher`` unused): its top-k requests go out before the student's forward."""
     if layout not in ("padded", "packed"):
         raise ValueError(f"layout must be padded or packed, got {layout!r}")
     forward = packed_hidden_states if layout == "packed" else final_hidden_states
     device = next(student.parameters()).device
+    pending = None if served_teacher is None else submit_to_teacher(served_teacher, batch)
     student_hidden = forward(student, batch.student_ids.to(device), batch.student_attention.to(device))
-    with torch.no_grad():
-        teacher_hidden = forward(teacher, batch.teacher_ids.to(device), batch.teacher_attention.to(device))
     # Position t predicts token t + 1: completion token k is predicted from position start + k - 1.
     student_rows = torch.cat([student_hidden[b, s - 1:s - 1 + n]
                               for b, (s, n) in enumerate(zip(batch.student_start, batch.length))])
-    teacher_rows = torch.cat([teacher_hidden[b, s - 1:s - 1 + n]
-                              for b, (s, n) in enumerate(zip(batch.teacher_start, batch.length))])
+    if pending is None:
+        with torch.no_grad():
+            teacher_hidden = forward(teacher, batch.teacher_ids.to(device), batch.teacher_attention.to(device))
+        teacher_side = torch.cat([teacher_hidden[b, s - 1:s - 1 + n]
+                                  for b, (s, n) in enumerate(zip(batch.teacher_start, batch.length))])
+    else:
+        teacher_side = served_teacher.result(pending, device)
     weights = token_weights(batch, skip_tokens).to(device)
-    return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
+    return fused_loss(student, teacher, student_rows, teacher_side, weights, divergence=divergence, beta=beta,
                       temperature=temperature, impl=impl, span=span_mask(batch.length, batch.span),
                       span_divergence=confidence_divergence, top_k=top_k)
 
 
-def fused_loss(student: torch.nn.Module, teacher: torch.nn.Module, student_rows: torch.Tensor,
-               teacher_rows: torch.Tensor, weights: torch.Tensor, *, divergence: str, beta: float,
-               temperature: float, impl: str, span: torch.Tensor | None = None,
+def fused_loss(student: torch.nn.Module, teacher: torch.nn.Module | None, student_rows: torch.Tensor,
+               teacher_side: torch.Tensor | tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor, *,
+               divergence: str, beta: float, temperature: float, impl: str, span: torch.Tensor | None = None,
                span_divergence: str = "same", top_k: int = 0) -> LossOutput:
     """sum_i weights[i] * divergence of token i through both lm_heads, by fused_linear_kl; the
     tokens where ``span`` is True with ``span_divergence`` instead (unless "same"): two calls over
-    the two sets of rows, so no token's logits are computed twice. ``top_k`` > 0: the teacher as a
-    server gives it, its k most likely tokens and a tail bucket (fused_linear_kl_topk)."""
+    the two sets of rows, so no token's logits are computed twice. ``teacher_side``: the teacher's
+    final hidden rows, or its top-k (ids, log-probs) as a server gives them (``teacher`` unused).
+    ``top_k`` > 0: the teacher's k most likely tokens and a tail bucket (fused_linear_kl_topk)."""
     if span is not None and span_divergence not in ("same", divergence) and bool(span.any()):
         span = span.to(student_rows.device)
         rest = ~span
-        parts = [fused_loss(student, teacher, student_rows[rows], teacher_rows[rows], weights[rows],
+        parts = [fused_loss(student, teacher, student_rows[rows],
+                            tuple(t[rows] for t in teacher_side) if isinstance(teacher_side, tuple)
+                            else teacher_side[rows], weights[rows],
                             divergence=kind, beta=beta, temperature=temperature, impl=impl, top_k=top_k)
                  for rows, kind in ((rest, divergence), (span, span_divergence)) if bool(rows.any())]
         return LossOutput(sum(p.loss for p in parts), sum(p.counted_tokens for p in parts))
     student_head = student.get_output_embeddings()
-    teacher_head = teacher.get_output_embeddings()
     student_weight, student_bias = student_head.weight, student_head.bias
     if student_rows.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         # fp32 master weights under autocast: the head's GEMMs in the autocast dtype, as a Linear
@@ -225,6 +239,13 @@ def fused_loss(student: torch.nn.Module, teacher: torch.nn.Module, student_rows:
         half = torch.get_autocast_dtype("cuda")
         student_rows, student_weight = student_rows.to(half), student_weight.to(half)
         student_bias = None if student_bias is None else student_bias.to(half)
+    if isinstance(teacher_side, tuple):  # a served teacher's top k (its temperature 1: checked at start)
+        ids, logprobs = teacher_side
+        loss = fused_linear_kl_topk(student_rows, student_weight, ids, logprobs, weights, divergence=divergence,
+                                    beta=beta, temperature=temperature, reduction="sum", impl=impl,
+                                    student_bias=student_bias)
+        return LossOutput(loss, int((weights > 0).sum()))
+    teacher_rows, teacher_head = teacher_side, teacher.get_output_embeddings()
     # a --teacher-model of the student's tokenizer may pad its head to another row count (Qwen2.5-7B's
     # 152,064 against 1.5B's 151,936): the token ids both heads have are the tokenizer's
     vocab = "equal" if teacher_head.weight.shape[0] == student_weight.shape[0] else "common"

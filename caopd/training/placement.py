@@ -42,7 +42,7 @@ from caopd.training.weight_stream import full_tensors, tensor_specs, weight_stre
 
 class Models(Protocol):
     student: torch.nn.Module  # the trained model (sharded under FSDP)
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None  # None: a served teacher (--teacher-server)
     optimizer: torch.optim.Optimizer
 
     def loss(self, loss_fn: Callable, batch, options: dict, share: float) -> float:
@@ -94,7 +94,8 @@ def place_models(config: TrainConfig, tokenizer, ranks: Ranks, *, fsdp: bool, cp
     if not config.force:
         student_dtype, teacher_dtype = training_dtypes(config, use_bf16)
         # the EMA teacher: a copy of the student (with LoRA, adapters over the one base); or a model of its own
-        ema_teacher = 0 if config.lora_r or config.teacher_model else teacher_dtype.itemsize
+        # (counted as teacher=), or none here (served)
+        ema_teacher = 0 if config.lora_r or config.teacher_model or config.teacher_server else teacher_dtype.itemsize
         check_weights_fit(config.model, student_dtype.itemsize + ema_teacher, ranks.world if fsdp else 1,
                           cuda=torch.cuda.is_available(), flags=(f" --gpus {ranks.world} --fsdp" if fsdp else ""),
                           teacher=config.teacher_model, teacher_bytes=teacher_dtype.itemsize)
@@ -190,14 +191,18 @@ class SingleProcessModels:
             if config.gradient_checkpointing:
                 student.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
             teacher = AdapterTeacher(student)
-        self.frozen_teacher = bool(config.teacher_model)
-        if self.frozen_teacher:  # a model of its own, frozen: nothing to average, nothing to checkpoint
+        # a model of its own or a served one, frozen: nothing to average, nothing to checkpoint
+        self.frozen_teacher = bool(config.teacher_model or config.teacher_server)
+        if config.teacher_model:
             teacher = load_teacher(config, tokenizer, teacher_dtype)
+        elif config.teacher_server:
+            teacher = None  # the loss gets the teacher's top k from the servers (TeacherServer)
         elif not self.lora:
             teacher = copy.deepcopy(student).to(teacher_dtype).requires_grad_(False).eval()
         self.run = _Accelerated(student, make_optimizer(config, student), use_bf16)
         self.student, self.optimizer = self.run.student, self.run.optimizer
-        self.teacher = teacher if self.lora and not self.frozen_teacher else teacher.to(self.run.device)
+        self.teacher = teacher if teacher is None or self.lora and not self.frozen_teacher \
+            else teacher.to(self.run.device)
         self.base_model, self.merge = config.model, config.merge_lora
 
     def loss(self, loss_fn: Callable, batch, options: dict, share: float) -> float:
@@ -234,7 +239,8 @@ class SingleProcessModels:
 
     @property
     def saved_teacher(self) -> torch.nn.Module | None:
-        """The teacher a checkpoint holds: the EMA; None for a --teacher-model, reloaded from its source."""
+        """The teacher a checkpoint holds: the EMA; None for a --teacher-model (reloaded from its source)
+        or a served one."""
         return None if self.frozen_teacher else self.teacher
 
     def save_final(self, directory: Path, tokenizer) -> None:

@@ -41,6 +41,7 @@ from caopd.training.loss import (
     fused_loss,
     pad_rows,
     span_mask,
+    submit_to_teacher,
     token_weights,
 )
 from caopd.training.segment_attention import RowSegments, SharedLayout
@@ -357,19 +358,26 @@ def shared_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module,
                              divergence: str = "reverse", beta: float = 0.5, temperature: float = 1.0,
                              skip_tokens: int = 3, impl: str = "auto", path: str = "cache",
                              teacher_path: str | None = None, kernel: str | None = None,
-                             confidence_divergence: str = "same", top_k: int = 0) -> LossOutput:
+                             confidence_divergence: str = "same", top_k: int = 0,
+                             served_teacher=None) -> LossOutput:
     """The same loss as loss.distillation_loss (per sequence, then over sequences), from the
     shared-prefix forwards. path: the student's (cache, segments or mask); teacher_path: the
     teacher's (default: the cache, without gradients; the student's under FSDP); kernel: the
-    segments' attention kernel (default: segment_attention.default_kernel)."""
+    segments' attention kernel (default: segment_attention.default_kernel). served_teacher: a
+    TeacherServer scoring the completions (``teacher`` unused), its requests sent before the
+    student's forward."""
     from caopd.training.segment_attention import default_kernel
 
     device = next(student.parameters()).device
     kernel = kernel or default_kernel(device)
+    pending = None if served_teacher is None else submit_to_teacher(served_teacher, batch.unshared())
     student_rows = _rows(student, batch, "student", path, device, kernel)
-    with torch.no_grad():
-        teacher_rows = _rows(teacher, batch, "teacher", teacher_path or "cache", device, kernel)
+    if pending is None:
+        with torch.no_grad():
+            teacher_side = _rows(teacher, batch, "teacher", teacher_path or "cache", device, kernel)
+    else:
+        teacher_side = served_teacher.result(pending, device)
     weights = token_weights(batch, skip_tokens).to(device)
-    return fused_loss(student, teacher, student_rows, teacher_rows, weights, divergence=divergence, beta=beta,
+    return fused_loss(student, teacher, student_rows, teacher_side, weights, divergence=divergence, beta=beta,
                       temperature=temperature, impl=impl, span=span_mask(batch.length, batch.span),
                       span_divergence=confidence_divergence, top_k=top_k)

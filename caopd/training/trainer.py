@@ -25,6 +25,7 @@ from caopd.config import TrainConfig
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import RolloutEngine, SamplingParams, staged
 from caopd.engines.server import RolloutServerError
+from caopd.engines.teacher_server import TeacherServer, TeacherServerError
 from caopd.errors import InputError, Interrupted, StoppedRun
 from caopd.inputs.data import load_examples
 from caopd.inputs.prompts import demonstration, student_messages
@@ -218,6 +219,18 @@ def build_engine(config: TrainConfig, models: Models, tokenizer, out: Path, rank
     return engine
 
 
+def teacher_server(config: TrainConfig, tokenizer, ranks: Ranks) -> TeacherServer | None:
+    """``--teacher-server``'s client, its servers checked (one line each: unreachable, another
+    tokenizer, too few log-probs); None without one."""
+    if not config.teacher_server:
+        return None
+    from caopd.engines.server import server_urls
+
+    return TeacherServer(server_urls(config.teacher_server, "--teacher-server"), tokenizer, top_k=config.teacher_top_k,
+                         vocab=len(tokenizer), max_tokens=config.max_prompt_length + config.max_completion_length,
+                         ranks=ranks, timeout=config.rollout_server_timeout)
+
+
 def micro_batch(layout: Layout, tokenizer, targets: list, prompts: list[list[int]], config: TrainConfig,
                 cost: LayerCost, kernel: str):
     """(loss function, batch, its forward options) of one micro-batch: its prefixes shared in the run's
@@ -336,6 +349,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
     reset_peaks()
     examples = load_examples(config.data_path(), config.dataset, config.split)
     tokenizer, resumed_tokenizer = run_tokenizer(config, out, examples)
+    served_teacher = teacher_server(config, tokenizer, ranks)  # checked before the models load
     models = place_models(config, tokenizer, ranks, fsdp=config.fsdp, cpu_offload=config.fsdp_cpu_offload)
     model_bytes = sum(p.numel() * p.element_size() for p in models.student.parameters())
     release_freed_memory(model_bytes)  # the main process's loaded copy, once broadcast into the shards
@@ -388,7 +402,8 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                 use_segment_attention(model)
     options = dict(divergence=config.divergence, beta=config.beta, temperature=config.temperature,
                    skip_tokens=config.skip_loss_tokens, impl=config.loss_impl,
-                   confidence_divergence=config.confidence_divergence, top_k=config.teacher_top_k)
+                   confidence_divergence=config.confidence_divergence, top_k=config.teacher_top_k,
+                   **({"served_teacher": served_teacher} if served_teacher else {}))
     if ranks.is_main:
         write_config_yaml(out / "config.yaml", config)
     trackers = open_trackers(wanted_trackers, out, asdict(config))  # none on the other processes
@@ -423,7 +438,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             t2 = time.perf_counter()
 
             sequences = sum(all_gather(sum(len(t) for t in targets), ranks))  # the whole step's
-            loss_value, tokens = 0.0, 0
+            loss_value, tokens, failure = 0.0, 0, None
             for start in range(0, len(groups), config.micro_batch_prompts):
                 micro = range(start, min(start + config.micro_batch_prompts, len(groups)))
                 micro_targets = [t for j in micro for t in targets[j]]
@@ -436,8 +451,13 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                         f"shorter than its completions (first at step {state.step + 1}): such micro-batches run "
                         f"the {forward['layout']} forwards")
                 share = len(micro_targets) / sequences
-                loss_value += models.loss(loss_fn, batch, {**options, **forward}, share) * share
+                try:
+                    loss_value += models.loss(loss_fn, batch, {**options, **forward}, share) * share
+                except TeacherServerError as e:  # every process raised it, before its backward
+                    failure = str(e)
+                    break
                 tokens += batch.completion_tokens
+            stop_if_any_failed(failure, ranks, models, state, scheduler, checkpoints, config)
             grad_norm = models.clip_and_step(config.max_grad_norm or math.inf)
             scheduler.step()
             models.update_teacher(config.teacher_ema)
@@ -489,5 +509,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             rollouts.close()
         if own_engine and hasattr(engine, "close"):
             engine.close()
+        if served_teacher is not None:
+            served_teacher.close()
     return {"history": history, "state": state, "student": models.student, "teacher": models.teacher,
             "tokenizer": tokenizer, "models": models}
