@@ -63,6 +63,26 @@ def test_a_teacher_model_of_its_own_is_counted_by_its_shape():
     assert rows["the whole model, read once and broadcast (main process)"] == teacher.parameters * 2  # one at a time
 
 
+def test_a_served_teacher_leaves_only_its_top_k_in_the_trainer():
+    """--teacher-server (issue 30): no teacher weights, root half, no teacher KV cache or hidden rows; the top
+    20 of each completion token (int64 id + fp32 log-prob); a local --teacher-top-k keeps the teacher and adds
+    the same top-k row."""
+    student = Shape.of(shape_values("Qwen3-8B"))
+    served = parts(Plan("Qwen3-8B", teacher_server=True, fsdp=True, gpus=8))
+    alone = parts(Plan("Qwen3-8B", fsdp=True, gpus=8))
+    assert served["teacher: served (vLLM, on GPUs or nodes of its own)"] == 0
+    assert not any("EMA teacher" in name or "teacher forward" in name for name in served)
+    assert served["FSDP root gathered: the student's embeddings and lm_head"] == student.embedding_parameters * 2
+    tokens = 8 * 1024  # K x completion of one prompt
+    assert served["teacher top 20: ids + log-probs of a micro-batch's completion tokens"] == tokens * 20 * 12
+    assert served["final hidden rows (the student's)"] == tokens * 2 * student.hidden * 4
+    assert alone["final hidden rows (both models)"] == tokens * 3 * student.hidden * 4
+    assert served["Adam moments"] == alone["Adam moments"] and served["gradients"] == alone["gradients"]
+    local = parts(Plan("Qwen3-8B", teacher_top_k=5))
+    assert local["teacher top 5: ids + log-probs of a micro-batch's completion tokens"] == tokens * 5 * 12
+    assert "EMA teacher (fp32)" in local
+
+
 def test_fsdp_load_save_and_offload_rows():
     shape = Shape.of(shape_values("Qwen3-32B"))
     n = shape.parameters

@@ -219,3 +219,33 @@ def test_a_server_failing_mid_run_stops_with_a_checkpoint_and_resume_finishes(ti
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
     config = (out / "config.yaml").read_text()
     assert "teacher_top_k: 20" in config and Path(out / "final" / "model.safetensors").exists()
+
+
+def test_the_served_teachers_settings():
+    from caopd.config import TrainConfig
+    from caopd.engines.server import server_urls
+
+    assert TrainConfig(teacher_server="http://h:1").teacher_top_k == 20  # the peers' K unless set
+    assert TrainConfig(teacher_server="http://h:1", teacher_top_k=5).teacher_top_k == 5
+    assert TrainConfig().teacher_top_k == 0
+    for bad, said in (({"teacher_model": "tiny-qwen3"}, "exclude each other"), ({"temperature": 2.0}, "temperature 1"),
+                      ({"teacher_ema": 0.5}, "is frozen")):
+        with pytest.raises(InputError, match=said):
+            TrainConfig(teacher_server="http://h:1", **bad)
+    with pytest.raises(InputError, match="--teacher-server h:1: expected http://HOST:PORT"):
+        server_urls("http://a:1,h:1", "--teacher-server")
+
+
+def test_two_processes_under_fsdp_train_on_a_served_teacher_what_one_process_trains(tiny, serve, tmp_path):
+    """The FSDP placement builds no teacher; each process sends its own sequences."""
+    _, teacher, tokenizer = tiny
+    fake = FakeTeacher(teacher, tokenizer)
+    args = ["--config", "tiny", "--max-steps", "2", "--num-generations", "2", "--max-completion-length", "12",
+            "--teacher-server", serve(fake)]
+    caopd([*args, "--output-dir", str(tmp_path / "one")])
+    caopd([*args, "--output-dir", str(tmp_path / "two"), "--fsdp", "true"], processes=2)
+    one, two = ([json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    # probes (1 sequence) from 3 processes; a step's 4 prompts x 2 rollouts: 8 sequences, or 4 a process
+    assert sorted(fake.prompts_per_request) == [1] * 3 + [4] * 4 + [8] * 2

@@ -15,8 +15,9 @@ the teacher scores while the student computes. Log-probs are the server's raw on
 
 Failures: at start, one line each for an unreachable server, a tokenizer other than the student's,
 and a server that gives fewer than k log-probs a position (its ``--max-logprobs``). During a run a
-request is tried 3 times, then ``TeacherServerError`` (a ``RolloutServerError``): every process
-learns of it before the backward, and the loop stops with a checkpoint to resume from.
+request is tried 3 times; then every process learns of the failure together (``failure``), the
+micro-batch's loss is zero, and the loop stops with a checkpoint to resume from (raising inside the
+loss would leave FSDP's root gathered and the other processes waiting in a collective).
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ class TeacherServer:
         self.urls, self.top_k, self.vocab, self.ranks = urls, top_k, vocab, ranks or Ranks()
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
         self.models = {url: self._check(url, tokenizer, max_tokens) for url in urls}
+        self.failure: str | None = None  # the first request that failed on any process, after its retries
         self.pool = ThreadPoolExecutor(max_workers=2 * len(urls), thread_name_prefix="teacher-server")
 
     def _request(self, url: str, path: str, body: dict | None = None, method: str = "POST", attempts=None):
@@ -140,10 +142,11 @@ class TeacherServer:
             logprobs += lp
         return ids, logprobs
 
-    def result(self, pending: list[Future], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def result(self, pending: list[Future], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(ids [N, k] int64, log-probs [N, k] float32) on ``device`` of the submitted completions' N
-        tokens, in their order. Every process calls it together (before its backward): when any
-        process's request failed, all raise TeacherServerError."""
+        tokens, in their order. Every process calls it together: when any process's request failed,
+        all return None and ``failure`` says why (the loss then finishes its forward and backward with
+        nothing to learn, so that FSDP's collectives stay matched, and the loop stops)."""
         from caopd.training.distributed import all_gather
 
         failure, ids, logprobs = None, [], []
@@ -156,7 +159,8 @@ class TeacherServer:
             failure = str(e)
         failures = [f for f in all_gather(failure, self.ranks) if f]
         if failures:
-            raise TeacherServerError(failures[0])
+            self.failure = self.failure or failures[0]
+            return None
         return (torch.tensor(ids, dtype=torch.int64, device=device).view(-1, self.top_k),
                 torch.tensor(logprobs, dtype=torch.float32, device=device).view(-1, self.top_k))
 

@@ -207,6 +207,8 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module | None,
                                   for b, (s, n) in enumerate(zip(batch.teacher_start, batch.length))])
     else:
         teacher_side = served_teacher.result(pending, device)
+        if teacher_side is None:  # the server failed (on any process): nothing to learn, the loop stops
+            return LossOutput((student_rows * 0).sum(), 0)
     weights = token_weights(batch, skip_tokens).to(device)
     return fused_loss(student, teacher, student_rows, teacher_side, weights, divergence=divergence, beta=beta,
                       temperature=temperature, impl=impl, span=span_mask(batch.length, batch.span),

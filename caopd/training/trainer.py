@@ -25,7 +25,7 @@ from caopd.config import TrainConfig
 from caopd.engines.async_rollouts import AsyncRollouts, RolloutRequest
 from caopd.engines.base import RolloutEngine, SamplingParams, staged
 from caopd.engines.server import RolloutServerError
-from caopd.engines.teacher_server import TeacherServer, TeacherServerError
+from caopd.engines.teacher_server import TeacherServer
 from caopd.errors import InputError, Interrupted, StoppedRun
 from caopd.inputs.data import load_examples
 from caopd.inputs.prompts import demonstration, student_messages
@@ -451,10 +451,9 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
                         f"shorter than its completions (first at step {state.step + 1}): such micro-batches run "
                         f"the {forward['layout']} forwards")
                 share = len(micro_targets) / sequences
-                try:
-                    loss_value += models.loss(loss_fn, batch, {**options, **forward}, share) * share
-                except TeacherServerError as e:  # every process raised it, before its backward
-                    failure = str(e)
+                loss_value += models.loss(loss_fn, batch, {**options, **forward}, share) * share
+                if served_teacher is not None and served_teacher.failure:  # on every process alike
+                    failure = served_teacher.failure
                     break
                 tokens += batch.completion_tokens
             stop_if_any_failed(failure, ranks, models, state, scheduler, checkpoints, config)
