@@ -177,6 +177,12 @@ def test_bad_servers_are_one_line_at_the_start(tiny, serve):
         with pytest.raises(InputError) as error:
             TeacherServer([serve(fake)], tokenizer, top_k=4, vocab=len(tokenizer), max_tokens=100)
         assert said in str(error.value) and advice in str(error.value) and "\n" not in str(error.value)
+    class NotVLLM(FakeTeacher):
+        def answer(self, path, body):
+            return (404, {}) if path == "/tokenize" else super().answer(path, body)
+
+    with pytest.raises(InputError, match="does not answer as a vLLM server"):
+        TeacherServer([serve(NotVLLM(teacher, tokenizer))], tokenizer, top_k=4, vocab=len(tokenizer))
     with pytest.raises(InputError, match="is unreachable .*Connection refused"):
         TeacherServer([f"http://127.0.0.1:{free_port()}"], tokenizer, top_k=4, vocab=len(tokenizer))
 

@@ -66,8 +66,8 @@ def topk_at(position_logprobs: list, start: int, length: int, k: int, vocab: int
 
 
 class TeacherServer:
-    """vLLM servers scoring completions for the loss; ``vocab``: the student head's rows (the ids a
-    top-k list may name)."""
+    """vLLM servers scoring completions for the loss; ``vocab``: how many token ids a top-k list may
+    name (the student's tokenizer's)."""
 
     def __init__(self, urls: list[str], tokenizer, *, top_k: int, vocab: int, max_tokens: int | None = None,
                  ranks=None, timeout: float = 600.0, attempts: int = 3, backoff: float = 1.0):
@@ -88,15 +88,17 @@ class TeacherServer:
         the longest sequence, k log-probs a position."""
         flag = f"--teacher-server {url}"
         try:
-            served = self._request(url, "/v1/models", method="GET", attempts=1)["data"][0]
+            models = self._request(url, "/v1/models", method="GET", attempts=1)
+        except TeacherServerError as e:
+            raise InputError(f"{flag} is unreachable ({e.reason}): start it with caopd rollout-server "
+                             f"--model TEACHER --max-logprobs {self.top_k}") from None
+        try:
+            served = models["data"][0]
             model = served["id"]
             probe = tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids
             theirs = self._request(url, "/tokenize", {"model": model, "prompt": TOKENIZER_PROBE,
                                                       "add_special_tokens": False}, attempts=1)["tokens"]
-        except TeacherServerError as e:
-            raise InputError(f"{flag} is unreachable ({e.reason}): start it with caopd rollout-server "
-                             f"--model TEACHER --max-logprobs {self.top_k}") from None
-        except (KeyError, IndexError, TypeError):
+        except (TeacherServerError, KeyError, IndexError, TypeError):
             raise InputError(f"{flag} does not answer as a vLLM server (/v1/models, /tokenize)") from None
         if theirs != probe:
             raise InputError(f"{flag}: {model}'s tokenizer is not the student's ({TOKENIZER_PROBE!r} is {len(theirs)} "
