@@ -255,3 +255,17 @@ def test_two_processes_under_fsdp_train_on_a_served_teacher_what_one_process_tra
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     # probes (1 sequence) from 3 processes; a step's 4 prompts x 2 rollouts: 8 sequences, or 4 a process
     assert sorted(fake.prompts_per_request) == [1] * 3 + [4] * 4 + [8] * 2
+
+
+def test_a_server_failing_under_fsdp_stops_both_processes_with_a_checkpoint(tiny, serve, tmp_path):
+    """Each process's probe and step 1's two requests succeed; step 2's fail (on either process): both
+    finish the micro-batch's forward and backward with a zero loss, then stop together, checkpointed."""
+    _, teacher, tokenizer = tiny
+    out = tmp_path / "run"
+    done = caopd(["--config", "tiny", "--max-steps", "3", "--num-generations", "2", "--max-completion-length", "12",
+                  "--save-every", "100", "--fsdp", "true", "--output-dir", str(out),
+                  "--teacher-server", serve(FakeTeacher(teacher, tokenizer, fail_after=4))], processes=2, check=False)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "stopped: teacher server" in done.stderr and "stopped at step 1" in done.stderr
+    assert (out / "checkpoints" / "step-000001" / "manifest.json").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
