@@ -111,16 +111,27 @@ def test_tokenizer_splits_digits_so_every_confidence_value_is_digit_tokens():
         assert [tokenizer.decode([i]) for i in ids][-4:] == list(value)
 
 
-def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
-    assert main(["demo", "--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["quick"] and report["seeds"] == [0, 1] and len(report["per_seed"]) == 2
-    for seed in report["per_seed"]:  # the paper's direction, even in 8 quick steps: OPD states more
-        for split in ("heldout", "ood"):
-            opd, caopd = (seed["evaluation"][m][split]["metrics"] for m in ("OPD", "CaOPD"))
-            assert opd["mean_confidence"] > caopd["mean_confidence"] and opd["ocg"] > caopd["ocg"], (seed, split)
-    assert " ± " in (tmp_path / "report.md").read_text()  # the spread over the two seeds
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> tuple[Path, dict, str]:
+    """``caopd demo --quick`` with one seed (a second seed only repeats it: the several-seed report is
+    tested below with the seed's work replaced)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("quick_demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--seeds", "1", "--out", str(out)]) == 0
+    return out, json.loads((out / "report.json").read_text()), printed.getvalue()
+
+
+def test_quick_demo_writes_a_complete_report(quick_demo):
+    tmp_path, report, printed = quick_demo
+    assert report["quick"] and report["seeds"] == [0] and len(report["per_seed"]) == 1
     result = report["per_seed"][0]
+    for split in ("heldout", "ood"):  # the paper's direction, even in 8 quick steps: OPD states more
+        opd, caopd = (result["evaluation"][m][split]["metrics"] for m in ("OPD", "CaOPD"))
+        assert opd["mean_confidence"] > caopd["mean_confidence"] and opd["ocg"] > caopd["ocg"], split
     for model in ("base", "OPD", "CaOPD"):
         for split in ("heldout", "ood"):
             metrics = result["evaluation"][model][split]["metrics"]
@@ -132,8 +143,9 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert [p["step"] for p in result["trajectory"]["OPD"]] == list(range(1, steps + 1))
     assert set(result["targets_heldout"]) >= {"OPD OCG >= 0.20", "CaOPD ECE <= 0.08"}
     assert (tmp_path / "demo.png").stat().st_size > 10_000
-    assert "| heldout | CaOPD |" in (tmp_path / "report.md").read_text()
-    assert "report.json" in capsys.readouterr().out
+    table = (tmp_path / "report.md").read_text()
+    assert "| heldout | CaOPD |" in table and " ± " not in table  # one seed: no spread
+    assert "report.json" in printed
     rescored = tmp_path / "rescored.json"  # the saved completions are caopd eval's input
     assert main(["eval", "--dataset", "science", "--data", str(tmp_path / "seed-0" / "data" / "heldout.jsonl"),
                  "--input", str(tmp_path / "seed-0" / "completions" / "CaOPD-heldout.jsonl"),
@@ -142,6 +154,33 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
         result["evaluation"]["CaOPD"]["heldout"]["metrics"]["ece"])
     check_confidence_targets_script(tmp_path)
     check_ablation_script(tmp_path, report)
+
+
+def test_several_seeds_report_each_metrics_mean_and_spread(quick_demo, tmp_path, monkeypatch):
+    """``--seeds 2``: the seeds run in order, the table holds each metric's mean ± standard deviation over
+    them, the figure draws every seed's trajectory. Each seed's work is the quick demo's seed 0 with its
+    held-out ECE set to a known value (0.1 and 0.3: mean 0.200, spread 0.141)."""
+    import copy
+
+    from caopd.demo import pipeline
+
+    seed_result = quick_demo[1]["per_seed"][0]
+    ran = []
+
+    def fake_run_seed(seed, settings, out, overwrite=False):
+        ran.append((seed, out.name))
+        result = copy.deepcopy({k: v for k, v in seed_result.items() if k not in ("seconds", "targets_heldout")})
+        result["seed"] = seed
+        result["evaluation"]["CaOPD"]["heldout"]["metrics"]["ece"] = 0.1 + 0.2 * len(ran[1:])
+        return result
+
+    monkeypatch.setattr(pipeline, "run_seed", fake_run_seed)
+    report = pipeline.run_demo(tmp_path, seeds=2, quick=True)
+    assert ran == [(0, "seed-0"), (1, "seed-1")] and report["seeds"] == [0, 1]
+    (row,) = [line for line in (tmp_path / "report.md").read_text().splitlines()
+              if line.startswith("| heldout | CaOPD ")]
+    assert "| 0.200 ± 0.141 |" in row  # ECE: the mean and the sample standard deviation of 0.1 and 0.3
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
 
 
 def check_ablation_script(run_dir, report):
