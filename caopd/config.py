@@ -174,7 +174,8 @@ class TrainConfig:
                             "run folder and checkpoints")
     logging_steps: int = option(1, "print a line every N steps (step, loss, P_acc, accuracy, confidence, tokens/s, "
                                 "seconds a step); 0: none (metrics.jsonl has every step)", "run folder and checkpoints")
-    save_every: int = option(100, "write a checkpoint every this many steps (and at the last)",
+    save_every: int = option(100, "write a checkpoint every this many steps (and at the last); 0: none, only final/ "
+                             "(as save_strategy='no'; a stop on a failed server still writes one)",
                              "run folder and checkpoints")
     save_total_limit: int = option(2, "keep the newest this many checkpoints, deleting older ones (0: keep all)",
                                    "run folder and checkpoints")
@@ -200,7 +201,7 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise InputError(f"config field {f.name!r} must be a finite number, got {value}")
         positive = ["num_generations", "prompts_per_step", "micro_batch_prompts", "max_prompt_length",
-                    "max_completion_length", "epochs", "save_every", "vllm_tensor_parallel_size"]
+                    "max_completion_length", "epochs", "vllm_tensor_parallel_size"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"config field {name!r} must be >= 1, got {getattr(self, name)}")
@@ -209,8 +210,8 @@ class TrainConfig:
             if getattr(self, name) > most:
                 raise InputError(f"config field {name!r} must be <= {most}, got {getattr(self, name)}")
         for name in ("confidence_prior", "skip_loss_tokens", "teacher_top_k", "max_steps", "max_staleness",
-                     "logging_steps", "save_total_limit", "weight_decay", "max_grad_norm", "sampling_temperature",
-                     "lora_r", "lora_alpha"):
+                     "logging_steps", "save_every", "save_total_limit", "weight_decay", "max_grad_norm",
+                     "sampling_temperature", "lora_r", "lora_alpha"):
             if getattr(self, name) < 0:
                 raise InputError(f"config field {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "temperature", "distributed_timeout_minutes", "rollout_server_timeout"):

@@ -132,7 +132,8 @@ def test_packaged_configs_load_and_validate(name):
     dict(learning_rate=1e-12), dict(temperature=1e-6), dict(train_rollouts=8), dict(train_rollouts=0),
     dict(sampling_temperature=0.0), dict(max_grad_norm=0.0), dict(weight_decay=0.0), dict(save_total_limit=0),
     dict(num_generations=1, prompts_per_step=1, micro_batch_prompts=1, max_prompt_length=1, max_completion_length=1,
-         epochs=1, save_every=1), dict(skip_loss_tokens=0, max_steps=0, max_staleness=0), dict(split=None),
+         epochs=1, save_every=1), dict(skip_loss_tokens=0, max_steps=0, max_staleness=0, save_every=0),
+    dict(split=None),
 ])
 def test_boundaries_that_are_accepted(values):
     config = TrainConfig(**values)
@@ -151,7 +152,7 @@ def test_boundaries_that_are_accepted(values):
     (dict(temperature=0.0), "config field 'temperature' must be > 0, got 0.0"),
     (dict(train_rollouts=9), "config field 'train_rollouts' must be in [0, num_generations], got 9"),
     (dict(num_generations=0), "config field 'num_generations' must be >= 1, got 0"),
-    (dict(save_every=0), "config field 'save_every' must be >= 1, got 0"),
+    (dict(save_every=-1), "config field 'save_every' must be >= 0, got -1"),
     (dict(max_staleness=-1), "config field 'max_staleness' must be >= 0, got -1"),
     (dict(num_generations="4"), "config field 'num_generations' must be int, got '4'"),
     (dict(num_generations=True), "config field 'num_generations' must be int, got True"),

@@ -69,18 +69,19 @@ def test_random_from_a_config_json_and_bad_names(tmp_path):
 @pytest.mark.slow
 def test_one_caopd_step_of_qwen3_0_6b_on_this_cpu(science_path, tmp_path):
     """The real architecture (596M parameters, 151,936-row lm_head) and tokenizer, the shared eval
-    prompts (their last 128 tokens), K = 2, through the real trainer, engine and fused loss. About 1.5
-    minutes, 15 GB."""
+    prompts (their last 64 tokens), K = 2, 8 sampled tokens, through the real trainer, engine and fused
+    loss; no checkpoint (--save-every 0: final/ only). About a minute, 10 GB."""
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "caopd", "train", "--model", "random:Qwen3-0.6B", "--tokenizer",
                            "qwen3", "--dataset", "science", "--data", str(science_path), "--num-generations", "2",
-                           "--prompts-per-step", "1", "--micro-batch-prompts", "1", "--max-completion-length", "16",
-                           "--max-prompt-length", "128", "--max-steps", "1", "--save-total-limit", "1",
+                           "--prompts-per-step", "1", "--micro-batch-prompts", "1", "--max-completion-length", "8",
+                           "--max-prompt-length", "64", "--max-steps", "1", "--save-every", "0",
                            "--output-dir", str(out)], capture_output=True, text=True, timeout=900,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["step"] == 1 and row["loss"] > 0 and row["grad_norm"] > 0 and row["mean_completion_tokens"] > 3
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     saved = json.loads((out / "final" / "config.json").read_text())
     assert (saved["num_hidden_layers"], saved["hidden_size"], saved["vocab_size"]) == (28, 1024, 151_936)
 

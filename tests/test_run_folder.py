@@ -179,12 +179,15 @@ def test_resume_skips_an_older_checkpoint_whose_bytes_are_garbage(tmp_path, caps
     assert "step-000002: it does not load" in err and "(step 1)" in err
 
 
-def test_save_total_limit_keeps_the_newest(tmp_path):
+def test_save_total_limit_keeps_the_newest_and_save_every_0_keeps_none(tmp_path):
     train(tiny_config(tmp_path / "two"), quiet=True)
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] != []
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
     train(tiny_config(tmp_path / "all", save_total_limit=0), quiet=True)
     assert len(list((tmp_path / "all" / "checkpoints").iterdir())) == 4
+    train(tiny_config(tmp_path / "none", max_steps=2, save_every=0), quiet=True)  # save_strategy 'no': final/ only
+    assert not (tmp_path / "none" / "checkpoints").exists() or not list((tmp_path / "none" / "checkpoints").iterdir())
+    assert (tmp_path / "none" / "final" / "model.safetensors").exists()
 
 
 def test_truncate_metrics_keeps_rows_up_to_the_step(tmp_path):

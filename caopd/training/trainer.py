@@ -479,7 +479,7 @@ def train(config: TrainConfig, engine: RolloutEngine | None = None, stop_after_s
             bar.set_postfix(loss=f"{record['loss']:.4f}", p_acc=f"{record['mean_p_acc']:.2f}")
             if not quiet and progress is None and config.logging_steps and state.step % config.logging_steps == 0:
                 tqdm.write(step_line(record, total_steps), file=sys.stdout)
-            if state.step % config.save_every == 0 or state.step == total_steps:
+            if config.save_every and (state.step % config.save_every == 0 or state.step == total_steps):
                 reset_peaks()
                 save_or_stop(lambda: models.save_checkpoint(checkpoints, state, scheduler, asdict(config)),
                              f"checkpoint {state.step}", state, ranks)
