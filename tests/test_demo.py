@@ -158,7 +158,7 @@ def test_quick_demo_writes_a_complete_report(quick_demo):
 
 def test_several_seeds_report_each_metrics_mean_and_spread(quick_demo, tmp_path, monkeypatch):
     """``--seeds 2``: the seeds run in order, the table holds each metric's mean ± standard deviation over
-    them, the figure draws every seed's trajectory. Each seed's work is the quick demo's seed 0 with its
+    them, the figure is written. Each seed's work is the quick demo's seed 0 with its
     held-out ECE set to a known value (0.1 and 0.3: mean 0.200, spread 0.141)."""
     import copy
 
@@ -171,7 +171,7 @@ def test_several_seeds_report_each_metrics_mean_and_spread(quick_demo, tmp_path,
         ran.append((seed, out.name))
         result = copy.deepcopy({k: v for k, v in seed_result.items() if k not in ("seconds", "targets_heldout")})
         result["seed"] = seed
-        result["evaluation"]["CaOPD"]["heldout"]["metrics"]["ece"] = 0.1 + 0.2 * len(ran[1:])
+        result["evaluation"]["CaOPD"]["heldout"]["metrics"]["ece"] = 0.1 if seed == 0 else 0.3
         return result
 
     monkeypatch.setattr(pipeline, "run_seed", fake_run_seed)
